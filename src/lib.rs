@@ -1,0 +1,19 @@
+//! kreboot: a Kubernetes node reboot daemon.
+//!
+//! Each module owns one concern. The decisions are plain functions over plain data
+//! (see [`node::decide`]); the async shells around them only gather observations and
+//! carry out actions, so that every decision is testable without I/O.
+#![deny(unsafe_code)]
+
+pub mod agent;
+pub mod cli;
+pub mod drain;
+pub mod events;
+pub mod host;
+pub mod lock;
+pub mod metrics;
+pub mod node;
+pub mod policy;
+pub mod reboot;
+pub mod sentinel;
+pub mod sim;

@@ -1,0 +1,1 @@
+//! lock (in progress)

@@ -1,0 +1,1 @@
+//! The simulated cluster: a Kubernetes-API-compatible HTTP server with simulated kubelets.
