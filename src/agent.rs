@@ -1,1 +1,1024 @@
-//! agent (in progress)
+//! The agent: gathers observations, asks [`node::decide`] for the next action, carries it out.
+//!
+//! The agent holds no API watch while its node is idle and needs no reboot: it waits on the
+//! sentinel alone, so an idle node makes no API requests at all. When the sentinel appears (or
+//! the Node records a cycle in progress, or the node holds a lock slot), it *engages*: it
+//! watches its own Node, the lock Leases and the policy ConfigMap, and from then on every
+//! decision is made on caches that finished their first list — never on an empty cache.
+//!
+//! Each action is one atomic write recorded on the Node or the Lease, so a SIGTERM or a crash
+//! between two actions leaves a state that [`node::decide`] resumes from. SIGTERM is obeyed only
+//! between writes; a drain in progress is abandoned (it is resumable), the lock and the cordon
+//! are kept (a reboot's shutdown SIGTERMs the agent too, and they must survive it).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{ConfigMap, Node, ObjectReference},
+};
+use kube::{
+    Api, Client,
+    api::{ListParams, Patch, PatchParams, ResourceExt},
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::Value;
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    cli::AgentConfig,
+    drain::{self, DrainConfig},
+    events::{Events, Reason},
+    lock::{self, LeaseLock},
+    metrics::Metrics,
+    node::{self, Action, CycleEnd, Observations, Phase, WaitReason},
+    policy::Policy,
+    reboot::Rebooter,
+    sentinel::SentinelState,
+};
+
+/// The key of the policy document in the ConfigMap.
+pub const CONFIG_KEY: &str = "config.yaml";
+
+/// How long the agent waits for the host to go down after the reboot request was accepted,
+/// before it reports the reboot as failed and requests it again.
+pub const REBOOT_WAIT: Duration = Duration::from_secs(300);
+
+/// Longest pause between retries of a failed API call.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A wall clock that can be skewed (the chaos test gives some agents a wrong clock).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Clock {
+    /// Added to the system time.
+    pub skew: chrono::Duration,
+}
+
+impl Clock {
+    /// Now, as this agent believes.
+    pub fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.skew
+    }
+}
+
+/// How [`run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Shutdown was requested (SIGTERM); everything recorded is consistent.
+    Shutdown,
+}
+
+/// Everything the agent needs, built once by `main` (or a test harness).
+#[derive(Clone)]
+pub struct Agent {
+    /// Validated settings.
+    pub cfg: AgentConfig,
+    /// API client; must not retry 429 on its own (`default_retry = false`).
+    pub client: Client,
+    /// This agent's metrics.
+    pub metrics: Metrics,
+    /// Event publisher.
+    pub events: Events,
+    /// How to reboot.
+    pub rebooter: Arc<dyn Rebooter>,
+    /// This agent's clock.
+    pub clock: Clock,
+    /// Reads the kernel's boot id (None where not available).
+    pub kernel_boot_id: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+}
+
+/// The policy as the agent knows it.
+#[derive(Debug, Clone, Default)]
+struct PolicyState {
+    /// The first list finished.
+    synced: bool,
+    /// The policy in force (None: an invalid ConfigMap and no good one seen yet: no reboots).
+    policy: Option<Policy>,
+}
+
+/// The lock Leases as the agent knows them.
+#[derive(Debug, Clone, Default)]
+struct LeaseState {
+    synced: bool,
+    leases: BTreeMap<String, Lease>,
+}
+
+/// This agent's Node as it knows it.
+#[derive(Debug, Clone, Default)]
+struct NodeState {
+    synced: bool,
+    node: Option<Node>,
+}
+
+/// Resource versions are opaque strings; in practice (etcd and the simulator) they are
+/// integers. Keep the newer of two versions of an object, so that our own write's response and
+/// the watch's (possibly older) event never move the cache backwards.
+fn newer(current: Option<&str>, incoming: Option<&str>) -> bool {
+    match (
+        current.and_then(|c| c.parse::<u64>().ok()),
+        incoming.and_then(|i| i.parse::<u64>().ok()),
+    ) {
+        (Some(c), Some(i)) => i >= c,
+        _ => true,
+    }
+}
+
+/// The watches an engaged agent runs; dropped (and their tasks aborted) when it disengages.
+struct Watches {
+    node: watch::Sender<NodeState>,
+    leases: watch::Sender<LeaseState>,
+    policy: watch::Sender<PolicyState>,
+    gone: watch::Sender<BTreeSet<String>>,
+    holder_tasks: BTreeMap<String, JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        for t in self
+            .tasks
+            .drain(..)
+            .chain(std::mem::take(&mut self.holder_tasks).into_values())
+        {
+            t.abort();
+        }
+    }
+}
+
+impl Watches {
+    fn synced(&self) -> bool {
+        self.node.borrow().synced && self.leases.borrow().synced && self.policy.borrow().synced
+    }
+
+    fn set_node(&self, n: Node) {
+        self.node.send_modify(|s| {
+            if newer(
+                s.node
+                    .as_ref()
+                    .and_then(|o| o.metadata.resource_version.as_deref()),
+                n.metadata.resource_version.as_deref(),
+            ) {
+                s.node = Some(n);
+            }
+        });
+    }
+
+    fn set_lease(&self, l: Lease) {
+        self.leases.send_modify(|s| {
+            let name = l.name_any();
+            if newer(
+                s.leases
+                    .get(&name)
+                    .and_then(|o| o.metadata.resource_version.as_deref()),
+                l.metadata.resource_version.as_deref(),
+            ) {
+                s.leases.insert(name, l);
+            }
+        });
+    }
+
+    /// Watches the Nodes of the current lock holders, to free a ghost lock at once.
+    fn watch_holders(&mut self, client: &Client, holders: &[String]) {
+        let wanted: BTreeSet<&String> = holders.iter().collect();
+        self.holder_tasks.retain(|h, t| {
+            let keep = wanted.contains(h);
+            if !keep {
+                t.abort();
+            }
+            keep
+        });
+        for h in holders {
+            if self.holder_tasks.contains_key(h) {
+                continue;
+            }
+            let api: Api<Node> = Api::all(client.clone());
+            let gone = self.gone.clone();
+            let name = h.clone();
+            let task = tokio::spawn(async move {
+                let stream = watcher(
+                    api,
+                    watcher::Config::default().fields(&format!("metadata.name={name}")),
+                )
+                .default_backoff();
+                futures::pin_mut!(stream);
+                let mut seen = false;
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        Ok(watcher::Event::Init) => seen = false,
+                        Ok(watcher::Event::InitApply(_) | watcher::Event::Apply(_)) => {
+                            seen = true;
+                            gone.send_if_modified(|g| g.remove(&name));
+                        }
+                        Ok(watcher::Event::InitDone) if !seen => {
+                            gone.send_if_modified(|g| g.insert(name.clone()));
+                        }
+                        Ok(watcher::Event::Delete(_)) => {
+                            gone.send_if_modified(|g| g.insert(name.clone()));
+                        }
+                        Ok(watcher::Event::InitDone) => {}
+                        Err(e) => debug!(holder = %name, error = %e, "holder watch error"),
+                    }
+                }
+            });
+            self.holder_tasks.insert(h.clone(), task);
+        }
+    }
+}
+
+impl Agent {
+    fn node_api(&self) -> Api<Node> {
+        Api::all(self.client.clone())
+    }
+
+    fn lease_lock(&self) -> LeaseLock {
+        LeaseLock {
+            api: Api::namespaced(self.client.clone(), &self.cfg.namespace),
+            lock_name: self.cfg.lock_name.clone(),
+            identity: self.cfg.node_name.clone(),
+            ttl: chrono::Duration::from_std(self.cfg.lock_ttl).unwrap_or(chrono::Duration::minutes(30)),
+        }
+    }
+
+    fn slots(&self) -> Vec<String> {
+        lock::slot_names(&self.cfg.lock_name, self.cfg.concurrency)
+    }
+
+    fn engage(&self) -> Watches {
+        let (node_tx, _) = watch::channel(NodeState::default());
+        let (lease_tx, _) = watch::channel(LeaseState::default());
+        let (policy_tx, _) = watch::channel(PolicyState::default());
+        let (gone_tx, _) = watch::channel(BTreeSet::new());
+        let mut tasks = Vec::new();
+
+        // Own Node.
+        let api = self.node_api();
+        let tx = node_tx.clone();
+        let name = self.cfg.node_name.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = watcher(
+                api,
+                watcher::Config::default().fields(&format!("metadata.name={name}")),
+            )
+            .default_backoff();
+            futures::pin_mut!(stream);
+            let mut seen = false;
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::Init) => seen = false,
+                    Ok(watcher::Event::InitApply(n) | watcher::Event::Apply(n)) => {
+                        seen = true;
+                        tx.send_modify(|s| {
+                            if newer(
+                                s.node
+                                    .as_ref()
+                                    .and_then(|o| o.metadata.resource_version.as_deref()),
+                                n.metadata.resource_version.as_deref(),
+                            ) {
+                                s.node = Some(n);
+                            }
+                        });
+                    }
+                    Ok(watcher::Event::InitDone) => tx.send_modify(|s| {
+                        s.synced = true;
+                        if !seen {
+                            s.node = None;
+                        }
+                    }),
+                    Ok(watcher::Event::Delete(_)) => tx.send_modify(|s| s.node = None),
+                    Err(e) => warn!(error = %e, "watch of own Node failed; retrying with back-off"),
+                }
+            }
+        }));
+
+        // Lock Leases.
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.cfg.namespace);
+        let tx = lease_tx.clone();
+        let selector = format!("{}={}", lock::LOCK_LABEL, self.cfg.lock_name);
+        tasks.push(tokio::spawn(async move {
+            let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
+            futures::pin_mut!(stream);
+            let mut listing = BTreeMap::new();
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::Init) => listing.clear(),
+                    Ok(watcher::Event::InitApply(l)) => {
+                        listing.insert(l.name_any(), l);
+                    }
+                    Ok(watcher::Event::InitDone) => tx.send_modify(|s| {
+                        s.synced = true;
+                        s.leases = std::mem::take(&mut listing);
+                    }),
+                    Ok(watcher::Event::Apply(l)) => tx.send_modify(|s| {
+                        let name = l.name_any();
+                        if newer(
+                            s.leases
+                                .get(&name)
+                                .and_then(|o| o.metadata.resource_version.as_deref()),
+                            l.metadata.resource_version.as_deref(),
+                        ) {
+                            s.leases.insert(name, l);
+                        }
+                    }),
+                    Ok(watcher::Event::Delete(l)) => tx.send_modify(|s| {
+                        s.leases.remove(&l.name_any());
+                    }),
+                    Err(e) => warn!(error = %e, "watch of lock Leases failed; retrying with back-off"),
+                }
+            }
+        }));
+
+        // Policy ConfigMap.
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.cfg.namespace);
+        let tx = policy_tx.clone();
+        let cm_name = self.cfg.config_map.clone();
+        let metrics = self.metrics.clone();
+        let events = self.events.clone();
+        let namespace = self.cfg.namespace.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream =
+                watcher(api, watcher::Config::default().fields(&format!("metadata.name={cm_name}"))).default_backoff();
+            futures::pin_mut!(stream);
+            let mut seen = false;
+            let apply = |cm: Option<&ConfigMap>| {
+                let parsed = match cm {
+                    None => Ok(Policy::default()),
+                    Some(cm) => match cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) {
+                        Some(doc) => Policy::parse(doc).map_err(|e| e.to_string()),
+                        None => Err(format!("ConfigMap {cm_name} has no key {CONFIG_KEY}")),
+                    },
+                };
+                match parsed {
+                    Ok(p) => {
+                        info!(configmap = %cm_name, present = cm.is_some(), "policy loaded");
+                        metrics.set(&metrics.config_valid, 1);
+                        metrics
+                            .config_last_reload
+                            .with_label_values(&[metrics.node()])
+                            .set(Utc::now().timestamp() as f64);
+                        tx.send_modify(|s| {
+                            s.synced = true;
+                            s.policy = Some(p);
+                        });
+                    }
+                    Err(message) => {
+                        error!(configmap = %cm_name, %message, "policy rejected; the last good policy stays in force");
+                        metrics.set(&metrics.config_valid, 0);
+                        events.about(
+                            Reason::ConfigInvalid,
+                            format!("{message}; the last good policy stays in force"),
+                            ObjectReference {
+                                api_version: Some("v1".into()),
+                                kind: Some("ConfigMap".into()),
+                                name: Some(cm_name.clone()),
+                                namespace: Some(namespace.clone()),
+                                ..ObjectReference::default()
+                            },
+                        );
+                        tx.send_modify(|s| s.synced = true);
+                    }
+                }
+            };
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::Init) => seen = false,
+                    Ok(watcher::Event::InitApply(cm) | watcher::Event::Apply(cm)) => {
+                        seen = true;
+                        apply(Some(&cm));
+                    }
+                    Ok(watcher::Event::InitDone) if !seen => apply(None),
+                    Ok(watcher::Event::InitDone) => {}
+                    Ok(watcher::Event::Delete(_)) => apply(None),
+                    Err(e) => warn!(error = %e, "watch of policy ConfigMap failed; retrying with back-off"),
+                }
+            }
+        }));
+
+        Watches {
+            node: node_tx,
+            leases: lease_tx,
+            policy: policy_tx,
+            gone: gone_tx,
+            holder_tasks: BTreeMap::new(),
+            tasks,
+        }
+    }
+
+    async fn patch_node(&self, patch: &Value) -> Result<Node, kube::Error> {
+        self.node_api()
+            .patch(&self.cfg.node_name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+    }
+
+    /// The startup check of an idle-looking node: does it record a cycle, or hold a slot?
+    async fn needs_engagement(&self) -> Result<bool, kube::Error> {
+        let node = self.node_api().get(&self.cfg.node_name).await?;
+        if node::view(&node).recorded.phase != Phase::Idle {
+            return Ok(true);
+        }
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.cfg.namespace);
+        let list = leases
+            .list(&ListParams::default().labels(&format!("{}={}", lock::LOCK_LABEL, self.cfg.lock_name)))
+            .await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|l| lock::holder(l) == Some(self.cfg.node_name.as_str())))
+    }
+}
+
+/// Keeps `kreboot_reboot_required` in step with the sentinel, independently of the lifecycle
+/// loop (so the metric follows the file within milliseconds even while a drain runs).
+fn spawn_sentinel_metrics(metrics: Metrics, mut rx: watch::Receiver<SentinelState>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut was = None;
+        loop {
+            let required = rx.borrow_and_update().required;
+            if was != Some(required) {
+                metrics.set(&metrics.reboot_required, i64::from(required));
+                let since = if required {
+                    Utc::now().timestamp() as f64
+                } else {
+                    0.0
+                };
+                metrics
+                    .reboot_required_since
+                    .with_label_values(&[metrics.node()])
+                    .set(since);
+                was = Some(required);
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Renews the slot this node holds every third of the lease duration, for as long as the
+/// agent runs engaged.
+fn spawn_renewer(agent: Agent, leases: watch::Sender<LeaseState>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let lock = agent.lease_lock();
+        let slots = agent.slots();
+        let period = agent.cfg.lock_ttl / 3;
+        loop {
+            tokio::time::sleep(period).await;
+            let held = {
+                let s = leases.borrow();
+                lock::held_slot(&slots, &s.leases, &agent.cfg.node_name)
+                    .and_then(|n| s.leases.get(&n).cloned())
+            };
+            if let Some(lease) = held {
+                match lock.renew(&lease, agent.clock.now()).await {
+                    Ok(l) => leases.send_modify(|s| {
+                        s.leases.insert(l.name_any(), l);
+                    }),
+                    Err(e) => warn!(error = %e, "failed to renew the lock"),
+                }
+            }
+        }
+    })
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let secs = 1u64.checked_shl(attempt.min(5)).unwrap_or(32);
+    Duration::from_secs(secs).min(MAX_BACKOFF)
+}
+
+/// Sleeps until `deadline` (if any) or until a change arrives on one of the receivers, or
+/// shutdown. Returns false on shutdown.
+async fn wait_for_change(
+    w: &Watches,
+    sentinel: &mut watch::Receiver<SentinelState>,
+    deadline: Option<Instant>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut node = w.node.subscribe();
+    let mut leases = w.leases.subscribe();
+    let mut policy = w.policy.subscribe();
+    let mut gone = w.gone.subscribe();
+    let sleep = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = node.changed() => true,
+        _ = leases.changed() => true,
+        _ = policy.changed() => true,
+        _ = gone.changed() => true,
+        _ = sentinel.changed() => true,
+        _ = sleep => true,
+    }
+}
+
+fn instant_at(now: DateTime<Utc>, t: DateTime<Utc>) -> Instant {
+    let d = (t - now).to_std().unwrap_or(Duration::ZERO);
+    // Cap far-away wake-ups; the loop simply decides again.
+    Instant::now() + d.min(Duration::from_secs(24 * 3600))
+}
+
+/// Runs the agent until shutdown.
+///
+/// # Errors
+/// Only for problems that retrying cannot fix; API errors are retried with back-off.
+pub async fn run(
+    agent: Agent,
+    mut sentinel: watch::Receiver<SentinelState>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Outcome> {
+    let me = agent.cfg.node_name.clone();
+    let _sentinel_metrics = AbortOnDrop(spawn_sentinel_metrics(agent.metrics.clone(), sentinel.clone()));
+    let mut attempt = 0u32;
+
+    // Disengaged: wait for the sentinel unless the cluster records work for this node.
+    'outer: loop {
+        let required = sentinel.borrow_and_update().required;
+        if !required {
+            match agent.needs_engagement().await {
+                Ok(false) => {
+                    attempt = 0;
+                    agent.metrics.set_state("idle");
+                    agent.metrics.set_blocked(None);
+                    debug!(node = %me, "idle: waiting for the sentinel");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                        r = sentinel.changed() => if r.is_err() { return Ok(Outcome::Shutdown) },
+                    }
+                    continue 'outer;
+                }
+                Ok(true) => {}
+                Err(e) => {
+                    warn!(node = %me, error = %e, retry_in = ?backoff(attempt), "cannot reach the API server; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                        _ = tokio::time::sleep(backoff(attempt)) => {}
+                    }
+                    attempt += 1;
+                    continue 'outer;
+                }
+            }
+        }
+
+        let mut w = agent.engage();
+        let _renewer = AbortOnDrop(spawn_renewer(agent.clone(), w.leases.clone()));
+        let mut announced_required = false;
+        loop {
+            if !w.synced() {
+                let mut node = w.node.subscribe();
+                let mut leases = w.leases.subscribe();
+                let mut policy = w.policy.subscribe();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                    _ = node.changed() => {}
+                    _ = leases.changed() => {}
+                    _ = policy.changed() => {}
+                }
+                continue;
+            }
+            let now = agent.clock.now();
+            let Some(node_obj) = w.node.borrow().node.clone() else {
+                warn!(node = %me, "own Node object does not exist; waiting for it");
+                if !wait_for_change(&w, &mut sentinel, None, &shutdown).await {
+                    return Ok(Outcome::Shutdown);
+                }
+                continue;
+            };
+            let view = node::view(&node_obj);
+            for p in &view.recorded.problems {
+                warn!(node = %me, problem = %p, "unexpected kreboot annotation");
+            }
+            let sentinel_state = sentinel.borrow_and_update().clone();
+            let policy = w.policy.borrow().policy.clone();
+            let window_open = policy.as_ref().is_some_and(|p| p.is_open(&view.labels, now));
+            let slots = agent.slots();
+            let leases = w.leases.borrow().leases.clone();
+            let held = lock::held_slot(&slots, &leases, &me);
+            let obs = Observations {
+                now,
+                node: view.clone(),
+                reboot_required: sentinel_state.required,
+                window_open,
+                blocked_by: None,
+                held_lock: held.clone(),
+                kernel_boot_id: (agent.kernel_boot_id)(),
+                reboot_loop_backoff: chrono::Duration::from_std(agent.cfg.reboot_loop_backoff)
+                    .unwrap_or(chrono::Duration::zero()),
+                failure_backoff: chrono::Duration::from_std(agent.cfg.failure_backoff)
+                    .unwrap_or(chrono::Duration::zero()),
+            };
+            let action = node::decide(&obs);
+            agent
+                .metrics
+                .set(&agent.metrics.window_open, i64::from(window_open));
+            agent
+                .metrics
+                .set(&agent.metrics.lock_held, i64::from(held.is_some()));
+            agent.metrics.set(
+                &agent.metrics.reboot_loop_backoff,
+                i64::from(matches!(
+                    action,
+                    Action::Wait {
+                        reason: WaitReason::RebootLoopBackoff,
+                        ..
+                    }
+                )),
+            );
+            debug!(node = %me, phase = view.recorded.phase.name(), ?action, "decided");
+
+            if sentinel_state.required && !announced_required && view.recorded.phase == Phase::Idle {
+                announced_required = true;
+                let reason = if sentinel_state.packages.is_empty() {
+                    "the host requires a reboot".to_owned()
+                } else {
+                    format!(
+                        "the host requires a reboot for: {}",
+                        sentinel_state.packages.join(", ")
+                    )
+                };
+                agent.events.node(Reason::RebootRequired, reason);
+            }
+
+            if agent.cfg.dry_run && !matches!(action, Action::Wait { .. }) {
+                info!(node = %me, ?action, "dry run: would act; writing nothing");
+                agent.metrics.set_state("pending");
+                if !wait_for_change(&w, &mut sentinel, None, &shutdown).await {
+                    return Ok(Outcome::Shutdown);
+                }
+                continue;
+            }
+
+            let result: Result<(), StepError> = match action {
+                Action::Wait { reason, until } => {
+                    if reason == WaitReason::NotRequired
+                        && held.is_none()
+                        && view.recorded.phase == Phase::Idle
+                    {
+                        // Nothing to do and nothing held: drop the watches.
+                        drop(w);
+                        continue 'outer;
+                    }
+                    let state = if reason == WaitReason::AwaitingReboot {
+                        "rebooting"
+                    } else {
+                        "pending"
+                    };
+                    agent.metrics.set_state(state);
+                    agent.metrics.set_blocked(match reason {
+                        WaitReason::NotRequired | WaitReason::AwaitingReboot => None,
+                        r => Some(r.label()),
+                    });
+                    let next_window = policy.as_ref().and_then(|p| p.next_transition(&view.labels, now));
+                    let deadline = [until, next_window]
+                        .into_iter()
+                        .flatten()
+                        .min()
+                        .map(|t| instant_at(now, t));
+                    if !wait_for_change(&w, &mut sentinel, deadline, &shutdown).await {
+                        return Ok(Outcome::Shutdown);
+                    }
+                    Ok(())
+                }
+                Action::AcquireLock => {
+                    let gone = w.gone.borrow().clone();
+                    match lock::pick_slot(&slots, &leases, now, |h| gone.contains(h)) {
+                        Some(slot) => match agent.lease_lock().acquire(&slot, leases.get(&slot), now).await {
+                            Ok(lease) => {
+                                info!(node = %me, lease = %slot, "lock acquired");
+                                w.set_lease(lease);
+                                agent
+                                    .events
+                                    .node(Reason::LockAcquired, format!("acquired reboot lock {slot}"));
+                                Ok(())
+                            }
+                            Err(lock::LockError::Conflict { .. }) => {
+                                debug!(node = %me, lease = %slot, "lost the race for the lock");
+                                wait_briefly(&w, &shutdown).await
+                            }
+                            Err(e) => Err(StepError::Api(e.to_string())),
+                        },
+                        None => {
+                            agent.metrics.set_state("waiting_for_lock");
+                            agent.metrics.set_blocked(Some("lock_held_elsewhere"));
+                            w.watch_holders(&agent.client, &lock::holders(&slots, &leases, now));
+                            let expiry = lock::next_expiry(&slots, &leases, now);
+                            let next_window =
+                                policy.as_ref().and_then(|p| p.next_transition(&view.labels, now));
+                            let deadline = [expiry, next_window]
+                                .into_iter()
+                                .flatten()
+                                .min()
+                                .map(|t| instant_at(now, t));
+                            if !wait_for_change(&w, &mut sentinel, deadline, &shutdown).await {
+                                return Ok(Outcome::Shutdown);
+                            }
+                            Ok(())
+                        }
+                    }
+                }
+                Action::Cordon => {
+                    let slot = held.clone().unwrap_or_default();
+                    match agent.patch_node(&node::cordon_patch(&view, &slot)).await {
+                        Ok(n) => {
+                            w.set_node(n);
+                            agent.metrics.set_state("draining");
+                            if view.unschedulable {
+                                info!(node = %me, "node was already cordoned by an administrator; it will stay cordoned");
+                                agent.events.node(Reason::Draining, "draining (node was already cordoned by someone else; kreboot will leave it cordoned)");
+                            } else {
+                                info!(node = %me, "cordoned");
+                                agent
+                                    .events
+                                    .node(Reason::Cordoned, "cordoned by kreboot for a reboot");
+                            }
+                            Ok(())
+                        }
+                        Err(e) => Err(node_write_error(e)),
+                    }
+                }
+                Action::Drain => run_drain(&agent, &w, &view, &shutdown).await,
+                Action::Reboot => run_reboot(&agent, &view, policy.as_ref(), &shutdown).await,
+                Action::Complete => {
+                    match agent
+                        .patch_node(&node::end_cycle_patch(&view, CycleEnd::Rebooted, now))
+                        .await
+                    {
+                        Ok(n) => {
+                            w.set_node(n);
+                            if view.recorded.cordoned_by_kreboot {
+                                agent
+                                    .events
+                                    .node(Reason::Uncordoned, "node rebooted and Ready; uncordoned");
+                            }
+                            agent.events.node(
+                                Reason::RebootCompleted,
+                                format!("rebooted; new boot id {}", view.boot_id),
+                            );
+                            info!(node = %me, boot_id = %view.boot_id, "reboot completed");
+                            release(&agent, &w, &slots).await
+                        }
+                        Err(e) => Err(node_write_error(e)),
+                    }
+                }
+                Action::Abort(reason) => {
+                    let end = match reason {
+                        node::AbortReason::LockLost => CycleEnd::Failed("lock lost"),
+                        _ => CycleEnd::Abandoned,
+                    };
+                    match agent.patch_node(&node::end_cycle_patch(&view, end, now)).await {
+                        Ok(n) => {
+                            w.set_node(n);
+                            warn!(node = %me, reason = reason.label(), "cycle abandoned; node uncordoned if kreboot cordoned it");
+                            agent.metrics.fail("cycle", reason.label());
+                            agent.events.node(
+                                Reason::CycleAborted,
+                                format!("reboot cycle abandoned: {}", reason.label().replace('_', " ")),
+                            );
+                            release(&agent, &w, &slots).await
+                        }
+                        Err(e) => Err(node_write_error(e)),
+                    }
+                }
+                Action::ReleaseLock => release(&agent, &w, &slots).await,
+            };
+            match result {
+                Ok(()) => attempt = 0,
+                Err(StepError::Stale) => {
+                    // Our view was out of date: re-read the Node and decide again.
+                    if let Ok(n) = agent.node_api().get(&me).await {
+                        w.set_node(n);
+                    }
+                }
+                Err(StepError::Shutdown) => return Ok(Outcome::Shutdown),
+                Err(StepError::Api(message)) => {
+                    warn!(node = %me, error = %message, retry_in = ?backoff(attempt), "API call failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                        _ = tokio::time::sleep(backoff(attempt)) => {}
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Why a step did not complete.
+enum StepError {
+    /// 409: decide again on fresh state.
+    Stale,
+    /// Shutdown requested mid-step.
+    Shutdown,
+    /// Retry with back-off.
+    Api(String),
+}
+
+fn node_write_error(e: kube::Error) -> StepError {
+    match &e {
+        kube::Error::Api(s) if s.code == 409 => StepError::Stale,
+        _ => StepError::Api(e.to_string()),
+    }
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// After losing a race, wait for the watch to bring the winner's write (or a second).
+async fn wait_briefly(w: &Watches, shutdown: &CancellationToken) -> Result<(), StepError> {
+    let mut leases = w.leases.subscribe();
+    tokio::select! {
+        _ = shutdown.cancelled() => Err(StepError::Shutdown),
+        _ = leases.changed() => Ok(()),
+        _ = tokio::time::sleep(Duration::from_secs(1)) => Ok(()),
+    }
+}
+
+async fn release(agent: &Agent, w: &Watches, slots: &[String]) -> Result<(), StepError> {
+    let held = {
+        let s = w.leases.borrow();
+        lock::held_slot(slots, &s.leases, &agent.cfg.node_name).and_then(|n| s.leases.get(&n).cloned())
+    };
+    let Some(lease) = held else { return Ok(()) };
+    match agent.lease_lock().release(&lease, agent.clock.now()).await {
+        Ok(Some(l)) => {
+            info!(node = %agent.cfg.node_name, lease = %l.name_any(), "lock released");
+            w.set_lease(l);
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(lock::LockError::Conflict { .. }) => Err(StepError::Stale),
+        Err(e) => Err(StepError::Api(e.to_string())),
+    }
+}
+
+async fn run_drain(
+    agent: &Agent,
+    w: &Watches,
+    view: &node::NodeView,
+    shutdown: &CancellationToken,
+) -> Result<(), StepError> {
+    let me = &agent.cfg.node_name;
+    agent.metrics.set_state("draining");
+    agent.events.node(Reason::Draining, "evicting pods");
+    let cfg = DrainConfig {
+        timeout: agent.cfg.drain_timeout,
+        grace_period: agent.cfg.drain_grace_period,
+        eviction_retry: agent.cfg.eviction_retry,
+    };
+    let started = Instant::now();
+    let metrics = agent.metrics.clone();
+    let on_retry = move || {
+        metrics
+            .eviction_retries
+            .with_label_values(&[metrics.node()])
+            .inc()
+    };
+    let result = tokio::select! {
+        _ = shutdown.cancelled() => return Err(StepError::Shutdown),
+        r = drain::drain(&agent.client, me, &cfg, &on_retry) => r,
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    let now = agent.clock.now();
+    match result {
+        Ok(report) => {
+            agent
+                .metrics
+                .drain_duration
+                .with_label_values(&[me.as_str(), "success"])
+                .observe(elapsed);
+            agent
+                .metrics
+                .evictions
+                .with_label_values(&[me.as_str()])
+                .inc_by(report.evicted as u64);
+            info!(node = %me, evicted = report.evicted, retries = report.retries, seconds = elapsed, "drained");
+            let kernel = (agent.kernel_boot_id)();
+            let n = agent
+                .patch_node(&node::rebooting_patch(view, kernel.as_deref()))
+                .await
+                .map_err(node_write_error)?;
+            w.set_node(n);
+            Ok(())
+        }
+        Err(e) => {
+            agent
+                .metrics
+                .drain_duration
+                .with_label_values(&[me.as_str(), "failure"])
+                .observe(elapsed);
+            agent.metrics.fail("drain", e.metric_label());
+            if agent.cfg.force_reboot {
+                warn!(node = %me, error = %e, "drain failed; rebooting anyway (--force-reboot)");
+                agent.events.node(
+                    Reason::DrainFailed,
+                    format!("{e}; rebooting anyway (--force-reboot)"),
+                );
+                let kernel = (agent.kernel_boot_id)();
+                let n = agent
+                    .patch_node(&node::rebooting_patch(view, kernel.as_deref()))
+                    .await
+                    .map_err(node_write_error)?;
+                w.set_node(n);
+                return Ok(());
+            }
+            error!(node = %me, error = %e, "drain failed; uncordoning and releasing the lock");
+            agent.events.node(
+                Reason::DrainFailed,
+                format!("{e}; node uncordoned (if kreboot cordoned it) and lock released"),
+            );
+            let n = agent
+                .patch_node(&node::end_cycle_patch(
+                    view,
+                    CycleEnd::Failed(e.metric_label()),
+                    now,
+                ))
+                .await
+                .map_err(node_write_error)?;
+            w.set_node(n);
+            release(agent, w, &agent.slots()).await
+        }
+    }
+}
+
+async fn run_reboot(
+    agent: &Agent,
+    view: &node::NodeView,
+    policy: Option<&Policy>,
+    shutdown: &CancellationToken,
+) -> Result<(), StepError> {
+    let me = &agent.cfg.node_name;
+    agent.metrics.set_state("rebooting");
+    if !agent.cfg.reboot_delay.is_zero() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(StepError::Shutdown),
+            _ = tokio::time::sleep(agent.cfg.reboot_delay) => {}
+        }
+    }
+    // The window is checked again immediately before the reboot command runs.
+    if !policy.is_some_and(|p| p.is_open(&view.labels, agent.clock.now())) {
+        info!(node = %me, "window closed just before the reboot; deciding again");
+        return Ok(());
+    }
+    info!(node = %me, command = ?agent.cfg.reboot_command, "rebooting");
+    agent.events.node(Reason::Rebooting, "rebooting the node");
+    agent.metrics.reboots.with_label_values(&[me.as_str()]).inc();
+    match agent.rebooter.reboot().await {
+        Ok(()) => {
+            // The host is going down; the shutdown will SIGTERM us. Keep the lock and the
+            // cordon. If nothing happens within REBOOT_WAIT, say so and decide again (which
+            // requests the reboot again).
+            tokio::select! {
+                _ = shutdown.cancelled() => Err(StepError::Shutdown),
+                _ = tokio::time::sleep(REBOOT_WAIT) => {
+                    agent.metrics.fail("reboot", "host_did_not_reboot");
+                    agent.events.node(Reason::RebootFailed, format!("the reboot was requested but the host was still up after {}s", REBOOT_WAIT.as_secs()));
+                    error!(node = %me, "the host did not go down after the reboot request; retrying");
+                    Ok(())
+                }
+            }
+        }
+        Err(e) => {
+            agent.metrics.fail("reboot", "command_failed");
+            agent.events.node(Reason::RebootFailed, e.to_string());
+            Err(StepError::Api(e.to_string()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_never_moves_backwards() {
+        assert!(newer(Some("5"), Some("6")));
+        assert!(newer(Some("5"), Some("5")));
+        assert!(!newer(Some("6"), Some("5")));
+        assert!(newer(None, Some("1")));
+        assert!(
+            newer(Some("opaque"), Some("other")),
+            "non-numeric versions: take the incoming one"
+        );
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        assert_eq!(backoff(0), Duration::from_secs(1));
+        assert_eq!(backoff(3), Duration::from_secs(8));
+        assert_eq!(backoff(100), MAX_BACKOFF);
+    }
+}

@@ -1,1 +1,346 @@
-//! cli (in progress)
+//! Command-line interface: what the user typed ([`Cli`], clap) and the validated settings the
+//! agent runs with ([`AgentConfig`]).
+//!
+//! Every agent flag can also be given as the environment variable `KREBOOT_<FLAG>` (e.g.
+//! `KREBOOT_DRAIN_TIMEOUT`); `--node-name` also reads `NODE_NAME` (the downward API) and
+//! `--namespace` falls back to `POD_NAMESPACE`, then `kube-system`. This module is the only place
+//! that reads the environment. Bad values are reported all at once with exit code 2.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+/// kreboot: reboots Kubernetes nodes safely after the host asks for it.
+#[derive(Debug, Parser)]
+#[command(name = "kreboot", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent (the DaemonSet process).
+    Agent(Box<AgentArgs>),
+    /// Run a rolling reboot of a simulated cluster in-process and show it as it happens.
+    Demo(DemoArgs),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 30m, 1h30m)"))
+}
+
+/// Flags of `kreboot agent`.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// Name of the Node this agent runs on (from the downward API: env NODE_NAME).
+    #[arg(long, env = "KREBOOT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Namespace of the lock Leases and the policy ConfigMap [default: $POD_NAMESPACE, else kube-system].
+    #[arg(long, env = "KREBOOT_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Name of the policy ConfigMap (key config.yaml). Missing = reboots allowed at any time.
+    #[arg(long, env = "KREBOOT_CONFIG_MAP", default_value = "kreboot-config")]
+    pub config_map: String,
+    /// Name of the lock Lease (slot 0; slot i is <name>-<i>).
+    #[arg(long, env = "KREBOOT_LOCK_NAME", default_value = "kreboot-lock")]
+    pub lock_name: String,
+    /// How many nodes may be out for a reboot at once (number of lock slots).
+    #[arg(long, env = "KREBOOT_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub concurrency: u32,
+    /// File whose existence means a reboot is required (watched with inotify).
+    #[arg(
+        long,
+        env = "KREBOOT_SENTINEL_FILE",
+        default_value = "/var/run/reboot-required"
+    )]
+    pub sentinel_file: PathBuf,
+    /// Command that reboots the host (split like a shell would, run in the host's namespaces).
+    #[arg(long, env = "KREBOOT_REBOOT_COMMAND", default_value = "systemctl reboot")]
+    pub reboot_command: String,
+    /// Run host commands inside PID 1's namespaces (false: in the agent's own namespaces).
+    #[arg(long, env = "KREBOOT_HOST_NAMESPACES", default_value_t = true, action = ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub host_namespaces: bool,
+    /// The host process whose namespaces host commands enter.
+    #[arg(long, env = "KREBOOT_HOST_PID", default_value_t = 1)]
+    pub host_pid: i32,
+    /// Upper bound of a drain; on expiry the node is uncordoned and the lock released
+    /// (unless --force-reboot).
+    #[arg(long, env = "KREBOOT_DRAIN_TIMEOUT", default_value = "30m", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Grace period in seconds given to evicted pods (-1: each pod's own).
+    #[arg(long, env = "KREBOOT_DRAIN_GRACE_PERIOD", default_value_t = -1, allow_negative_numbers = true)]
+    pub drain_grace_period: i64,
+    /// Reboot even when the drain failed or timed out.
+    #[arg(long, env = "KREBOOT_FORCE_REBOOT", default_value_t = false, action = ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub force_reboot: bool,
+    /// Lease duration of the lock; must cover a reboot (the holder cannot renew while down).
+    #[arg(long, env = "KREBOOT_LOCK_TTL", default_value = "30m", value_parser = parse_duration)]
+    pub lock_ttl: Duration,
+    /// Pause between the end of the drain and the reboot.
+    #[arg(long, env = "KREBOOT_REBOOT_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub reboot_delay: Duration,
+    /// Address of the /metrics, /healthz and /readyz endpoint ("off" to disable).
+    #[arg(long, env = "KREBOOT_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: String,
+    /// Log format.
+    #[arg(long, env = "KREBOOT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Observe and log what would be done, but write nothing to the cluster and never reboot.
+    #[arg(long, env = "KREBOOT_DRY_RUN", default_value_t = false, action = ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub dry_run: bool,
+    /// After a reboot kreboot caused, ignore a sentinel that is still there for this long
+    /// (reboot-loop protection).
+    #[arg(long, env = "KREBOOT_REBOOT_LOOP_BACKOFF", default_value = "30m", value_parser = parse_duration)]
+    pub reboot_loop_backoff: Duration,
+    /// After a failed cycle (drain failure, reboot command failure), wait this long before
+    /// trying again.
+    #[arg(long, env = "KREBOOT_FAILURE_BACKOFF", default_value = "10m", value_parser = parse_duration)]
+    pub failure_backoff: Duration,
+    /// Interval between retries of an eviction refused by a PodDisruptionBudget.
+    #[arg(long, env = "KREBOOT_EVICTION_RETRY", default_value = "5s", value_parser = parse_duration)]
+    pub eviction_retry: Duration,
+}
+
+/// Flags of `kreboot demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Number of simulated nodes.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=5000))]
+    pub nodes: u32,
+    /// Nodes rebooted at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=5000))]
+    pub concurrency: u32,
+    /// How long a simulated reboot takes.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub reboot_duration: Duration,
+    /// Application pods per node.
+    #[arg(long, default_value_t = 4)]
+    pub pods_per_node: u32,
+}
+
+/// Validated agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node.
+    pub node_name: String,
+    /// Namespace of Leases and ConfigMap.
+    pub namespace: String,
+    /// Policy ConfigMap name.
+    pub config_map: String,
+    /// Lock name.
+    pub lock_name: String,
+    /// Lock slots.
+    pub concurrency: u32,
+    /// Sentinel file.
+    pub sentinel_file: PathBuf,
+    /// Reboot command line.
+    pub reboot_command: Vec<String>,
+    /// Enter the host's namespaces for host commands.
+    pub host_namespaces: bool,
+    /// Target of `setns`.
+    pub host_pid: i32,
+    /// Drain bound.
+    pub drain_timeout: Duration,
+    /// Eviction grace period (None: the pod's own).
+    pub drain_grace_period: Option<i64>,
+    /// Reboot even after a failed drain.
+    pub force_reboot: bool,
+    /// Lease duration.
+    pub lock_ttl: Duration,
+    /// Pause before rebooting.
+    pub reboot_delay: Duration,
+    /// Metrics endpoint.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Write nothing.
+    pub dry_run: bool,
+    /// Reboot-loop back-off.
+    pub reboot_loop_backoff: Duration,
+    /// Back-off after a failed cycle.
+    pub failure_backoff: Duration,
+    /// Eviction retry interval.
+    pub eviction_retry: Duration,
+}
+
+/// Looks up an environment variable (the one place that does).
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+impl AgentArgs {
+    /// Validates the flags into an [`AgentConfig`], reporting every problem at once.
+    ///
+    /// # Errors
+    /// A message listing each invalid setting.
+    pub fn validate(&self) -> Result<AgentConfig, String> {
+        let mut problems = Vec::new();
+        let node_name = self.node_name.clone().or_else(|| env("NODE_NAME"));
+        if node_name.is_none() {
+            problems.push(
+                "no node name: pass --node-name, or set NODE_NAME (in a DaemonSet, from the downward API \
+                 fieldRef spec.nodeName)"
+                    .to_owned(),
+            );
+        }
+        let namespace = self
+            .namespace
+            .clone()
+            .or_else(|| env("POD_NAMESPACE"))
+            .unwrap_or_else(|| "kube-system".to_owned());
+        let reboot_command = match shlex::split(&self.reboot_command) {
+            Some(argv) if !argv.is_empty() => argv,
+            _ => {
+                problems.push(format!(
+                    "--reboot-command {:?} is empty or badly quoted",
+                    self.reboot_command
+                ));
+                Vec::new()
+            }
+        };
+        let metrics_addr = if self.metrics_addr == "off" {
+            None
+        } else {
+            match self.metrics_addr.parse() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    problems.push(format!(
+                        "--metrics-addr {:?}: {e} (e.g. 0.0.0.0:8080, or off)",
+                        self.metrics_addr
+                    ));
+                    None
+                }
+            }
+        };
+        if self.lock_ttl < Duration::from_secs(10) {
+            problems.push(format!(
+                "--lock-ttl {} is too short: the lease must survive a reboot (at least 10s)",
+                humantime::format_duration(self.lock_ttl)
+            ));
+        }
+        if self.drain_timeout.is_zero() {
+            problems.push("--drain-timeout must be more than 0".to_owned());
+        }
+        if self.drain_grace_period < -1 {
+            problems.push(format!(
+                "--drain-grace-period {} must be -1 or more",
+                self.drain_grace_period
+            ));
+        }
+        if self.host_pid < 1 {
+            problems.push(format!("--host-pid {} is not a process id", self.host_pid));
+        }
+        match (problems.is_empty(), node_name) {
+            (true, Some(node_name)) => Ok(AgentConfig {
+                node_name,
+                namespace,
+                config_map: self.config_map.clone(),
+                lock_name: self.lock_name.clone(),
+                concurrency: self.concurrency,
+                sentinel_file: self.sentinel_file.clone(),
+                reboot_command,
+                host_namespaces: self.host_namespaces,
+                host_pid: self.host_pid,
+                drain_timeout: self.drain_timeout,
+                drain_grace_period: (self.drain_grace_period >= 0).then_some(self.drain_grace_period),
+                force_reboot: self.force_reboot,
+                lock_ttl: self.lock_ttl,
+                reboot_delay: self.reboot_delay,
+                metrics_addr,
+                dry_run: self.dry_run,
+                reboot_loop_backoff: self.reboot_loop_backoff,
+                failure_backoff: self.failure_backoff,
+                eviction_retry: self.eviction_retry,
+            }),
+            _ => Err(problems.join("\n")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kreboot").chain(args.iter().copied()))
+    }
+
+    fn agent(args: &[&str]) -> AgentArgs {
+        match parse(&[&["agent"], args].concat()).unwrap().command {
+            Command::Agent(a) => *a,
+            Command::Demo(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let c = agent(&["--node-name", "n1", "--namespace", "ns"])
+            .validate()
+            .unwrap();
+        assert_eq!(c.reboot_command, vec!["systemctl", "reboot"]);
+        assert!(c.host_namespaces);
+        assert_eq!(c.concurrency, 1);
+        assert_eq!(c.drain_grace_period, None);
+        assert_eq!(c.lock_name, "kreboot-lock");
+        let c = agent(&[
+            "--node-name=n1",
+            "--host-namespaces=false",
+            "--drain-timeout",
+            "90s",
+            "--drain-grace-period",
+            "5",
+            "--force-reboot",
+            "--reboot-command",
+            "sh -c 'echo bye'",
+        ])
+        .validate()
+        .unwrap();
+        assert!(!c.host_namespaces);
+        assert!(c.force_reboot);
+        assert_eq!(c.drain_timeout, Duration::from_secs(90));
+        assert_eq!(c.drain_grace_period, Some(5));
+        assert_eq!(c.reboot_command, vec!["sh", "-c", "echo bye"]);
+    }
+
+    #[test]
+    fn bad_values_exit_with_usage_code() {
+        let e = parse(&["agent", "--drain-timeout", "soon"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = parse(&["agent", "--no-such-flag"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = parse(&["agent", "--concurrency", "0"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = agent(&[
+            "--node-name",
+            "n1",
+            "--lock-ttl",
+            "1s",
+            "--metrics-addr",
+            "nowhere",
+            "--reboot-command",
+            "'",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("--lock-ttl"), "{err}");
+        assert!(err.contains("--metrics-addr"), "{err}");
+        assert!(err.contains("--reboot-command"), "{err}");
+    }
+}

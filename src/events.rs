@@ -1,1 +1,163 @@
-//! events (in progress)
+//! Kubernetes Events on the Node for every lifecycle step, so `kubectl describe node` tells the
+//! story.
+//!
+//! Events are published from a background task through a bounded queue: a slow or failing
+//! events API never delays a drain or a reboot (a full queue drops the Event with a log line).
+//! Events about a Node are created in namespace `default` (kube-rs's `Recorder` does this for
+//! cluster-scoped objects), the only namespace besides `kube-system` the API server accepts them
+//! in.
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::{
+    Client,
+    runtime::events::{Event, EventType, Recorder, Reporter},
+};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// Stable Event reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The sentinel appeared.
+    RebootRequired,
+    /// A reboot is needed but held back.
+    RebootBlocked,
+    /// A lock slot was taken.
+    LockAcquired,
+    /// kreboot cordoned the node.
+    Cordoned,
+    /// Eviction of the node's pods started.
+    Draining,
+    /// The drain failed or timed out.
+    DrainFailed,
+    /// The reboot is being requested.
+    Rebooting,
+    /// The reboot request failed.
+    RebootFailed,
+    /// The node came back and was made schedulable again.
+    Uncordoned,
+    /// The cycle finished after the reboot.
+    RebootCompleted,
+    /// The cycle was abandoned (window closed, sentinel gone, lock lost).
+    CycleAborted,
+    /// The policy ConfigMap was rejected.
+    ConfigInvalid,
+}
+
+impl Reason {
+    /// The reason string as it appears in the Event.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::RebootRequired => "RebootRequired",
+            Reason::RebootBlocked => "RebootBlocked",
+            Reason::LockAcquired => "LockAcquired",
+            Reason::Cordoned => "Cordoned",
+            Reason::Draining => "Draining",
+            Reason::DrainFailed => "DrainFailed",
+            Reason::Rebooting => "Rebooting",
+            Reason::RebootFailed => "RebootFailed",
+            Reason::Uncordoned => "Uncordoned",
+            Reason::RebootCompleted => "RebootCompleted",
+            Reason::CycleAborted => "CycleAborted",
+            Reason::ConfigInvalid => "ConfigInvalid",
+        }
+    }
+
+    fn warning(self) -> bool {
+        matches!(
+            self,
+            Reason::DrainFailed | Reason::RebootFailed | Reason::CycleAborted | Reason::ConfigInvalid
+        )
+    }
+}
+
+/// How many Events may wait to be published before new ones are dropped.
+const QUEUE: usize = 64;
+
+/// Publishes Events in the background.
+#[derive(Clone)]
+pub struct Events {
+    tx: mpsc::Sender<(Reason, String, ObjectReference)>,
+    node_ref: ObjectReference,
+}
+
+impl Events {
+    /// Starts the publishing task for `node`.
+    pub fn start(client: Client, node: &str, reporter_instance: Option<String>) -> Events {
+        let (tx, mut rx) = mpsc::channel::<(Reason, String, ObjectReference)>(QUEUE);
+        let recorder = Recorder::new(
+            client,
+            Reporter {
+                controller: "kreboot".into(),
+                instance: reporter_instance,
+            },
+        );
+        tokio::spawn(async move {
+            while let Some((reason, note, reference)) = rx.recv().await {
+                let ev = Event {
+                    type_: if reason.warning() {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
+                    reason: reason.as_str().into(),
+                    note: Some(truncate(&note, 1000)),
+                    action: reason.as_str().into(),
+                    secondary: None,
+                };
+                if let Err(e) = recorder.publish(&ev, &reference).await {
+                    warn!(reason = reason.as_str(), error = %e, "failed to publish event");
+                }
+            }
+        });
+        Events {
+            tx,
+            node_ref: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(node.into()),
+                ..ObjectReference::default()
+            },
+        }
+    }
+
+    /// Queues an Event about the node.
+    pub fn node(&self, reason: Reason, note: impl Into<String>) {
+        self.send(reason, note.into(), self.node_ref.clone());
+    }
+
+    /// Queues an Event about another object (e.g. the policy ConfigMap).
+    pub fn about(&self, reason: Reason, note: impl Into<String>, reference: ObjectReference) {
+        self.send(reason, note.into(), reference);
+    }
+
+    fn send(&self, reason: Reason, note: String, reference: ObjectReference) {
+        debug!(reason = reason.as_str(), %note, "event");
+        if self.tx.try_send((reason, note, reference)).is_err() {
+            warn!(reason = reason.as_str(), "event queue full, event dropped");
+        }
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary (the Events API limits notes to 1 kB).
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("abc", 10), "abc");
+        assert_eq!(truncate("ääää", 3), "ä…");
+    }
+}

@@ -1,1 +1,386 @@
-//! lock (in progress)
+//! The cluster-wide reboot lock: `coordination.k8s.io/v1` Leases, one per concurrency slot.
+//!
+//! Slot 0 is named `--lock-name` itself (`kreboot-lock`), slot `i > 0` is `<lock-name>-<i>`, so
+//! raising `--concurrency` keeps the existing slot. A slot is free when it has no holder, when
+//! its holder stopped renewing for longer than the lease duration, or when its holder Node no
+//! longer exists (kured's "ghost lock"). Every take-over is a replace carrying the
+//! resourceVersion the decision was made on, so of several racing nodes exactly one wins and the
+//! others get 409 Conflict. The pure part ([`slot_status`], [`pick_slot`], [`held_slot`]) reads no
+//! clock; [`LeaseLock`] does the API calls.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+};
+use kube::{
+    Api,
+    api::{PostParams, ResourceExt},
+};
+
+/// Label carried by every Lease kreboot creates; its value is the lock name.
+pub const LOCK_LABEL: &str = "kreboot.io/lock";
+
+/// The names of the `concurrency` slots of lock `lock_name`.
+pub fn slot_names(lock_name: &str, concurrency: u32) -> Vec<String> {
+    (0..concurrency.max(1))
+        .map(|i| {
+            if i == 0 {
+                lock_name.to_owned()
+            } else {
+                format!("{lock_name}-{i}")
+            }
+        })
+        .collect()
+}
+
+/// The state of one slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotStatus {
+    /// The Lease does not exist yet.
+    Missing,
+    /// Nobody holds it.
+    Free,
+    /// Held and renewed in time.
+    Held {
+        /// The holder's node name.
+        holder: String,
+        /// When it expires unless renewed.
+        expires: DateTime<Utc>,
+    },
+    /// Held, but the holder stopped renewing.
+    Expired {
+        /// The former holder.
+        holder: String,
+    },
+}
+
+/// The holder of a Lease, if any.
+pub fn holder(lease: &Lease) -> Option<&str> {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref())
+        .filter(|h| !h.is_empty())
+}
+
+/// The status of slot `lease` at `now`.
+pub fn slot_status(lease: Option<&Lease>, now: DateTime<Utc>) -> SlotStatus {
+    let Some(lease) = lease else {
+        return SlotStatus::Missing;
+    };
+    let Some(holder) = holder(lease) else {
+        return SlotStatus::Free;
+    };
+    let spec = lease.spec.as_ref();
+    let renewed = spec
+        .and_then(|s| s.renew_time.as_ref().or(s.acquire_time.as_ref()))
+        .and_then(|t| from_jiff(&t.0));
+    let duration = spec
+        .and_then(|s| s.lease_duration_seconds)
+        .map(|s| Duration::seconds(i64::from(s)));
+    match (renewed, duration) {
+        (Some(renewed), Some(duration)) => {
+            let expires = renewed
+                .checked_add_signed(duration)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            if expires > now {
+                SlotStatus::Held {
+                    holder: holder.to_owned(),
+                    expires,
+                }
+            } else {
+                SlotStatus::Expired {
+                    holder: holder.to_owned(),
+                }
+            }
+        }
+        // A Lease with a holder but no times was written by something else: treat it as held
+        // forever rather than steal it; an operator can delete it.
+        _ => SlotStatus::Held {
+            holder: holder.to_owned(),
+            expires: DateTime::<Utc>::MAX_UTC,
+        },
+    }
+}
+
+/// The slot `me` holds, if any (an expired slot that nobody took over is still ours to renew).
+pub fn held_slot(slots: &[String], leases: &BTreeMap<String, Lease>, me: &str) -> Option<String> {
+    slots
+        .iter()
+        .find(|name| leases.get(*name).and_then(holder) == Some(me))
+        .cloned()
+}
+
+/// The slot to try to take, given which holders' Nodes are known to be gone.
+///
+/// Free and missing slots come first, then expired ones, then held ones whose holder Node no
+/// longer exists. `None` when every slot is legitimately held.
+pub fn pick_slot(
+    slots: &[String],
+    leases: &BTreeMap<String, Lease>,
+    now: DateTime<Utc>,
+    holder_gone: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let mut best: Option<(u8, &String)> = None;
+    for name in slots {
+        let rank = match slot_status(leases.get(name), now) {
+            SlotStatus::Missing | SlotStatus::Free => 0,
+            SlotStatus::Expired { .. } => 1,
+            SlotStatus::Held { holder, .. } if holder_gone(&holder) => 2,
+            SlotStatus::Held { .. } => continue,
+        };
+        if best.is_none_or(|(r, _)| rank < r) {
+            best = Some((rank, name));
+        }
+    }
+    best.map(|(_, n)| n.clone())
+}
+
+/// The earliest instant at which a held slot expires (to wake a waiter without polling).
+pub fn next_expiry(
+    slots: &[String],
+    leases: &BTreeMap<String, Lease>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    slots
+        .iter()
+        .filter_map(|n| match slot_status(leases.get(n), now) {
+            SlotStatus::Held { expires, .. } => Some(expires),
+            _ => None,
+        })
+        .min()
+}
+
+/// Holders of currently held slots (whose Nodes a waiter watches for deletion).
+pub fn holders(slots: &[String], leases: &BTreeMap<String, Lease>, now: DateTime<Utc>) -> Vec<String> {
+    slots
+        .iter()
+        .filter_map(|n| match slot_status(leases.get(n), now) {
+            SlotStatus::Held { holder, .. } => Some(holder),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Why a lock operation did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another node changed the Lease first (409): re-read and decide again.
+    #[error("lost the race for lease {lease}")]
+    Conflict {
+        /// The Lease.
+        lease: String,
+    },
+    /// The API call failed; retry with back-off.
+    #[error("failed to write lease {lease}: {source}")]
+    Api {
+        /// The Lease.
+        lease: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl LockError {
+    fn from_kube(lease: &str, e: kube::Error) -> LockError {
+        match &e {
+            kube::Error::Api(s) if s.code == 409 => LockError::Conflict { lease: lease.into() },
+            _ => LockError::Api {
+                lease: lease.into(),
+                source: e,
+            },
+        }
+    }
+}
+
+/// Lease operations for one node.
+#[derive(Clone)]
+pub struct LeaseLock {
+    /// Leases in the agent's namespace.
+    pub api: Api<Lease>,
+    /// The lock name (label value and slot-name stem).
+    pub lock_name: String,
+    /// This node's name: the holder identity.
+    pub identity: String,
+    /// Lease duration written into the spec.
+    pub ttl: Duration,
+}
+
+/// k8s-openapi stores times as `jiff` timestamps; kreboot computes with `chrono`.
+fn micro(t: DateTime<Utc>) -> MicroTime {
+    MicroTime(k8s_openapi::jiff::Timestamp::from_microsecond(t.timestamp_micros()).unwrap_or_default())
+}
+
+/// The `chrono` form of a `jiff` timestamp from the API.
+fn from_jiff(t: &k8s_openapi::jiff::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(t.as_microsecond())
+}
+
+impl LeaseLock {
+    fn spec(&self, holder: Option<&str>, acquire: Option<DateTime<Utc>>, now: DateTime<Utc>) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: holder.map(str::to_owned),
+            lease_duration_seconds: Some(i32::try_from(self.ttl.num_seconds()).unwrap_or(i32::MAX)),
+            acquire_time: acquire.map(micro),
+            renew_time: holder.map(|_| micro(now)),
+            ..LeaseSpec::default()
+        }
+    }
+
+    /// Takes slot `name`, whose last seen version is `current` (None: create it).
+    ///
+    /// # Errors
+    /// [`LockError::Conflict`] when another node got there first.
+    pub async fn acquire(
+        &self,
+        name: &str,
+        current: Option<&Lease>,
+        now: DateTime<Utc>,
+    ) -> Result<Lease, LockError> {
+        let spec = self.spec(Some(&self.identity), Some(now), now);
+        let result = match current {
+            Some(lease) => {
+                let mut lease = lease.clone();
+                lease.spec = Some(spec);
+                self.api.replace(name, &PostParams::default(), &lease).await
+            }
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(name.to_owned()),
+                        labels: Some(BTreeMap::from([(LOCK_LABEL.to_owned(), self.lock_name.clone())])),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(spec),
+                };
+                self.api.create(&PostParams::default(), &lease).await
+            }
+        };
+        result.map_err(|e| LockError::from_kube(name, e))
+    }
+
+    /// Renews slot `lease`, which this node holds.
+    ///
+    /// # Errors
+    /// [`LockError::Conflict`] when the Lease changed under us (it may have been taken over).
+    pub async fn renew(&self, lease: &Lease, now: DateTime<Utc>) -> Result<Lease, LockError> {
+        let name = lease.name_any();
+        let mut lease = lease.clone();
+        let acquire = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.acquire_time.as_ref())
+            .and_then(|t| from_jiff(&t.0));
+        lease.spec = Some(self.spec(Some(&self.identity), acquire.or(Some(now)), now));
+        self.api
+            .replace(&name, &PostParams::default(), &lease)
+            .await
+            .map_err(|e| LockError::from_kube(&name, e))
+    }
+
+    /// Releases slot `lease` if (and only if) this node still holds it in that version.
+    ///
+    /// # Errors
+    /// [`LockError::Conflict`] when the Lease changed under us; re-read before retrying.
+    pub async fn release(&self, lease: &Lease, now: DateTime<Utc>) -> Result<Option<Lease>, LockError> {
+        if holder(lease) != Some(self.identity.as_str()) {
+            return Ok(None);
+        }
+        let name = lease.name_any();
+        let mut lease = lease.clone();
+        lease.spec = Some(self.spec(None, None, now));
+        self.api
+            .replace(&name, &PostParams::default(), &lease)
+            .await
+            .map(Some)
+            .map_err(|e| LockError::from_kube(&name, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn lease(name: &str, holder: Option<&str>, renewed: &str, secs: i32) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(str::to_owned),
+                renew_time: Some(micro(t(renewed))),
+                lease_duration_seconds: Some(secs),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn slot_names_keep_slot_zero_stable() {
+        assert_eq!(slot_names("kreboot-lock", 1), vec!["kreboot-lock"]);
+        assert_eq!(slot_names("l", 3), vec!["l", "l-1", "l-2"]);
+        assert_eq!(slot_names("l", 0), vec!["l"], "concurrency 0 is treated as 1");
+    }
+
+    #[test]
+    fn status_of_slots() {
+        let now = t("2026-11-24T10:00:00Z");
+        assert_eq!(slot_status(None, now), SlotStatus::Missing);
+        let free = lease("l", None, "2026-11-24T09:00:00Z", 60);
+        assert_eq!(slot_status(Some(&free), now), SlotStatus::Free);
+        let held = lease("l", Some("n1"), "2026-11-24T09:59:30Z", 60);
+        assert_eq!(
+            slot_status(Some(&held), now),
+            SlotStatus::Held {
+                holder: "n1".into(),
+                expires: t("2026-11-24T10:00:30Z")
+            }
+        );
+        let expired = lease("l", Some("n1"), "2026-11-24T09:58:00Z", 60);
+        assert_eq!(
+            slot_status(Some(&expired), now),
+            SlotStatus::Expired { holder: "n1".into() }
+        );
+        let empty_holder = lease("l", Some(""), "2026-11-24T09:59:30Z", 60);
+        assert_eq!(slot_status(Some(&empty_holder), now), SlotStatus::Free);
+    }
+
+    #[test]
+    fn pick_prefers_free_then_expired_then_ghost() {
+        let now = t("2026-11-24T10:00:00Z");
+        let slots = slot_names("l", 2);
+        let mut leases = BTreeMap::new();
+        leases.insert("l".into(), lease("l", Some("n1"), "2026-11-24T09:59:30Z", 60));
+        // Slot l-1 missing: take it.
+        assert_eq!(pick_slot(&slots, &leases, now, |_| false).as_deref(), Some("l-1"));
+        leases.insert("l-1".into(), lease("l-1", Some("n2"), "2026-11-24T09:00:00Z", 60));
+        assert_eq!(
+            pick_slot(&slots, &leases, now, |_| false).as_deref(),
+            Some("l-1"),
+            "expired"
+        );
+        leases.insert("l-1".into(), lease("l-1", Some("n2"), "2026-11-24T09:59:59Z", 60));
+        assert_eq!(pick_slot(&slots, &leases, now, |_| false), None, "all held");
+        assert_eq!(
+            pick_slot(&slots, &leases, now, |h| h == "n1").as_deref(),
+            Some("l"),
+            "ghost"
+        );
+        assert_eq!(held_slot(&slots, &leases, "n2").as_deref(), Some("l-1"));
+        assert_eq!(held_slot(&slots, &leases, "n3"), None);
+        assert_eq!(next_expiry(&slots, &leases, now), Some(t("2026-11-24T10:00:30Z")));
+        assert_eq!(
+            holders(&slots, &leases, now),
+            vec!["n1".to_string(), "n2".to_string()]
+        );
+    }
+}

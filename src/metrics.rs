@@ -1,1 +1,303 @@
-//! metrics (in progress)
+//! The agent's Prometheus metrics and the HTTP endpoint that serves them.
+//!
+//! One [`Metrics`] value per agent, with its own registry (so several agents can run in one
+//! process, as the demo and the tests do), passed to whoever updates it; never a global. Every
+//! name starts with `kreboot_` and follows Prometheus conventions (`_seconds`, `_total`).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::sync::watch;
+
+/// Lifecycle states reported by `kreboot_state`.
+pub const STATES: &[&str] = &["idle", "pending", "waiting_for_lock", "draining", "rebooting"];
+
+/// All metrics of one agent.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    node: String,
+    /// 1 while the sentinel says a reboot is needed.
+    pub reboot_required: IntGaugeVec,
+    /// Unix time at which the reboot became required (0 when not required).
+    pub reboot_required_since: GaugeVec,
+    /// 1 for the current lifecycle state.
+    pub state: IntGaugeVec,
+    /// 1 while the maintenance window is open for this node.
+    pub window_open: IntGaugeVec,
+    /// 1 while something blocks the reboot, by reason.
+    pub blocked: IntGaugeVec,
+    /// 1 while this node holds a lock slot.
+    pub lock_held: IntGaugeVec,
+    /// 1 while the last ConfigMap was valid.
+    pub config_valid: IntGaugeVec,
+    /// Unix time of the last successful policy load.
+    pub config_last_reload: GaugeVec,
+    /// 1 while the reboot-loop back-off holds a reboot back.
+    pub reboot_loop_backoff: IntGaugeVec,
+    /// Duration of drains.
+    pub drain_duration: HistogramVec,
+    /// Pods evicted.
+    pub evictions: IntCounterVec,
+    /// Evictions refused (PDB, 5xx) and retried.
+    pub eviction_retries: IntCounterVec,
+    /// Reboots requested by kreboot.
+    pub reboots: IntCounterVec,
+    /// Failures by lifecycle step and reason.
+    pub failures: IntCounterVec,
+    /// Build information.
+    pub build_info: IntGaugeVec,
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+fn fgauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c =
+        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+impl Metrics {
+    /// Registers every metric for `node`.
+    ///
+    /// # Panics
+    /// Only on a programming error in the metric definitions below (names are constants), which
+    /// the unit tests exercise.
+    pub fn new(node: &str) -> Metrics {
+        let r = Registry::new();
+        let n = &["node"];
+        let drain_duration = HistogramVec::new(
+            HistogramOpts::new("kreboot_drain_duration_seconds", "Time taken by drains.")
+                .buckets(vec![1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]),
+            &["node", "outcome"],
+        )
+        .unwrap_or_else(|e| panic!("drain histogram: {e}"));
+        r.register(Box::new(drain_duration.clone()))
+            .unwrap_or_else(|e| panic!("drain histogram: {e}"));
+        let m = Metrics {
+            node: node.to_owned(),
+            reboot_required: gauge(
+                &r,
+                "kreboot_reboot_required",
+                "1 when the node needs a reboot.",
+                n,
+            ),
+            reboot_required_since: fgauge(
+                &r,
+                "kreboot_reboot_required_since_timestamp_seconds",
+                "Unix time at which the node started needing a reboot (0 when it does not).",
+                n,
+            ),
+            state: gauge(
+                &r,
+                "kreboot_state",
+                "1 for the node's current lifecycle state.",
+                &["node", "state"],
+            ),
+            window_open: gauge(
+                &r,
+                "kreboot_window_open",
+                "1 while a maintenance window is open for the node.",
+                n,
+            ),
+            blocked: gauge(
+                &r,
+                "kreboot_reboot_blocked",
+                "1 while a reboot is held back, by reason.",
+                &["node", "reason"],
+            ),
+            lock_held: gauge(
+                &r,
+                "kreboot_lock_held",
+                "1 while the node holds a reboot lock slot.",
+                n,
+            ),
+            config_valid: gauge(
+                &r,
+                "kreboot_config_valid",
+                "1 when the last policy ConfigMap was valid.",
+                n,
+            ),
+            config_last_reload: fgauge(
+                &r,
+                "kreboot_config_last_reload_timestamp_seconds",
+                "Unix time of the last successful policy load.",
+                n,
+            ),
+            reboot_loop_backoff: gauge(
+                &r,
+                "kreboot_reboot_loop_backoff",
+                "1 while a reboot is held back because the node rebooted recently and still needs one.",
+                n,
+            ),
+            drain_duration,
+            evictions: counter(&r, "kreboot_evictions_total", "Pods evicted.", n),
+            eviction_retries: counter(
+                &r,
+                "kreboot_eviction_retries_total",
+                "Evictions refused and retried.",
+                n,
+            ),
+            reboots: counter(&r, "kreboot_reboots_total", "Reboots requested.", n),
+            failures: counter(
+                &r,
+                "kreboot_failures_total",
+                "Failed lifecycle steps.",
+                &["node", "step", "reason"],
+            ),
+            build_info: gauge(&r, "kreboot_build_info", "Build information.", &["version"]),
+            registry: r,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m.config_valid.with_label_values(&[node]).set(1);
+        m.set_state("idle");
+        m.reboot_required.with_label_values(&[node]).set(0);
+        m
+    }
+
+    /// The node label value.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Sets `kreboot_state` to `state` (one of [`STATES`]).
+    pub fn set_state(&self, state: &str) {
+        for s in STATES {
+            self.state
+                .with_label_values(&[self.node.as_str(), s])
+                .set(i64::from(*s == state));
+        }
+    }
+
+    /// Sets the blocked-by gauge: `reason` 1, every other reason seen before 0.
+    pub fn set_blocked(&self, reason: Option<&str>) {
+        for r in [
+            "window_closed",
+            "blocked",
+            "reboot_loop_backoff",
+            "failure_backoff",
+            "lock_held_elsewhere",
+        ] {
+            self.blocked
+                .with_label_values(&[self.node.as_str(), r])
+                .set(i64::from(Some(r) == reason));
+        }
+    }
+
+    /// Counts a failure of `step` for `reason`.
+    pub fn fail(&self, step: &str, reason: &str) {
+        self.failures
+            .with_label_values(&[self.node.as_str(), step, reason])
+            .inc();
+    }
+
+    /// A node-labelled gauge set to `v`.
+    pub fn set(&self, g: &IntGaugeVec, v: i64) {
+        g.with_label_values(&[self.node.as_str()]).set(v);
+    }
+
+    /// Renders the registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            return format!("# encoding failed: {e}\n");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+#[derive(Clone)]
+struct ServerState {
+    metrics: Metrics,
+    ready: watch::Receiver<bool>,
+}
+
+async fn metrics_handler(State(s): State<Arc<ServerState>>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.render(),
+    )
+}
+
+async fn ready_handler(State(s): State<Arc<ServerState>>) -> impl IntoResponse {
+    if *s.ready.borrow() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}
+
+/// Serves `/metrics`, `/healthz` (alive) and `/readyz` (caches synced) on `addr`.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    ready: watch::Receiver<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let state = Arc::new(ServerState { metrics, ready });
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready_handler))
+        .with_state(state);
+    tokio::spawn(async move {
+        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_node_labelled_metrics() {
+        let m = Metrics::new("n1");
+        m.set(&m.reboot_required, 1);
+        m.set_state("draining");
+        m.fail("drain", "drain_timeout");
+        let text = m.render();
+        assert!(text.contains("kreboot_reboot_required{node=\"n1\"} 1"), "{text}");
+        assert!(
+            text.contains("kreboot_state{node=\"n1\",state=\"draining\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kreboot_state{node=\"n1\",state=\"idle\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kreboot_failures_total{node=\"n1\",reason=\"drain_timeout\",step=\"drain\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("kreboot_config_valid{node=\"n1\"} 1"), "{text}");
+    }
+}

@@ -1,1 +1,670 @@
-//! node (in progress)
+//! The Node as kreboot's durable memory, and the pure decision of what to do next.
+//!
+//! Every lifecycle step is recorded in annotations under `kreboot.io/` on the Node itself, so
+//! an agent that crashes at any point resumes from the Node's recorded state: it never repeats
+//! a completed step and never skips one. [`decide`] turns what the agent observes into the one
+//! next [`Action`]; it reads no clock and does no I/O, so every branch is covered by table tests.
+//!
+//! Invariants kept here:
+//! - kreboot uncordons only a node that it cordoned itself (`cordoned-by-kreboot`);
+//! - a reboot is recognised by a changed `status.nodeInfo.bootID` (or a changed kernel boot id),
+//!   never by the agent's memory; a recorded reboot whose kernel boot id already changed is never
+//!   issued again, even while the kubelet still reports the old bootID;
+//! - a sentinel still present right after a reboot kreboot caused does not start a new cycle at
+//!   once (reboot-loop back-off).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use k8s_openapi::api::core::v1::Node;
+use serde_json::{Value, json};
+
+/// Prefix of every annotation kreboot writes.
+pub const PREFIX: &str = "kreboot.io/";
+/// The lifecycle phase in progress (absent = idle).
+pub const ANN_PHASE: &str = "kreboot.io/phase";
+/// `"true"` when kreboot set `spec.unschedulable`, `"false"` when an administrator had.
+pub const ANN_CORDONED_BY_KREBOOT: &str = "kreboot.io/cordoned-by-kreboot";
+/// The Lease slot held for this cycle.
+pub const ANN_LOCK: &str = "kreboot.io/lock";
+/// `status.nodeInfo.bootID` just before the reboot was requested.
+pub const ANN_PRE_REBOOT_BOOT_ID: &str = "kreboot.io/pre-reboot-boot-id";
+/// The kernel's boot id just before the reboot was requested (when the host exposes it).
+pub const ANN_PRE_REBOOT_KERNEL_BOOT_ID: &str = "kreboot.io/pre-reboot-kernel-boot-id";
+/// When the last reboot that kreboot caused completed (RFC 3339).
+pub const ANN_LAST_REBOOT: &str = "kreboot.io/last-reboot";
+/// When the last cycle failed (RFC 3339), for the failure back-off.
+pub const ANN_LAST_FAILURE: &str = "kreboot.io/last-failure";
+/// Why the last cycle failed.
+pub const ANN_LAST_FAILURE_REASON: &str = "kreboot.io/last-failure-reason";
+/// Since when this node needs a reboot (RFC 3339); for operators and `kreboot status`.
+pub const ANN_REBOOT_REQUIRED_SINCE: &str = "kreboot.io/reboot-required-since";
+/// Why this node needs a reboot (bounded package list), for operators.
+pub const ANN_REBOOT_REASON: &str = "kreboot.io/reboot-reason";
+
+/// The step of the lifecycle a node is in, as recorded on the Node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// No cycle in progress.
+    #[default]
+    Idle,
+    /// The lock is held and the node is cordoned; pods are being evicted.
+    Draining,
+    /// The drain finished and the reboot was (or is about to be) requested.
+    Rebooting,
+}
+
+impl Phase {
+    /// The annotation value of this phase (`None` for idle: the annotation is removed).
+    pub fn as_annotation(&self) -> Option<&'static str> {
+        match self {
+            Phase::Idle => None,
+            Phase::Draining => Some("draining"),
+            Phase::Rebooting => Some("rebooting"),
+        }
+    }
+
+    /// A stable lower-case name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        self.as_annotation().unwrap_or("idle")
+    }
+}
+
+/// What kreboot recorded on the Node, parsed. Unknown or malformed values are reported in
+/// `problems` rather than guessed at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Recorded phase.
+    pub phase: Phase,
+    /// Whether kreboot (not an administrator) cordoned the node in this cycle.
+    pub cordoned_by_kreboot: bool,
+    /// The Lease slot named for this cycle.
+    pub lock: Option<String>,
+    /// bootID before the reboot.
+    pub pre_reboot_boot_id: Option<String>,
+    /// Kernel boot id before the reboot.
+    pub pre_reboot_kernel_boot_id: Option<String>,
+    /// When the last kreboot reboot completed.
+    pub last_reboot: Option<DateTime<Utc>>,
+    /// When the last cycle failed.
+    pub last_failure: Option<DateTime<Utc>>,
+    /// Annotations that could not be understood.
+    pub problems: Vec<String>,
+}
+
+/// What the agent knows about its Node, read from the API object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeView {
+    /// kreboot's recorded state.
+    pub recorded: Recorded,
+    /// `spec.unschedulable`.
+    pub unschedulable: bool,
+    /// `status.nodeInfo.bootID` (empty when unknown).
+    pub boot_id: String,
+    /// The Ready condition is True.
+    pub ready: bool,
+    /// The node's labels (for per-pool policy).
+    pub labels: BTreeMap<String, String>,
+    /// `metadata.resourceVersion`, for optimistic-concurrency patches.
+    pub resource_version: Option<String>,
+}
+
+fn parse_time(value: &str, key: &str, problems: &mut Vec<String>) -> Option<DateTime<Utc>> {
+    match DateTime::parse_from_rfc3339(value) {
+        Ok(t) => Some(t.with_timezone(&Utc)),
+        Err(e) => {
+            problems.push(format!("{key}={value:?} is not an RFC 3339 time: {e}"));
+            None
+        }
+    }
+}
+
+/// Parses kreboot's annotations.
+pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
+    let mut r = Recorded::default();
+    let get = |k: &str| annotations.get(k).map(String::as_str);
+    r.phase = match get(ANN_PHASE) {
+        None => Phase::Idle,
+        Some("draining") => Phase::Draining,
+        Some("rebooting") => Phase::Rebooting,
+        Some(other) => {
+            // An unknown phase (e.g. written by a newer version) is treated as draining: the
+            // safe interpretation, because the drain step is idempotent and ends either in a
+            // reboot or in an uncordon of what kreboot cordoned.
+            r.problems.push(format!(
+                "{ANN_PHASE}={other:?} is not a known phase; resuming as draining"
+            ));
+            Phase::Draining
+        }
+    };
+    r.cordoned_by_kreboot = get(ANN_CORDONED_BY_KREBOOT) == Some("true");
+    r.lock = get(ANN_LOCK).map(str::to_owned);
+    r.pre_reboot_boot_id = get(ANN_PRE_REBOOT_BOOT_ID).map(str::to_owned);
+    r.pre_reboot_kernel_boot_id = get(ANN_PRE_REBOOT_KERNEL_BOOT_ID).map(str::to_owned);
+    let mut problems = std::mem::take(&mut r.problems);
+    r.last_reboot = get(ANN_LAST_REBOOT).and_then(|v| parse_time(v, ANN_LAST_REBOOT, &mut problems));
+    r.last_failure = get(ANN_LAST_FAILURE).and_then(|v| parse_time(v, ANN_LAST_FAILURE, &mut problems));
+    r.problems = problems;
+    r
+}
+
+/// Reads a [`NodeView`] from a Node object.
+pub fn view(node: &Node) -> NodeView {
+    let annotations = node.metadata.annotations.clone().unwrap_or_default();
+    let status = node.status.as_ref();
+    NodeView {
+        recorded: parse_recorded(&annotations),
+        unschedulable: node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false),
+        boot_id: status
+            .and_then(|s| s.node_info.as_ref())
+            .map(|i| i.boot_id.clone())
+            .unwrap_or_default(),
+        ready: status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == "True"),
+        labels: node.metadata.labels.clone().unwrap_or_default(),
+        resource_version: node.metadata.resource_version.clone(),
+    }
+}
+
+/// Formats a time the way kreboot's annotations store it.
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Everything [`decide`] looks at.
+#[derive(Debug, Clone)]
+pub struct Observations {
+    /// The current time (passed in, never read inside the decision).
+    pub now: DateTime<Utc>,
+    /// The Node as last seen.
+    pub node: NodeView,
+    /// The sentinel says a reboot is needed.
+    pub reboot_required: bool,
+    /// The policy allows a reboot now.
+    pub window_open: bool,
+    /// Something holds the reboot back (blocking pods, alerts); the reason.
+    pub blocked_by: Option<String>,
+    /// The Lease slot this node holds right now, if any.
+    pub held_lock: Option<String>,
+    /// The kernel's boot id on this host, when readable.
+    pub kernel_boot_id: Option<String>,
+    /// How long a sentinel present right after a kreboot reboot is ignored.
+    pub reboot_loop_backoff: Duration,
+    /// How long to wait after a failed cycle before trying again.
+    pub failure_backoff: Duration,
+}
+
+/// Why the agent does nothing right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitReason {
+    /// No reboot needed.
+    NotRequired,
+    /// Outside every maintenance window (or in a blackout).
+    WindowClosed,
+    /// A blocker holds the reboot back.
+    Blocked,
+    /// A reboot happened recently and the sentinel is back: possible reboot loop.
+    RebootLoopBackoff,
+    /// The last cycle failed recently.
+    FailureBackoff,
+    /// The reboot is under way, or the node has rebooted but is not Ready yet.
+    AwaitingReboot,
+}
+
+impl WaitReason {
+    /// A stable label for metrics and Events.
+    pub fn label(self) -> &'static str {
+        match self {
+            WaitReason::NotRequired => "not_required",
+            WaitReason::WindowClosed => "window_closed",
+            WaitReason::Blocked => "blocked",
+            WaitReason::RebootLoopBackoff => "reboot_loop_backoff",
+            WaitReason::FailureBackoff => "failure_backoff",
+            WaitReason::AwaitingReboot => "awaiting_reboot",
+        }
+    }
+}
+
+/// Why a cycle in progress is abandoned (the node is uncordoned if kreboot cordoned it, and the
+/// lock released).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortReason {
+    /// The window closed before the reboot could be issued.
+    WindowClosed,
+    /// The sentinel went away: no reboot is needed any more.
+    NoLongerRequired,
+    /// The Lease slot is no longer held by this node (expired and taken over).
+    LockLost,
+    /// A blocker appeared before the reboot.
+    Blocked,
+}
+
+impl AbortReason {
+    /// A stable label for metrics and Events.
+    pub fn label(self) -> &'static str {
+        match self {
+            AbortReason::WindowClosed => "window_closed",
+            AbortReason::NoLongerRequired => "no_longer_required",
+            AbortReason::LockLost => "lock_lost",
+            AbortReason::Blocked => "blocked",
+        }
+    }
+}
+
+/// The one next thing to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to do until something changes (or `until`, if given).
+    Wait {
+        /// Why.
+        reason: WaitReason,
+        /// When the reason expires by itself.
+        until: Option<DateTime<Utc>>,
+    },
+    /// Try to take a Lease slot.
+    AcquireLock,
+    /// Cordon (recording whether kreboot did it) and enter the draining phase.
+    Cordon,
+    /// Evict the node's pods (resumable).
+    Drain,
+    /// Record the boot ids and request the reboot.
+    Reboot,
+    /// The reboot happened and the node is Ready: uncordon if kreboot cordoned, clear the
+    /// annotations, release the lock.
+    Complete,
+    /// Abandon the cycle: uncordon if kreboot cordoned, clear the phase, release the lock.
+    Abort(AbortReason),
+    /// Idle but still holding a Lease slot (a crash between steps): give it back.
+    ReleaseLock,
+}
+
+fn until(since: Option<DateTime<Utc>>, backoff: Duration, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let end = since?.checked_add_signed(backoff)?;
+    (end > now).then_some(end)
+}
+
+/// Decides the next action from the observations alone.
+pub fn decide(o: &Observations) -> Action {
+    let r = &o.node.recorded;
+    let wait = |reason, until| Action::Wait { reason, until };
+    match r.phase {
+        Phase::Rebooting => {
+            let node_rebooted = r
+                .pre_reboot_boot_id
+                .as_deref()
+                .is_some_and(|before| !o.node.boot_id.is_empty() && before != o.node.boot_id);
+            let kernel_rebooted = matches!(
+                (&r.pre_reboot_kernel_boot_id, &o.kernel_boot_id),
+                (Some(before), Some(now)) if before != now
+            );
+            if node_rebooted {
+                if o.node.ready {
+                    Action::Complete
+                } else {
+                    wait(WaitReason::AwaitingReboot, None)
+                }
+            } else if kernel_rebooted {
+                // The host has a new boot but the kubelet has not reported it yet: never
+                // reboot again on the strength of a stale Node status.
+                wait(WaitReason::AwaitingReboot, None)
+            } else if o.held_lock.is_none() {
+                Action::Abort(AbortReason::LockLost)
+            } else if !o.window_open {
+                Action::Abort(AbortReason::WindowClosed)
+            } else if o.blocked_by.is_some() {
+                Action::Abort(AbortReason::Blocked)
+            } else {
+                // Recorded but not (yet) rebooted: the agent stopped between recording and the
+                // reboot taking effect. Issue it (again); a second request is harmless.
+                Action::Reboot
+            }
+        }
+        Phase::Draining => {
+            if o.held_lock.is_none() {
+                Action::Abort(AbortReason::LockLost)
+            } else if !o.reboot_required {
+                Action::Abort(AbortReason::NoLongerRequired)
+            } else if !o.window_open {
+                Action::Abort(AbortReason::WindowClosed)
+            } else if o.blocked_by.is_some() {
+                Action::Abort(AbortReason::Blocked)
+            } else {
+                Action::Drain
+            }
+        }
+        Phase::Idle => {
+            let blocking_wait = if !o.reboot_required {
+                Some(wait(WaitReason::NotRequired, None))
+            } else if let Some(t) = until(r.last_reboot, o.reboot_loop_backoff, o.now) {
+                Some(wait(WaitReason::RebootLoopBackoff, Some(t)))
+            } else if let Some(t) = until(r.last_failure, o.failure_backoff, o.now) {
+                Some(wait(WaitReason::FailureBackoff, Some(t)))
+            } else if !o.window_open {
+                Some(wait(WaitReason::WindowClosed, None))
+            } else if o.blocked_by.is_some() {
+                Some(wait(WaitReason::Blocked, None))
+            } else {
+                None
+            };
+            match (blocking_wait, &o.held_lock) {
+                (Some(_), Some(_)) => Action::ReleaseLock,
+                (Some(w), None) => w,
+                (None, Some(_)) => Action::Cordon,
+                (None, None) => Action::AcquireLock,
+            }
+        }
+    }
+}
+
+/// The merge patch that cordons (when the node is schedulable) and enters the draining phase,
+/// in one write so that "kreboot cordoned it" can never be lost between two writes.
+pub fn cordon_patch(node: &NodeView, lock: &str) -> Value {
+    let we_cordon = !node.unschedulable;
+    let mut patch = json!({
+        "metadata": {
+            "annotations": {
+                ANN_PHASE: Phase::Draining.as_annotation(),
+                ANN_CORDONED_BY_KREBOOT: we_cordon.to_string(),
+                ANN_LOCK: lock,
+            }
+        }
+    });
+    if we_cordon {
+        patch["spec"] = json!({ "unschedulable": true });
+    }
+    with_resource_version(patch, node)
+}
+
+/// The merge patch that records the reboot about to be requested.
+pub fn rebooting_patch(node: &NodeView, kernel_boot_id: Option<&str>) -> Value {
+    let patch = json!({
+        "metadata": {
+            "annotations": {
+                ANN_PHASE: Phase::Rebooting.as_annotation(),
+                ANN_PRE_REBOOT_BOOT_ID: node.boot_id,
+                ANN_PRE_REBOOT_KERNEL_BOOT_ID: kernel_boot_id,
+            }
+        }
+    });
+    with_resource_version(patch, node)
+}
+
+/// The merge patch that ends a cycle: uncordon only if kreboot cordoned, clear the cycle's
+/// annotations, and record either the completed reboot or the failure.
+pub fn end_cycle_patch(node: &NodeView, outcome: CycleEnd<'_>, now: DateTime<Utc>) -> Value {
+    let mut annotations = serde_json::Map::new();
+    for key in [
+        ANN_PHASE,
+        ANN_CORDONED_BY_KREBOOT,
+        ANN_LOCK,
+        ANN_PRE_REBOOT_BOOT_ID,
+        ANN_PRE_REBOOT_KERNEL_BOOT_ID,
+    ] {
+        annotations.insert(key.to_owned(), Value::Null);
+    }
+    match outcome {
+        CycleEnd::Rebooted => {
+            annotations.insert(ANN_LAST_REBOOT.to_owned(), json!(format_time(now)));
+            annotations.insert(ANN_LAST_FAILURE.to_owned(), Value::Null);
+            annotations.insert(ANN_LAST_FAILURE_REASON.to_owned(), Value::Null);
+            annotations.insert(ANN_REBOOT_REQUIRED_SINCE.to_owned(), Value::Null);
+            annotations.insert(ANN_REBOOT_REASON.to_owned(), Value::Null);
+        }
+        CycleEnd::Failed(reason) => {
+            annotations.insert(ANN_LAST_FAILURE.to_owned(), json!(format_time(now)));
+            annotations.insert(ANN_LAST_FAILURE_REASON.to_owned(), json!(reason));
+        }
+        CycleEnd::Abandoned => {}
+    }
+    let mut patch = json!({ "metadata": { "annotations": annotations } });
+    if node.recorded.cordoned_by_kreboot && node.unschedulable {
+        patch["spec"] = json!({ "unschedulable": false });
+    }
+    with_resource_version(patch, node)
+}
+
+/// How a cycle ends, for [`end_cycle_patch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CycleEnd<'a> {
+    /// The reboot happened.
+    Rebooted,
+    /// A step failed (the reason is recorded and starts the failure back-off).
+    Failed(&'a str),
+    /// The cycle was abandoned for a reason that needs no back-off (window closed, …).
+    Abandoned,
+}
+
+/// Adds `metadata.resourceVersion` so that the API server rejects the patch with 409 if the
+/// Node changed since it was read: a decision is only carried out on the state it was made on.
+fn with_resource_version(mut patch: Value, node: &NodeView) -> Value {
+    if let Some(rv) = &node.resource_version {
+        patch["metadata"]["resourceVersion"] = json!(rv);
+    }
+    patch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn obs() -> Observations {
+        Observations {
+            now: t("2026-11-24T22:00:00Z"),
+            node: NodeView {
+                boot_id: "boot-a".into(),
+                ready: true,
+                ..NodeView::default()
+            },
+            reboot_required: true,
+            window_open: true,
+            blocked_by: None,
+            held_lock: None,
+            kernel_boot_id: None,
+            reboot_loop_backoff: Duration::minutes(30),
+            failure_backoff: Duration::minutes(10),
+        }
+    }
+
+    fn rebooting(mut o: Observations, before: &str) -> Observations {
+        o.node.recorded.phase = Phase::Rebooting;
+        o.node.recorded.pre_reboot_boot_id = Some(before.into());
+        o.held_lock = Some("kreboot-lock".into());
+        o
+    }
+
+    fn wait(reason: WaitReason) -> Action {
+        Action::Wait { reason, until: None }
+    }
+
+    #[test]
+    fn idle_decisions() {
+        let base = obs();
+        type Change = Box<dyn Fn(&mut Observations)>;
+        let cases: Vec<(&str, Change, Action)> = vec![
+            ("needed, open, free", Box::new(|_| {}), Action::AcquireLock),
+            (
+                "not needed",
+                Box::new(|o| o.reboot_required = false),
+                wait(WaitReason::NotRequired),
+            ),
+            (
+                "window closed",
+                Box::new(|o| o.window_open = false),
+                wait(WaitReason::WindowClosed),
+            ),
+            (
+                "blocked",
+                Box::new(|o| o.blocked_by = Some("pod".into())),
+                wait(WaitReason::Blocked),
+            ),
+            (
+                "lock already held",
+                Box::new(|o| o.held_lock = Some("l".into())),
+                Action::Cordon,
+            ),
+            (
+                "lock held but not needed",
+                Box::new(|o| {
+                    o.held_lock = Some("l".into());
+                    o.reboot_required = false;
+                }),
+                Action::ReleaseLock,
+            ),
+            (
+                "lock held but window closed",
+                Box::new(|o| {
+                    o.held_lock = Some("l".into());
+                    o.window_open = false;
+                }),
+                Action::ReleaseLock,
+            ),
+            (
+                "old reboot does not hold back",
+                Box::new(|o| o.node.recorded.last_reboot = Some(t("2026-11-24T21:00:00Z"))),
+                Action::AcquireLock,
+            ),
+        ];
+        for (name, change, want) in cases {
+            let mut o = base.clone();
+            change(&mut o);
+            assert_eq!(decide(&o), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn reboot_loop_and_failure_backoff_wait_until_expiry() {
+        let mut o = obs();
+        o.node.recorded.last_reboot = Some(t("2026-11-24T21:50:00Z"));
+        assert_eq!(
+            decide(&o),
+            Action::Wait {
+                reason: WaitReason::RebootLoopBackoff,
+                until: Some(t("2026-11-24T22:20:00Z"))
+            }
+        );
+        let mut o = obs();
+        o.node.recorded.last_failure = Some(t("2026-11-24T21:55:00Z"));
+        assert_eq!(
+            decide(&o),
+            Action::Wait {
+                reason: WaitReason::FailureBackoff,
+                until: Some(t("2026-11-24T22:05:00Z"))
+            }
+        );
+        // The loop back-off does not matter when no reboot is needed.
+        let mut o = obs();
+        o.reboot_required = false;
+        o.node.recorded.last_reboot = Some(t("2026-11-24T21:50:00Z"));
+        assert_eq!(decide(&o), wait(WaitReason::NotRequired));
+    }
+
+    #[test]
+    fn draining_resumes_or_aborts() {
+        let mut o = obs();
+        o.node.recorded.phase = Phase::Draining;
+        o.held_lock = Some("kreboot-lock".into());
+        assert_eq!(decide(&o), Action::Drain);
+        let mut closed = o.clone();
+        closed.window_open = false;
+        assert_eq!(decide(&closed), Action::Abort(AbortReason::WindowClosed));
+        let mut lost = o.clone();
+        lost.held_lock = None;
+        assert_eq!(decide(&lost), Action::Abort(AbortReason::LockLost));
+        let mut gone = o.clone();
+        gone.reboot_required = false;
+        assert_eq!(decide(&gone), Action::Abort(AbortReason::NoLongerRequired));
+    }
+
+    #[test]
+    fn rebooting_is_recognised_by_boot_id() {
+        // Same bootID: the agent crashed before the reboot took effect -> reboot again.
+        assert_eq!(decide(&rebooting(obs(), "boot-a")), Action::Reboot);
+        // New bootID and Ready -> complete.
+        assert_eq!(decide(&rebooting(obs(), "boot-old")), Action::Complete);
+        // New bootID, not Ready -> wait.
+        let mut o = rebooting(obs(), "boot-old");
+        o.node.ready = false;
+        assert_eq!(decide(&o), wait(WaitReason::AwaitingReboot));
+        // Kernel says rebooted, kubelet still reports the old bootID -> never reboot again.
+        let mut o = rebooting(obs(), "boot-a");
+        o.node.recorded.pre_reboot_kernel_boot_id = Some("k1".into());
+        o.kernel_boot_id = Some("k2".into());
+        assert_eq!(decide(&o), wait(WaitReason::AwaitingReboot));
+        // Window closed before the reboot was issued -> abort, never reboot outside it.
+        let mut o = rebooting(obs(), "boot-a");
+        o.window_open = false;
+        assert_eq!(decide(&o), Action::Abort(AbortReason::WindowClosed));
+        // Rebooted even though the lease expired meanwhile -> still complete.
+        let mut o = rebooting(obs(), "boot-old");
+        o.held_lock = None;
+        assert_eq!(decide(&o), Action::Complete);
+    }
+
+    #[test]
+    fn annotations_round_trip_and_bad_values_are_reported() {
+        let mut a = BTreeMap::new();
+        a.insert(ANN_PHASE.into(), "rebooting".into());
+        a.insert(ANN_CORDONED_BY_KREBOOT.into(), "true".into());
+        a.insert(ANN_PRE_REBOOT_BOOT_ID.into(), "b1".into());
+        a.insert(ANN_LAST_REBOOT.into(), "yesterday".into());
+        let r = parse_recorded(&a);
+        assert_eq!(r.phase, Phase::Rebooting);
+        assert!(r.cordoned_by_kreboot);
+        assert_eq!(r.pre_reboot_boot_id.as_deref(), Some("b1"));
+        assert_eq!(r.last_reboot, None);
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        a.insert(ANN_PHASE.into(), "exploding".into());
+        assert_eq!(parse_recorded(&a).phase, Phase::Draining);
+    }
+
+    #[test]
+    fn cordon_patch_records_who_cordoned() {
+        let mut n = NodeView {
+            resource_version: Some("7".into()),
+            ..NodeView::default()
+        };
+        let p = cordon_patch(&n, "kreboot-lock");
+        assert_eq!(p["spec"]["unschedulable"], json!(true));
+        assert_eq!(
+            p["metadata"]["annotations"][ANN_CORDONED_BY_KREBOOT],
+            json!("true")
+        );
+        assert_eq!(p["metadata"]["resourceVersion"], json!("7"));
+        n.unschedulable = true; // an administrator cordoned it
+        let p = cordon_patch(&n, "kreboot-lock");
+        assert!(p.get("spec").is_none());
+        assert_eq!(
+            p["metadata"]["annotations"][ANN_CORDONED_BY_KREBOOT],
+            json!("false")
+        );
+    }
+
+    #[test]
+    fn end_cycle_uncordons_only_what_kreboot_cordoned() {
+        let now = t("2026-11-24T22:00:00Z");
+        let mut n = NodeView {
+            unschedulable: true,
+            ..NodeView::default()
+        };
+        let p = end_cycle_patch(&n, CycleEnd::Rebooted, now);
+        assert!(p.get("spec").is_none(), "administrator's cordon kept");
+        assert_eq!(
+            p["metadata"]["annotations"][ANN_LAST_REBOOT],
+            json!("2026-11-24T22:00:00Z")
+        );
+        n.recorded.cordoned_by_kreboot = true;
+        let p = end_cycle_patch(&n, CycleEnd::Failed("drain timeout"), now);
+        assert_eq!(p["spec"]["unschedulable"], json!(false));
+        assert_eq!(
+            p["metadata"]["annotations"][ANN_LAST_FAILURE_REASON],
+            json!("drain timeout")
+        );
+        assert_eq!(p["metadata"]["annotations"][ANN_PHASE], Value::Null);
+    }
+}

@@ -38,12 +38,15 @@ pub struct CommandRebooter {
 impl Rebooter for CommandRebooter {
     fn reboot(&self) -> BoxFuture<'_, Result<(), RebootError>> {
         Box::pin(async move {
-            let status = self.exec.command(&self.command).status().await.map_err(|e| {
-                RebootError::Command {
-                    command: self.command.clone(),
-                    message: e.to_string(),
-                }
-            })?;
+            let status =
+                self.exec
+                    .command(&self.command)
+                    .status()
+                    .await
+                    .map_err(|e| RebootError::Command {
+                        command: self.command.clone(),
+                        message: e.to_string(),
+                    })?;
             if status.success() {
                 Ok(())
             } else {

@@ -1,1 +1,3 @@
 //! The simulated cluster: a Kubernetes-API-compatible HTTP server with simulated kubelets.
+
+pub mod demo;
