@@ -52,6 +52,9 @@ pub const CONFIG_KEY: &str = "config.yaml";
 /// before it reports the reboot as failed and requests it again.
 pub const REBOOT_WAIT: Duration = Duration::from_secs(300);
 
+/// Upper bound of the random delay before trying a free lock slot (see the AcquireLock arm).
+const FREE_SLOT_JITTER_MS: u64 = 200;
+
 /// Longest pause between retries of a failed API call.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -667,6 +670,13 @@ pub async fn run(
                         drop(w);
                         continue 'outer;
                     }
+                    if view.waiting {
+                        // No longer eligible: leave the queue so no slot is handed to us.
+                        match agent.patch_node(&node::waiting_patch(None)).await {
+                            Ok(n) => w.set_node(n),
+                            Err(e) => warn!(node = %me, error = %e, "failed to leave the lock queue"),
+                        }
+                    }
                     let state = if reason == WaitReason::AwaitingReboot {
                         "rebooting"
                     } else {
@@ -691,22 +701,42 @@ pub async fn run(
                 Action::AcquireLock => {
                     let gone = w.gone.borrow().clone();
                     match lock::pick_slot(&slots, &leases, now, |h| gone.contains(h)) {
-                        Some(slot) => match agent.lease_lock().acquire(&slot, leases.get(&slot), now).await {
-                            Ok(lease) => {
-                                info!(node = %me, lease = %slot, "lock acquired");
-                                w.set_lease(lease);
-                                agent
-                                    .events
-                                    .node(Reason::LockAcquired, format!("acquired reboot lock {slot}"));
-                                Ok(())
+                        Some(slot) => {
+                            // Slots normally pass from holder to waiter directly; a free slot
+                            // means start-up or a holder that could not hand over. A short
+                            // random delay keeps many waiters from racing for it at once:
+                            // whoever goes first is seen through the watch by the others.
+                            let jitter = Duration::from_millis(rand::random_range(0..FREE_SLOT_JITTER_MS));
+                            let mut lease_rx = w.leases.subscribe();
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                                _ = lease_rx.changed() => continue,
+                                _ = tokio::time::sleep(jitter) => {}
                             }
-                            Err(lock::LockError::Conflict { .. }) => {
-                                debug!(node = %me, lease = %slot, "lost the race for the lock");
-                                wait_briefly(&w, &shutdown).await
+                            match agent.lease_lock().acquire(&slot, leases.get(&slot), now).await {
+                                Ok(lease) => {
+                                    info!(node = %me, lease = %slot, "lock acquired");
+                                    w.set_lease(lease);
+                                    agent
+                                        .events
+                                        .node(Reason::LockAcquired, format!("acquired reboot lock {slot}"));
+                                    Ok(())
+                                }
+                                Err(lock::LockError::Conflict { .. }) => {
+                                    debug!(node = %me, lease = %slot, "lost the race for the lock");
+                                    wait_briefly(&w, &shutdown).await
+                                }
+                                Err(e) => Err(StepError::Api(e.to_string())),
                             }
-                            Err(e) => Err(StepError::Api(e.to_string())),
-                        },
+                        }
                         None => {
+                            if !view.waiting {
+                                // Join the queue: the holder hands its slot to the longest waiter.
+                                match agent.patch_node(&node::waiting_patch(Some(now))).await {
+                                    Ok(n) => w.set_node(n),
+                                    Err(e) => warn!(node = %me, error = %e, "failed to join the lock queue"),
+                                }
+                            }
                             agent.metrics.set_state("waiting_for_lock");
                             agent.metrics.set_blocked(Some("lock_held_elsewhere"));
                             w.watch_holders(&agent.client, &lock::holders(&slots, &leases, now));
@@ -727,6 +757,32 @@ pub async fn run(
                 }
                 Action::Cordon => {
                     let slot = held.clone().unwrap_or_default();
+                    let lock = agent.lease_lock();
+                    if let Some(lease) = leases.get(&slot).filter(|l| lock.needs_claim(l)) {
+                        // Handed to us by the previous holder: claim it with our full TTL first.
+                        match lock.acquire(&slot, Some(lease), now).await {
+                            Ok(l) => {
+                                info!(node = %me, lease = %slot, "lock handed over and claimed");
+                                w.set_lease(l);
+                                agent
+                                    .events
+                                    .node(Reason::LockAcquired, format!("reboot lock {slot} handed over"));
+                                continue;
+                            }
+                            Err(lock::LockError::Conflict { .. }) => {
+                                if wait_briefly(&w, &shutdown).await.is_err() {
+                                    return Ok(Outcome::Shutdown);
+                                }
+                                continue;
+                            }
+                            Err(e) => {
+                                warn!(node = %me, error = %e, "failed to claim the handed-over lock");
+                                tokio::time::sleep(backoff(attempt)).await;
+                                attempt += 1;
+                                continue;
+                            }
+                        }
+                    }
                     match agent.patch_node(&node::cordon_patch(&view, &slot)).await {
                         Ok(n) => {
                             w.set_node(n);
@@ -853,7 +909,29 @@ async fn release(agent: &Agent, w: &Watches, slots: &[String]) -> Result<(), Ste
         lock::held_slot(slots, &s.leases, &agent.cfg.node_name).and_then(|n| s.leases.get(&n).cloned())
     };
     let Some(lease) = held else { return Ok(()) };
-    match agent.lease_lock().release(&lease, agent.clock.now()).await {
+    let lock = agent.lease_lock();
+    let now = agent.clock.now();
+    // Hand the slot to the node that has waited longest, if any: one write, no race.
+    let waiting = ListParams::default().labels(&format!("{}=true", node::LABEL_WAITING));
+    match agent.node_api().list(&waiting).await {
+        Ok(list) => {
+            if let Some(next) = node::pick_successor(&list.items, &agent.cfg.node_name) {
+                match lock.hand_off(&lease, &next, now).await {
+                    Ok(l) => {
+                        info!(node = %agent.cfg.node_name, lease = %l.name_any(), successor = %next, "lock handed over");
+                        w.set_lease(l);
+                        return Ok(());
+                    }
+                    Err(lock::LockError::Conflict { .. }) => return Err(StepError::Stale),
+                    Err(e) => warn!(error = %e, "hand-over failed; releasing instead"),
+                }
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot list waiting nodes; releasing the lock instead of handing it over")
+        }
+    }
+    match lock.release(&lease, now).await {
         Ok(Some(l)) => {
             info!(node = %agent.cfg.node_name, lease = %l.name_any(), "lock released");
             w.set_lease(l);

@@ -193,6 +193,37 @@ async fn evict_once(client: &Client, pod: &Pod, grace: Option<i64>) -> EvictOutc
     }
 }
 
+/// Evicts one pod, retrying refusals at `cfg.eviction_retry` until it is accepted (the caller
+/// bounds the whole drain with its deadline).
+async fn evict_until_done(
+    client: &Client,
+    pod: Pod,
+    cfg: &DrainConfig,
+    on_retry: &(dyn Fn() + Sync),
+    last_refusal: &std::sync::Mutex<String>,
+    retries: &std::sync::atomic::AtomicUsize,
+) -> Result<(), DrainError> {
+    loop {
+        match evict_once(client, &pod, cfg.grace_period).await {
+            EvictOutcome::Done => return Ok(()),
+            EvictOutcome::Fatal(message) => {
+                return Err(DrainError::Refused {
+                    pod: pod_key(&pod),
+                    message,
+                });
+            }
+            EvictOutcome::Retry(message) => {
+                debug!(pod = %pod_key(&pod), %message, "eviction refused, retrying");
+                retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                on_retry();
+                *last_refusal.lock().unwrap_or_else(|e| e.into_inner()) =
+                    format!("{}: {message}", pod_key(&pod));
+                tokio::time::sleep(cfg.eviction_retry).await;
+            }
+        }
+    }
+}
+
 /// Evicts every evictable pod on `node` and waits until they are gone, within `cfg.timeout`.
 ///
 /// `on_retry` is called for every refused attempt (for the metric).
@@ -225,33 +256,13 @@ pub async fn drain(
     let last_refusal = std::sync::Mutex::new(String::new());
     let retries = std::sync::atomic::AtomicUsize::new(0);
 
-    let evictions = stream::iter(to_evict.iter().map(|pod| {
-        let last_refusal = &last_refusal;
-        let retries = &retries;
-        async move {
-            loop {
-                match evict_once(client, pod, cfg.grace_period).await {
-                    EvictOutcome::Done => return Ok(()),
-                    EvictOutcome::Fatal(message) => {
-                        return Err(DrainError::Refused {
-                            pod: pod_key(pod),
-                            message,
-                        });
-                    }
-                    EvictOutcome::Retry(message) => {
-                        debug!(pod = %pod_key(pod), %message, "eviction refused, retrying");
-                        retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        on_retry();
-                        *last_refusal.lock().unwrap_or_else(|e| e.into_inner()) =
-                            format!("{}: {message}", pod_key(pod));
-                        tokio::time::sleep(cfg.eviction_retry).await;
-                    }
-                }
-            }
-        }
-    }))
-    .buffer_unordered(EVICTION_CONCURRENCY)
-    .try_collect::<Vec<()>>();
+    // Owned pods: a closure over `&Pod` makes the drain future not `Send` (a known
+    // higher-ranked-lifetime limitation of async closures in streams).
+    let owned: Vec<Pod> = to_evict.iter().map(|p| (*p).clone()).collect();
+    let evictions = stream::iter(owned)
+        .map(|pod| evict_until_done(client, pod, cfg, on_retry, &last_refusal, &retries))
+        .buffer_unordered(EVICTION_CONCURRENCY)
+        .try_collect::<Vec<()>>();
 
     let blocked = || {
         let msg = last_refusal.lock().unwrap_or_else(|e| e.into_inner()).clone();

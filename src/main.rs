@@ -1,6 +1,6 @@
 //! The `kreboot` binary: parses the command line and hands over to the library.
 
-use std::{process::ExitCode, sync::Arc};
+use std::{io::IsTerminal, process::ExitCode, sync::Arc};
 
 use clap::Parser;
 use kreboot::{
@@ -18,11 +18,13 @@ use tracing::{error, info, warn};
 /// Exit code for bad usage (clap uses the same).
 const EXIT_USAGE: u8 = 2;
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Colours only for a terminal: log collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -61,7 +63,7 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_logging(args.log_format);
+    init_logging(args.log_format, "info");
     let mut kube_cfg = match kube::Config::infer().await {
         Ok(c) => c,
         Err(e) => {
@@ -139,7 +141,8 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Agent(args) => run_agent(*args).await,
         Command::Demo(args) => {
-            init_logging(LogFormat::Text);
+            // The demo prints its own progress; agents' logs only when something goes wrong.
+            init_logging(LogFormat::Text, "warn");
             match kreboot::sim::demo::run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -41,6 +41,11 @@ pub const ANN_LAST_FAILURE_REASON: &str = "kreboot.io/last-failure-reason";
 pub const ANN_REBOOT_REQUIRED_SINCE: &str = "kreboot.io/reboot-required-since";
 /// Why this node needs a reboot (bounded package list), for operators.
 pub const ANN_REBOOT_REASON: &str = "kreboot.io/reboot-reason";
+/// Label set (`"true"`) while the node waits for a lock slot: the releasing node lists the
+/// waiters by this label and hands its slot to the one waiting longest.
+pub const LABEL_WAITING: &str = "kreboot.io/waiting";
+/// Since when the node waits for a lock slot (RFC 3339 with microseconds): the queue order.
+pub const ANN_WAITING_SINCE: &str = "kreboot.io/waiting-since";
 
 /// The step of the lifecycle a node is in, as recorded on the Node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -107,6 +112,8 @@ pub struct NodeView {
     pub labels: BTreeMap<String, String>,
     /// `metadata.resourceVersion`, for optimistic-concurrency patches.
     pub resource_version: Option<String>,
+    /// The node is queued for a lock slot ([`LABEL_WAITING`]).
+    pub waiting: bool,
 }
 
 fn parse_time(value: &str, key: &str, problems: &mut Vec<String>) -> Option<DateTime<Utc>> {
@@ -163,6 +170,11 @@ pub fn view(node: &Node) -> NodeView {
             .and_then(|s| s.conditions.as_ref())
             .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
             .is_some_and(|c| c.status == "True"),
+        waiting: node
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.get(LABEL_WAITING).map(String::as_str) == Some("true")),
         labels: node.metadata.labels.clone().unwrap_or_default(),
         resource_version: node.metadata.resource_version.clone(),
     }
@@ -305,9 +317,9 @@ pub fn decide(o: &Observations) -> Action {
                 } else {
                     wait(WaitReason::AwaitingReboot, None)
                 }
-            } else if kernel_rebooted {
-                // The host has a new boot but the kubelet has not reported it yet: never
-                // reboot again on the strength of a stale Node status.
+            } else if kernel_rebooted || !o.node.ready {
+                // The host has a new boot but the kubelet has not reported it yet, or the node
+                // is going down: never reboot again on the strength of a stale Node status.
                 wait(WaitReason::AwaitingReboot, None)
             } else if o.held_lock.is_none() {
                 Action::Abort(AbortReason::LockLost)
@@ -368,7 +380,9 @@ pub fn cordon_patch(node: &NodeView, lock: &str) -> Value {
                 ANN_PHASE: Phase::Draining.as_annotation(),
                 ANN_CORDONED_BY_KREBOOT: we_cordon.to_string(),
                 ANN_LOCK: lock,
-            }
+                ANN_WAITING_SINCE: null,
+            },
+            "labels": { LABEL_WAITING: null },
         }
     });
     if we_cordon {
@@ -401,6 +415,7 @@ pub fn end_cycle_patch(node: &NodeView, outcome: CycleEnd<'_>, now: DateTime<Utc
         ANN_LOCK,
         ANN_PRE_REBOOT_BOOT_ID,
         ANN_PRE_REBOOT_KERNEL_BOOT_ID,
+        ANN_WAITING_SINCE,
     ] {
         annotations.insert(key.to_owned(), Value::Null);
     }
@@ -418,11 +433,47 @@ pub fn end_cycle_patch(node: &NodeView, outcome: CycleEnd<'_>, now: DateTime<Utc
         }
         CycleEnd::Abandoned => {}
     }
-    let mut patch = json!({ "metadata": { "annotations": annotations } });
+    let mut patch = json!({ "metadata": { "annotations": annotations, "labels": { LABEL_WAITING: null } } });
     if node.recorded.cordoned_by_kreboot && node.unschedulable {
         patch["spec"] = json!({ "unschedulable": false });
     }
     with_resource_version(patch, node)
+}
+
+/// The merge patch that queues the node for a lock slot (`Some(since)`) or takes it out of the
+/// queue (`None`).
+pub fn waiting_patch(since: Option<DateTime<Utc>>) -> Value {
+    match since {
+        Some(t) => json!({ "metadata": {
+            "labels": { LABEL_WAITING: "true" },
+            "annotations": { ANN_WAITING_SINCE: t.to_rfc3339_opts(SecondsFormat::Micros, true) },
+        }}),
+        None => json!({ "metadata": {
+            "labels": { LABEL_WAITING: null },
+            "annotations": { ANN_WAITING_SINCE: null },
+        }}),
+    }
+}
+
+/// The waiter that has waited longest (ties broken by name), other than `me`: the node a
+/// releasing holder hands its slot to. Waiters without a readable `waiting-since` go last.
+pub fn pick_successor(waiters: &[Node], me: &str) -> Option<String> {
+    waiters
+        .iter()
+        .filter_map(|n| {
+            let name = n.metadata.name.as_deref()?;
+            (name != me).then_some(())?;
+            let since = n
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANN_WAITING_SINCE))
+                .and_then(|v| DateTime::parse_from_rfc3339(v).ok())
+                .map(|t| t.with_timezone(&Utc));
+            Some((since.is_none(), since, name.to_owned()))
+        })
+        .min()
+        .map(|(_, _, name)| name)
 }
 
 /// How a cycle ends, for [`end_cycle_patch`].
@@ -596,6 +647,10 @@ mod tests {
         o.node.recorded.pre_reboot_kernel_boot_id = Some("k1".into());
         o.kernel_boot_id = Some("k2".into());
         assert_eq!(decide(&o), wait(WaitReason::AwaitingReboot));
+        // Same bootID but NotReady: the node is going down; do not ask again.
+        let mut o = rebooting(obs(), "boot-a");
+        o.node.ready = false;
+        assert_eq!(decide(&o), wait(WaitReason::AwaitingReboot));
         // Window closed before the reboot was issued -> abort, never reboot outside it.
         let mut o = rebooting(obs(), "boot-a");
         o.window_open = false;
@@ -643,6 +698,29 @@ mod tests {
             p["metadata"]["annotations"][ANN_CORDONED_BY_KREBOOT],
             json!("false")
         );
+    }
+
+    #[test]
+    fn successor_is_the_longest_waiter() {
+        let waiter = |name: &str, since: Option<&str>| Node {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.into()),
+                annotations: since.map(|s| BTreeMap::from([(ANN_WAITING_SINCE.to_string(), s.to_string())])),
+                ..Default::default()
+            },
+            ..Node::default()
+        };
+        let ws = vec![
+            waiter("c", Some("2026-11-24T10:00:00.000002Z")),
+            waiter("b", Some("2026-11-24T10:00:00.000001Z")),
+            waiter("a", None),
+            waiter("me", Some("2026-11-24T09:00:00Z")),
+        ];
+        assert_eq!(pick_successor(&ws, "me").as_deref(), Some("b"));
+        assert_eq!(pick_successor(&ws[2..3], "me").as_deref(), Some("a"));
+        assert_eq!(pick_successor(&ws[3..], "me"), None);
+        let p = waiting_patch(None);
+        assert_eq!(p["metadata"]["labels"][LABEL_WAITING], Value::Null);
     }
 
     #[test]

@@ -1,19 +1,35 @@
 //! Reboot-required detection from the sentinel file, watched with inotify (`notify`).
 //!
-//! CONTRACT (used by the agent; keep these signatures):
-//! `SentinelWatch::start(path)` begins watching at once; `receiver()` yields every change of
-//! [`SentinelState`]; the file and even its parent directory may not exist at start.
+//! There is no polling period: the watch is on the sentinel's directory (or, while that does
+//! not exist yet, on its nearest existing ancestor, re-armed deeper as directories appear), so a
+//! file created, removed, re-created or renamed into place is seen within milliseconds. The
+//! packages listed in `<sentinel>.pkgs` (Ubuntu's `reboot-required.pkgs`) are the reason,
+//! bounded so that a long list cannot bloat a label, an annotation or an Event.
+//!
+//! `notify` delivers events on its own thread, and re-arming a watch from inside its event
+//! handler would deadlock the inotify loop; a small thread of ours receives a nudge per event,
+//! re-arms if needed and re-reads the state.
 
-use std::path::PathBuf;
+use std::{
+    path::{Path, PathBuf},
+    sync::mpsc,
+};
 
+use notify::{RecursiveMode, Watcher};
 use tokio::sync::watch;
+use tracing::{debug, warn};
+
+/// At most this many package names are reported.
+pub const MAX_PACKAGES: usize = 20;
+/// At most this many bytes of package names are reported.
+pub const MAX_PACKAGE_BYTES: usize = 1024;
 
 /// What the sentinel says right now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SentinelState {
     /// The sentinel file exists.
     pub required: bool,
-    /// Packages from `<sentinel>.pkgs`, bounded.
+    /// Packages from `<sentinel>.pkgs`, bounded (the last entry may read "and N more").
     pub packages: Vec<String>,
 }
 
@@ -29,6 +45,105 @@ pub enum SentinelError {
         #[source]
         source: notify::Error,
     },
+    /// The path has no existing ancestor to watch (a relative path with no parent, say).
+    #[error("cannot watch {path}: no existing directory above it")]
+    NoAncestor {
+        /// The sentinel path.
+        path: PathBuf,
+    },
+}
+
+/// Bounds a package list: at most [`MAX_PACKAGES`] names and [`MAX_PACKAGE_BYTES`] bytes; what
+/// is left out is summarised as "and N more".
+pub fn bound_packages(text: &str) -> Vec<String> {
+    let all: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for name in &all {
+        let name: String = name.chars().take(128).collect();
+        if out.len() == MAX_PACKAGES || bytes + name.len() > MAX_PACKAGE_BYTES {
+            break;
+        }
+        bytes += name.len();
+        out.push(name);
+    }
+    if out.len() < all.len() {
+        out.push(format!("and {} more", all.len() - out.len()));
+    }
+    out
+}
+
+/// Reads the sentinel's state from the filesystem.
+pub fn read_state(path: &Path) -> SentinelState {
+    let required = path.exists();
+    let mut pkgs = path.as_os_str().to_owned();
+    pkgs.push(".pkgs");
+    let packages = if required {
+        std::fs::read_to_string(&pkgs)
+            .map(|t| bound_packages(&t))
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    SentinelState { required, packages }
+}
+
+/// The directory to watch: the sentinel's parent if it exists, else its nearest existing
+/// ancestor.
+fn watch_target(path: &Path) -> Option<PathBuf> {
+    let mut dir = path.parent()?;
+    loop {
+        if dir.is_dir() {
+            return Some(dir.to_path_buf());
+        }
+        dir = dir.parent()?;
+    }
+}
+
+/// A watcher that nudges `tx` on every event.
+fn new_watcher(tx: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Err(e) = &res {
+            warn!(error = %e, "sentinel watch error");
+        }
+        // The receiver is gone only when the watch is being torn down.
+        let _ = tx.send(());
+    })
+}
+
+/// The identity (device, inode) of a directory, to notice one removed and re-created.
+fn dir_id(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The directories watched: the target (the sentinel's directory or its nearest existing
+/// ancestor) and the target's parent, whose events tell when the target itself is removed (the
+/// kernel drops a watch on a removed directory without an event that `notify` passes on).
+#[derive(Default)]
+struct Armed {
+    target: PathBuf,
+    dirs: Vec<(PathBuf, Option<(u64, u64)>)>,
+}
+
+impl Armed {
+    /// Whether `target` is what is watched, as the same directory (inode) as when armed.
+    fn is_current(&self, target: &Path) -> bool {
+        self.target == target && self.dirs.iter().all(|(d, id)| dir_id(d) == *id)
+    }
+
+    fn arm(&mut self, watcher: &mut impl Watcher, target: &Path) -> notify::Result<()> {
+        self.dirs.clear();
+        let mut dirs = vec![target.to_path_buf()];
+        dirs.extend(target.parent().map(Path::to_path_buf));
+        for d in dirs {
+            let id = dir_id(&d);
+            watcher.watch(&d, RecursiveMode::NonRecursive)?;
+            self.dirs.push((d, id));
+        }
+        self.target = target.to_path_buf();
+        Ok(())
+    }
 }
 
 /// A running watch of one sentinel file.
@@ -40,18 +155,101 @@ impl SentinelWatch {
     /// Starts watching `path`.
     ///
     /// # Errors
-    /// [`SentinelError::Watch`] when inotify refuses.
+    /// [`SentinelError`] when inotify refuses or nothing above the path exists.
     pub fn start(path: PathBuf) -> Result<SentinelWatch, SentinelError> {
-        let required = path.exists();
-        let (_tx, rx) = watch::channel(SentinelState {
-            required,
-            packages: Vec::new(),
-        });
+        let path = if path.is_absolute() {
+            path
+        } else {
+            std::env::current_dir().map(|d| d.join(&path)).unwrap_or(path)
+        };
+        let (nudge_tx, nudge_rx) = mpsc::channel::<()>();
+        let mut watcher = new_watcher(nudge_tx.clone()).map_err(|source| SentinelError::Watch {
+            path: path.clone(),
+            source,
+        })?;
+        let first = watch_target(&path).ok_or_else(|| SentinelError::NoAncestor { path: path.clone() })?;
+        let mut armed = Armed::default();
+        armed
+            .arm(&mut watcher, &first)
+            .map_err(|source| SentinelError::Watch {
+                path: first.clone(),
+                source,
+            })?;
+        let (tx, rx) = watch::channel(read_state(&path));
+        std::thread::Builder::new()
+            .name("sentinel".into())
+            .spawn(move || {
+                let mut failures = 0u32;
+                while nudge_rx.recv().is_ok() {
+                    // Coalesce a burst of events into one re-read.
+                    while nudge_rx.try_recv().is_ok() {}
+                    // Re-arm until the target is stable: a directory created between our look
+                    // and the new watch would otherwise go unnoticed (its event came before the
+                    // watch existed), so look again after every re-arm.
+                    while let Some(now) = watch_target(&path).filter(|now| !armed.is_current(now)) {
+                        // A fresh inotify instance each time: `notify` forgets a removed
+                        // directory's watch by path when it processes the removal, which can
+                        // come after, and cancel, a new watch of a re-created directory.
+                        let fresh = new_watcher(nudge_tx.clone())
+                            .and_then(|mut w| armed.arm(&mut w, &now).map(|()| w));
+                        if let Err(e) = fresh.map(|w| watcher = w) {
+                            // Usually the directory vanished between the look and the watch:
+                            // look again shortly (the ancestor above it is then the target).
+                            failures += 1;
+                            if failures % 100 == 1 {
+                                warn!(dir = %now.display(), error = %e, "cannot re-arm the sentinel watch; retrying");
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                            continue;
+                        }
+                        failures = 0;
+                        debug!(dir = %now.display(), "sentinel watch re-armed");
+                    }
+                    let state = read_state(&path);
+                    tx.send_if_modified(|s| {
+                        let changed = *s != state;
+                        *s = state;
+                        changed
+                    });
+                    if tx.is_closed() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| SentinelError::Watch {
+                path: PathBuf::new(),
+                source: notify::Error::io(e),
+            })?;
         Ok(SentinelWatch { rx })
     }
 
     /// A receiver of the current state and every change.
     pub fn receiver(&self) -> watch::Receiver<SentinelState> {
         self.rx.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packages_are_bounded() {
+        let many: String = (0..500).map(|i| format!("linux-package-{i}\n")).collect();
+        let p = bound_packages(&many);
+        assert_eq!(p.len(), MAX_PACKAGES + 1);
+        assert_eq!(p.last().map(String::as_str), Some("and 480 more"));
+        assert!(p.iter().map(String::len).sum::<usize>() < MAX_PACKAGE_BYTES + 20);
+        assert_eq!(bound_packages("a\n\n b \n"), vec!["a", "b"]);
+        assert!(bound_packages("").is_empty());
+    }
+
+    #[test]
+    fn watch_target_is_the_nearest_existing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/reboot-required");
+        assert_eq!(watch_target(&deep).as_deref(), Some(dir.path()));
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        assert_eq!(watch_target(&deep), Some(dir.path().join("a/b")));
     }
 }

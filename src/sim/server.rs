@@ -1,0 +1,598 @@
+//! The HTTP face of the simulated cluster: Kubernetes REST paths, verbs, list/watch, patches,
+//! subresources, discovery, fault injection and request counting.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{Query, State},
+    http::{HeaderMap, Method, StatusCode, Uri},
+    response::{IntoResponse, Response},
+};
+use futures::channel::mpsc;
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{
+    Shared,
+    select::{FieldSelector, LabelSelector},
+    store::{Change, Kind, StoreError, merge_patch, status_body},
+};
+
+/// Where a request goes.
+#[derive(Debug)]
+enum Route {
+    Version,
+    CoreVersions,
+    Groups,
+    Resources(String, String),
+    Object {
+        kind: Kind,
+        ns: Option<String>,
+        name: Option<String>,
+        sub: Option<String>,
+    },
+    SimReboot(String),
+}
+
+fn route(path: &str) -> Option<Route> {
+    let seg: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (group, version, rest) = match seg.as_slice() {
+        ["version"] => return Some(Route::Version),
+        ["api"] => return Some(Route::CoreVersions),
+        ["apis"] => return Some(Route::Groups),
+        ["api", "v1"] => return Some(Route::Resources(String::new(), "v1".into())),
+        ["apis", g, v] => return Some(Route::Resources((*g).into(), (*v).into())),
+        ["sim", "v1", "nodes", name, "reboot"] => return Some(Route::SimReboot((*name).into())),
+        ["api", "v1", rest @ ..] => ("", "v1", rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return None,
+    };
+    let owned = |s: &&str| Some((*s).to_owned());
+    let (plural, ns, name, sub) = match rest {
+        ["namespaces", ns, plural, tail @ ..] if tail.len() <= 2 => (
+            *plural,
+            owned(ns),
+            tail.first().and_then(owned),
+            tail.get(1).and_then(owned),
+        ),
+        [plural, tail @ ..] if tail.len() <= 2 => (
+            *plural,
+            None,
+            tail.first().and_then(owned),
+            tail.get(1).and_then(owned),
+        ),
+        _ => return None,
+    };
+    let kind = Kind::from_path(group, plural)?;
+    if kind.info().1 != version {
+        return None;
+    }
+    Some(Route::Object { kind, ns, name, sub })
+}
+
+fn respond(code: u16, body: &Value) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, [("content-type", "application/json")], body.to_string()).into_response()
+}
+
+fn err(e: &StoreError) -> Response {
+    respond(e.code, &e.status())
+}
+
+fn bad(message: impl Into<String>) -> Response {
+    err(&StoreError::new(400, "BadRequest", message))
+}
+
+fn verb_of(
+    method: &Method,
+    name: &Option<String>,
+    sub: &Option<String>,
+    q: &HashMap<String, String>,
+) -> &'static str {
+    let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    match *method {
+        Method::GET if watch => "watch",
+        Method::GET if name.is_none() => "list",
+        Method::GET => "get",
+        Method::POST if sub.as_deref() == Some("eviction") => "evict",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ => "other",
+    }
+}
+
+/// The single handler behind every path.
+pub async fn handle(
+    State(sim): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let Some(r) = route(uri.path()) else {
+        return err(&StoreError::new(
+            404,
+            "NotFound",
+            format!(
+                "the server could not find the requested resource ({})",
+                uri.path()
+            ),
+        ));
+    };
+    let (kind, ns, name, sub) = match r {
+        Route::Version => {
+            return respond(
+                200,
+                &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-kreboot-sim", "platform": "linux/amd64"}),
+            );
+        }
+        Route::CoreVersions => {
+            return respond(
+                200,
+                &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
+            );
+        }
+        Route::Groups => return respond(200, &super::discovery::groups()),
+        Route::Resources(g, v) => return respond(200, &super::discovery::resources(&g, &v)),
+        Route::SimReboot(node) => {
+            return if method == Method::POST {
+                if sim.reboot_node(&node) {
+                    respond(
+                        202,
+                        &status_body(202, "Accepted", &format!("node {node} is rebooting")),
+                    )
+                } else {
+                    err(&StoreError::new(
+                        404,
+                        "NotFound",
+                        format!("node {node} not found or already rebooting"),
+                    ))
+                }
+            } else {
+                err(&StoreError::new(405, "MethodNotAllowed", "POST only"))
+            };
+        }
+        Route::Object { kind, ns, name, sub } => (kind, ns, name, sub),
+    };
+    let verb = verb_of(&method, &name, &sub, &q);
+    sim.count(verb, kind.info().2);
+
+    // Fault injection (never on the Rust control API, which does not pass through here).
+    if let Some(resp) = sim.inject_fault(verb).await {
+        return resp;
+    }
+
+    let ns_str = ns.clone().unwrap_or_default();
+    match (method.clone(), name, sub.as_deref()) {
+        (Method::GET, None, None) => {
+            if verb == "watch" {
+                watch(sim, kind, ns, &q)
+            } else {
+                list(&sim, kind, ns.as_deref(), &q)
+            }
+        }
+        (Method::GET, Some(name), None | Some("status")) => match sim.store.get(kind, &ns_str, &name) {
+            Some(o) => respond(200, &o),
+            None => err(&StoreError::new(
+                404,
+                "NotFound",
+                format!("{} \"{name}\" not found", kind.info().2),
+            )),
+        },
+        (Method::POST, None, None) => {
+            let Ok(obj) = serde_json::from_slice::<Value>(&body) else {
+                return bad("the request body is not JSON");
+            };
+            if let Err(e) = validate(kind, &ns_str, &obj) {
+                return err(&e);
+            }
+            match sim.store.create(kind, &ns_str, obj) {
+                Ok(o) => respond(201, &o),
+                Err(e) => err(&e),
+            }
+        }
+        (Method::POST, Some(name), Some("eviction")) if kind == Kind::Pod => {
+            let grace = serde_json::from_slice::<Value>(&body).ok().and_then(|b| {
+                b.pointer("/deleteOptions/gracePeriodSeconds")
+                    .and_then(Value::as_i64)
+            });
+            match sim.evict(&ns_str, &name, grace) {
+                Ok(()) => respond(201, &status_body(201, "", "")),
+                Err(e) => err(&e),
+            }
+        }
+        (Method::PUT, Some(name), sub @ (None | Some("status"))) => {
+            let Ok(obj) = serde_json::from_slice::<Value>(&body) else {
+                return bad("the request body is not JSON");
+            };
+            if let Err(e) = validate(kind, &ns_str, &obj) {
+                return err(&e);
+            }
+            let status_only = sub.is_some();
+            match sim.store.update(kind, &ns_str, &name, |old| {
+                Ok(split_status(kind, old, obj, status_only))
+            }) {
+                Ok(o) => respond(200, &o),
+                Err(e) => err(&e),
+            }
+        }
+        (Method::PATCH, Some(name), sub @ (None | Some("status"))) => {
+            let ctype = headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let status_only = sub.is_some();
+            let result = sim.store.update(kind, &ns_str, &name, |old| {
+                let mut new = (*old).clone();
+                // The resourceVersion of a patch is only a precondition when the patch sets it.
+                if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+                    m.remove("resourceVersion");
+                }
+                apply_patch(&mut new, &ctype, &body)?;
+                validate(kind, &ns_str, &new)?;
+                Ok(split_status(kind, old, new, status_only))
+            });
+            match result {
+                Ok(o) => respond(200, &o),
+                Err(e) => err(&e),
+            }
+        }
+        (Method::DELETE, Some(name), None) => {
+            let grace = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|b| b.get("gracePeriodSeconds").and_then(Value::as_i64))
+                .or_else(|| q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
+            let result = if kind == Kind::Pod {
+                sim.delete_pod(&ns_str, &name, grace)
+            } else {
+                sim.store.delete(kind, &ns_str, &name)
+            };
+            match result {
+                Ok(o) => respond(200, &o),
+                Err(e) => err(&e),
+            }
+        }
+        _ => err(&StoreError::new(
+            405,
+            "MethodNotAllowed",
+            format!("{method} is not supported on {}", uri.path()),
+        )),
+    }
+}
+
+/// Keeps the stored `status` on writes to the main resource, and only the `status` on writes to
+/// `/status`, as the API server does for kinds with a status subresource.
+fn split_status(kind: Kind, old: &Value, mut new: Value, status_only: bool) -> Value {
+    if !kind.has_status() {
+        return new;
+    }
+    if status_only {
+        let mut kept = old.clone();
+        kept["status"] = new.get("status").cloned().unwrap_or(Value::Null);
+        if let Some(rv) = new.pointer("/metadata/resourceVersion").cloned() {
+            kept["metadata"]["resourceVersion"] = rv;
+        } else if let Some(m) = kept.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+        }
+        kept
+    } else {
+        match old.get("status") {
+            Some(s) => new["status"] = s.clone(),
+            None => {
+                if let Some(o) = new.as_object_mut() {
+                    o.remove("status");
+                }
+            }
+        }
+        new
+    }
+}
+
+fn apply_patch(doc: &mut Value, ctype: &str, body: &[u8]) -> Result<(), StoreError> {
+    let invalid = |m: String| StoreError::new(400, "BadRequest", m);
+    if ctype.starts_with("application/json-patch+json") {
+        let p: json_patch::Patch =
+            serde_json::from_slice(body).map_err(|e| invalid(format!("invalid JSON patch: {e}")))?;
+        json_patch::patch(doc, &p).map_err(|e| {
+            StoreError::new(
+                422,
+                "Invalid",
+                format!("the JSON patch could not be applied: {e}"),
+            )
+        })
+    } else if ctype.starts_with("application/merge-patch+json")
+        // Strategic merge is treated as a JSON merge patch: lists are replaced, not merged by key.
+        || ctype.starts_with("application/strategic-merge-patch+json")
+    {
+        let p: Value =
+            serde_json::from_slice(body).map_err(|e| invalid(format!("invalid merge patch: {e}")))?;
+        merge_patch(doc, &p);
+        Ok(())
+    } else if ctype.starts_with("application/apply-patch+yaml") {
+        // Server-side apply simplified to a merge of the applied configuration (no field
+        // ownership, no conflicts between managers).
+        let text = std::str::from_utf8(body).map_err(|e| invalid(format!("apply body is not UTF-8: {e}")))?;
+        let p: Value =
+            serde_saphyr::from_str(text).map_err(|e| invalid(format!("invalid apply body: {e}")))?;
+        merge_patch(doc, &p);
+        Ok(())
+    } else {
+        Err(StoreError::new(
+            415,
+            "UnsupportedMediaType",
+            format!("the patch content type {ctype:?} is not supported"),
+        ))
+    }
+}
+
+fn micro_time_ok(v: &Value) -> bool {
+    let Some(s) = v.as_str() else { return v.is_null() };
+    let Some((_, frac)) = s.split_once('.') else {
+        return false;
+    };
+    let digits: String = frac.chars().take_while(char::is_ascii_digit).collect();
+    digits.len() == 6 && chrono::DateTime::parse_from_rfc3339(s).is_ok()
+}
+
+/// Validation the real API server performs and kreboot could get wrong.
+fn validate(kind: Kind, ns: &str, obj: &Value) -> Result<(), StoreError> {
+    match kind {
+        Kind::Lease => {
+            for f in ["acquireTime", "renewTime"] {
+                if let Some(v) = obj.pointer(&format!("/spec/{f}"))
+                    && !micro_time_ok(v)
+                {
+                    return Err(StoreError::new(
+                        422,
+                        "Invalid",
+                        format!(
+                            "Lease.coordination.k8s.io is invalid: spec.{f}: Invalid value: {v}: must be a MicroTime (RFC 3339 with 6 fractional digits)"
+                        ),
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Kind::Event | Kind::CoreEvent => {
+            let about = obj.get("regarding").or_else(|| obj.get("involvedObject"));
+            let about_node = about.and_then(|r| r.get("kind")).and_then(Value::as_str) == Some("Node");
+            if about_node && ns != "default" && ns != "kube-system" {
+                return Err(StoreError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "Event is invalid: involvedObject.namespace: Invalid value: \"{ns}\": does not match event.namespace (events about Nodes belong in default or kube-system)"
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn list(sim: &Shared, kind: Kind, ns: Option<&str>, q: &HashMap<String, String>) -> Response {
+    let labels = match LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str)) {
+        Ok(s) => s,
+        Err(e) => return bad(e),
+    };
+    let fields = match FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str)) {
+        Ok(s) => s,
+        Err(e) => return bad(e),
+    };
+    let (items, rv) = sim.store.list(kind, ns);
+    let matching: Vec<&Arc<Value>> = items
+        .iter()
+        .filter(|o| labels.matches_object(o) && fields.matches(o))
+        .collect();
+    let offset: usize = q.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let limit: usize = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let page: Vec<&Value> = matching
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|v| v.as_ref())
+        .collect();
+    let next = offset.saturating_add(page.len());
+    let mut meta = json!({ "resourceVersion": rv.to_string() });
+    if next < matching.len() {
+        meta["continue"] = json!(next.to_string());
+    }
+    respond(
+        200,
+        &json!({
+            "kind": format!("{}List", kind.info().3),
+            "apiVersion": kind.api_version(),
+            "metadata": meta,
+            "items": page,
+        }),
+    )
+}
+
+fn watch(sim: Arc<Shared>, kind: Kind, ns: Option<String>, q: &HashMap<String, String>) -> Response {
+    let labels = match LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str)) {
+        Ok(s) => s,
+        Err(e) => return bad(e),
+    };
+    let fields = match FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str)) {
+        Ok(s) => s,
+        Err(e) => return bad(e),
+    };
+    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let from: u64 = q.get("resourceVersion").and_then(|r| r.parse().ok()).unwrap_or(0);
+    let matches = move |o: &Value| {
+        (ns.is_none() || o.pointer("/metadata/namespace").and_then(Value::as_str) == ns.as_deref())
+            && labels.matches_object(o)
+            && fields.matches(o)
+    };
+
+    // Synthetic ADDED events for what exists, when no version is given.
+    let (initial, start) = if from == 0 {
+        let (items, rv) = sim.store.list(kind, None);
+        (items.into_iter().filter(|o| matches(o)).collect::<Vec<_>>(), rv)
+    } else {
+        (Vec::new(), from)
+    };
+    let (replay, mut rx) = match sim.store.watch_from(start) {
+        Ok(x) => x,
+        Err(e) => {
+            // The real server answers a too-old version inside a 200 watch stream.
+            let line = json!({"type": "ERROR", "object": e.status()}).to_string() + "\n";
+            return (StatusCode::OK, [("content-type", "application/json")], line).into_response();
+        }
+    };
+    let (mut tx, body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(256);
+    let drop_after = sim.watch_drop_after();
+    let bookmark_every = sim.config.bookmark_interval;
+    tokio::spawn(async move {
+        use futures::SinkExt;
+        let line = |type_: &str, object: &Value| {
+            Ok(Bytes::from(
+                json!({"type": type_, "object": object}).to_string() + "\n",
+            ))
+        };
+        for o in &initial {
+            if tx.send(line("ADDED", o)).await.is_err() {
+                return;
+            }
+        }
+        let mut last = start;
+        let deliver = |c: &Change, last: &mut u64| -> Option<(&'static str, Arc<Value>)> {
+            if c.kind != kind || c.rv <= *last {
+                return None;
+            }
+            *last = c.rv;
+            let now = matches(&c.object);
+            let before = c.old.as_ref().map(|o| matches(o));
+            match (c.type_, before, now) {
+                ("MODIFIED", Some(true), false) => Some(("DELETED", c.object.clone())),
+                ("MODIFIED", Some(false), true) => Some(("ADDED", c.object.clone())),
+                (_, _, true) => Some((c.type_, c.object.clone())),
+                _ => None,
+            }
+        };
+        for c in &replay {
+            if let Some((t, o)) = deliver(c, &mut last)
+                && tx.send(line(t, &o)).await.is_err()
+            {
+                return;
+            }
+        }
+        let end = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let dropped = async {
+            match drop_after {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(end, dropped);
+        let mut tick = tokio::time::interval(bookmark_every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = &mut end => return,
+                _ = &mut dropped => return,
+                _ = tick.tick(), if bookmarks => {
+                    let rv = sim.store.rv().max(last);
+                    let bm = json!({"kind": kind.info().3, "apiVersion": kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
+                    if tx.send(line("BOOKMARK", &bm)).await.is_err() {
+                        return;
+                    }
+                }
+                c = rx.recv() => match c {
+                    Ok(c) => {
+                        if let Some((t, o)) = deliver(&c, &mut last)
+                            && tx.send(line(t, &o)).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    // Too slow to keep up, or shutting down: end the stream; the client
+                    // resumes from its last version (or relists after a 410).
+                    Err(RecvError::Lagged(_) | RecvError::Closed) => return,
+                },
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Body::from_stream(body_rx))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert!(matches!(
+            route("/api/v1/nodes/n1"),
+            Some(Route::Object {
+                kind: Kind::Node,
+                ns: None,
+                name: Some(_),
+                sub: None
+            })
+        ));
+        assert!(matches!(
+            route("/api/v1/namespaces/a/pods/p/eviction"),
+            Some(Route::Object {
+                kind: Kind::Pod,
+                sub: Some(_),
+                ..
+            })
+        ));
+        assert!(matches!(
+            route("/apis/coordination.k8s.io/v1/namespaces/ks/leases"),
+            Some(Route::Object {
+                kind: Kind::Lease,
+                name: None,
+                ..
+            })
+        ));
+        assert!(matches!(
+            route("/api/v1/namespaces/x"),
+            Some(Route::Object {
+                kind: Kind::Namespace,
+                ..
+            })
+        ));
+        assert!(matches!(
+            route("/api/v1/pods"),
+            Some(Route::Object {
+                kind: Kind::Pod,
+                ns: None,
+                ..
+            })
+        ));
+        assert!(route("/apis/coordination.k8s.io/v2/leases").is_none());
+        assert!(route("/nonsense").is_none());
+    }
+
+    #[test]
+    fn micro_time() {
+        assert!(micro_time_ok(&json!("2026-11-24T18:00:00.000000Z")));
+        assert!(!micro_time_ok(&json!("2026-11-24T18:00:00Z")));
+        assert!(!micro_time_ok(&json!("2026-11-24T18:00:00.000Z")));
+    }
+}

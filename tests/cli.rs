@@ -1,0 +1,140 @@
+//! The `kreboot` binary's command line, run as a black box: bad input gets a clear message and
+//! exit code 2; an unreachable API server is retried with back-off, never a panic.
+
+use std::{
+    io::Read,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+fn kreboot() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kreboot"));
+    for var in ["NODE_NAME", "KREBOOT_NODE_NAME", "KUBECONFIG", "POD_NAMESPACE"] {
+        c.env_remove(var);
+    }
+    c
+}
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = kreboot().args(args).output().expect("kreboot runs");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let (code, text) = run(&["agent", "--node-name", "n1", "--reboot-sooner"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--reboot-sooner"), "{text}");
+}
+
+#[test]
+fn bad_duration_is_a_usage_error() {
+    let (code, text) = run(&["agent", "--node-name", "n1", "--drain-timeout", "forever"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--drain-timeout"), "{text}");
+    assert!(text.contains("30m"), "the message shows valid examples: {text}");
+}
+
+#[test]
+fn bad_duration_from_the_environment_is_a_usage_error() {
+    let out = kreboot()
+        .args(["agent", "--node-name", "n1"])
+        .env("KREBOOT_LOCK_TTL", "a while")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--lock-ttl"));
+}
+
+#[test]
+fn missing_node_name_is_explained() {
+    let (code, text) = run(&["agent"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("no node name"), "{text}");
+    assert!(text.contains("NODE_NAME"), "{text}");
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let (code, text) = run(&["agent", "--help"]);
+    assert_eq!(code, 0);
+    for flag in [
+        "--node-name",
+        "--namespace",
+        "--config-map",
+        "--lock-name",
+        "--concurrency",
+        "--sentinel-file",
+        "--reboot-command",
+        "--host-namespaces",
+        "--drain-timeout",
+        "--drain-grace-period",
+        "--force-reboot",
+        "--lock-ttl",
+        "--reboot-delay",
+        "--metrics-addr",
+        "--log-format",
+        "--dry-run",
+    ] {
+        assert!(text.contains(flag), "--help lacks {flag}");
+    }
+    assert!(
+        text.contains("KREBOOT_DRAIN_TIMEOUT"),
+        "env names are shown: {text}"
+    );
+}
+
+#[test]
+fn unreachable_api_server_is_retried_with_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    // Port 1 on loopback: nothing listens there, connections are refused at once.
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\n\
+         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n",
+    )
+    .unwrap();
+    let mut child = kreboot()
+        .args([
+            "agent",
+            "--node-name",
+            "n1",
+            "--metrics-addr",
+            "off",
+            "--host-namespaces=false",
+            "--sentinel-file",
+        ])
+        .arg(dir.path().join("reboot-required"))
+        .env("KUBECONFIG", &kubeconfig)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(child.try_wait().unwrap().is_none(), "the agent keeps running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "SIGTERM is obeyed promptly"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    let retries = log.matches("cannot reach the API server; retrying").count();
+    assert!(retries >= 2, "retries are logged ({retries}):\n{log}");
+    assert!(log.contains("retry_in=2s"), "back-off grows:\n{log}");
+}

@@ -1,0 +1,189 @@
+//! Shared set-up for the integration tests: a simulated cluster with nodes and pods, a fleet of
+//! real agents, and helpers that wait for conditions with a bound.
+
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kreboot::{
+    cli::AgentConfig,
+    node::{ANN_CORDONED_BY_KREBOOT, ANN_LAST_REBOOT, ANN_PHASE},
+    sim::{self, SimCluster, SimConfig, fleet::Fleet},
+};
+use kube::{
+    Api,
+    runtime::{WatchStreamExt, watcher},
+};
+
+/// Node names n0..n{count-1}.
+pub fn names(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("n{i}")).collect()
+}
+
+/// A simulated cluster with `count` nodes, each with two application pods and one DaemonSet
+/// pod, and a fleet of agents configured by `tweak` (not started).
+pub async fn cluster(count: usize, tweak: impl Fn(&mut AgentConfig)) -> (SimCluster, Fleet) {
+    let sim = SimCluster::start(SimConfig {
+        reboot_duration: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let mut configs = Vec::new();
+    for name in names(count) {
+        sim.add_node(
+            &name,
+            BTreeMap::from([("kubernetes.io/hostname".to_string(), name.clone())]),
+        );
+        for i in 0..2 {
+            sim.add_pod(
+                sim::pod("apps", &format!("{name}-app-{i}"), &name)
+                    .labels([("app", "web")])
+                    .grace(1)
+                    .shutdown_seconds(0.1)
+                    .build(),
+            );
+        }
+        sim.add_pod(
+            sim::pod("kube-system", &format!("{name}-ds"), &name)
+                .daemonset()
+                .build(),
+        );
+        let mut cfg = kreboot::sim::fleet::agent_config(&name);
+        tweak(&mut cfg);
+        configs.push(cfg);
+    }
+    let fleet = Fleet::new(&sim, configs);
+    (sim, fleet)
+}
+
+/// Polls `cond` every 20 ms until it holds, or panics after `limit` with `what`.
+pub async fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An annotation of a node.
+pub fn annotation(sim: &SimCluster, node: &str, key: &str) -> Option<String> {
+    sim.node(node)?.metadata.annotations?.get(key).cloned()
+}
+
+/// `spec.unschedulable` of a node.
+pub fn unschedulable(sim: &SimCluster, node: &str) -> bool {
+    sim.node(node)
+        .and_then(|n| n.spec)
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
+}
+
+/// The bootID of a node.
+pub fn boot_id(sim: &SimCluster, node: &str) -> String {
+    sim.node(node)
+        .and_then(|n| n.status)
+        .and_then(|s| s.node_info)
+        .map(|i| i.boot_id)
+        .unwrap_or_default()
+}
+
+/// The node finished a reboot cycle: kreboot recorded the reboot and holds nothing.
+pub fn completed(sim: &SimCluster, node: &str) -> bool {
+    annotation(sim, node, ANN_LAST_REBOOT).is_some() && annotation(sim, node, ANN_PHASE).is_none()
+}
+
+/// The Ready condition of a node is True.
+pub fn node_ready(sim: &SimCluster, node: &str) -> bool {
+    sim.node(node)
+        .and_then(|n| n.status)
+        .and_then(|s| s.conditions)
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Holder of a lease, if any.
+pub fn lease_holder(sim: &SimCluster, name: &str) -> Option<String> {
+    sim.lease("kube-system", name)?
+        .spec?
+        .holder_identity
+        .filter(|h| !h.is_empty())
+}
+
+fn is_out(n: &Node) -> bool {
+    let ann = n.metadata.annotations.clone().unwrap_or_default();
+    let ready = n
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
+    let cordoned_by_us = ann.get(ANN_CORDONED_BY_KREBOOT).map(String::as_str) == Some("true")
+        && n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+    ann.contains_key(ANN_PHASE) || !ready || cordoned_by_us
+}
+
+/// Watches every Node through the API (a real kube-rs watch, as an observer would) and records
+/// the largest number of nodes out of service at once (in a kreboot phase, cordoned by
+/// kreboot, or not Ready).
+pub struct OutMonitor {
+    max: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OutMonitor {
+    /// Starts watching.
+    pub async fn start(sim: &SimCluster) -> OutMonitor {
+        let api: Api<Node> = Api::all(sim.client().await);
+        let max = Arc::new(AtomicUsize::new(0));
+        let m = max.clone();
+        let task = tokio::spawn(async move {
+            let stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects();
+            futures::pin_mut!(stream);
+            let mut out = BTreeMap::new();
+            while let Some(Ok(n)) = stream.next().await {
+                let name = n.metadata.name.clone().unwrap_or_default();
+                out.insert(name, is_out(&n));
+                let now = out.values().filter(|o| **o).count();
+                m.fetch_max(now, Ordering::SeqCst);
+            }
+        });
+        OutMonitor { max, task }
+    }
+
+    /// The largest number of nodes out at once so far.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for OutMonitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reasons of every Event about `node`.
+pub fn event_reasons(sim: &SimCluster, node: &str) -> Vec<String> {
+    sim.events()
+        .iter()
+        .filter(|e| {
+            let r = e.get("regarding").or_else(|| e.get("involvedObject"));
+            r.and_then(|r| r.get("name")).and_then(|n| n.as_str()) == Some(node)
+        })
+        .filter_map(|e| e.get("reason").and_then(|r| r.as_str()).map(str::to_owned))
+        .collect()
+}
