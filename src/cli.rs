@@ -10,6 +10,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
+use crate::reboot::RebootMethod;
+
 /// kreboot: reboots Kubernetes nodes safely after the host asks for it.
 #[derive(Debug, Parser)]
 #[command(name = "kreboot", version, about, long_about = None)]
@@ -26,6 +28,24 @@ pub enum Command {
     Agent(Box<AgentArgs>),
     /// Run a rolling reboot of a simulated cluster in-process and show it as it happens.
     Demo(DemoArgs),
+    /// Run a command in the host's namespaces, as the agent runs its reboot command (for
+    /// checking a node's set-up; prints the command's output and exits with its code).
+    #[command(hide = true)]
+    HostExec(HostExecArgs),
+}
+
+/// Flags of `kreboot host-exec`.
+#[derive(Debug, Clone, Args)]
+pub struct HostExecArgs {
+    /// The process whose namespaces are entered.
+    #[arg(long, default_value_t = 1)]
+    pub host_pid: i32,
+    /// Run in the agent's own namespaces instead.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub host_namespaces: bool,
+    /// The command.
+    #[arg(required = true, trailing_var_arg = true)]
+    pub command: Vec<String>,
 }
 
 /// Log output format.
@@ -69,6 +89,26 @@ pub struct AgentArgs {
     /// Command that reboots the host (split like a shell would, run in the host's namespaces).
     #[arg(long, env = "KREBOOT_REBOOT_COMMAND", default_value = "systemctl reboot")]
     pub reboot_command: String,
+    /// How to reboot: run --reboot-command, or send SIGRTMIN+5 to the host's PID 1.
+    #[arg(long, env = "KREBOOT_REBOOT_METHOD", value_enum, default_value_t = RebootMethod::Command)]
+    pub reboot_method: RebootMethod,
+    /// A command run on the host every --check-interval: exit 0 means a reboot is needed, 1 not
+    /// (anything else is reported and counts as not needed), as in kured.
+    #[arg(long, env = "KREBOOT_SENTINEL_COMMAND")]
+    pub sentinel_command: Option<String>,
+    /// Swap exit codes 0 and 1 of --sentinel-command (for `needs-restarting -r`, which exits 1
+    /// when a reboot is needed).
+    #[arg(long, env = "KREBOOT_SENTINEL_COMMAND_INVERT", default_value_t = false, action = ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub sentinel_command_invert: bool,
+    /// Also need a reboot when a newer kernel is installed (host /lib/modules) than the one running.
+    #[arg(long, env = "KREBOOT_KERNEL_CHECK", default_value_t = false, action = ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub kernel_check: bool,
+    /// How often --sentinel-command and --kernel-check run (the sentinel file needs no interval:
+    /// it is watched).
+    #[arg(long, env = "KREBOOT_CHECK_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub check_interval: Duration,
     /// Run host commands inside PID 1's namespaces (false: in the agent's own namespaces).
     #[arg(long, env = "KREBOOT_HOST_NAMESPACES", default_value_t = true, action = ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true")]
@@ -150,6 +190,16 @@ pub struct AgentConfig {
     pub sentinel_file: PathBuf,
     /// Reboot command line.
     pub reboot_command: Vec<String>,
+    /// Reboot method.
+    pub reboot_method: RebootMethod,
+    /// Sentinel command line.
+    pub sentinel_command: Option<Vec<String>>,
+    /// Swap its exit codes 0 and 1.
+    pub sentinel_command_invert: bool,
+    /// Kernel check.
+    pub kernel_check: bool,
+    /// Interval of the sentinel command and the kernel check.
+    pub check_interval: Duration,
     /// Enter the host's namespaces for host commands.
     pub host_namespaces: bool,
     /// Target of `setns`.
@@ -211,6 +261,20 @@ impl AgentArgs {
                 Vec::new()
             }
         };
+        let sentinel_command = match self.sentinel_command.as_deref().map(shlex::split) {
+            None => None,
+            Some(Some(argv)) if !argv.is_empty() => Some(argv),
+            Some(_) => {
+                problems.push(format!(
+                    "--sentinel-command {:?} is empty or badly quoted",
+                    self.sentinel_command
+                ));
+                None
+            }
+        };
+        if self.check_interval < Duration::from_secs(1) {
+            problems.push("--check-interval must be at least 1s".to_owned());
+        }
         let metrics_addr = if self.metrics_addr == "off" {
             None
         } else {
@@ -252,6 +316,11 @@ impl AgentArgs {
                 concurrency: self.concurrency,
                 sentinel_file: self.sentinel_file.clone(),
                 reboot_command,
+                reboot_method: self.reboot_method,
+                sentinel_command,
+                sentinel_command_invert: self.sentinel_command_invert,
+                kernel_check: self.kernel_check,
+                check_interval: self.check_interval,
                 host_namespaces: self.host_namespaces,
                 host_pid: self.host_pid,
                 drain_timeout: self.drain_timeout,
@@ -281,7 +350,7 @@ mod tests {
     fn agent(args: &[&str]) -> AgentArgs {
         match parse(&[&["agent"], args].concat()).unwrap().command {
             Command::Agent(a) => *a,
-            Command::Demo(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 

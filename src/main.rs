@@ -5,12 +5,13 @@ use std::{io::IsTerminal, process::ExitCode, sync::Arc};
 use clap::Parser;
 use kreboot::{
     agent::{self, Agent, Clock},
+    cli::HostExecArgs,
     cli::{AgentArgs, Cli, Command, LogFormat},
     events::Events,
-    host::HostExec,
+    host::{self, HostExec},
     metrics::{self, Metrics},
-    reboot::CommandRebooter,
-    sentinel::SentinelWatch,
+    reboot,
+    sentinel::{self, SentinelWatch},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -81,6 +82,13 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let exec = HostExec {
+        host_namespaces: cfg.host_namespaces,
+        host_pid: cfg.host_pid,
+    };
+    let os = host::read_os_release(&exec.host_root());
+    let kernel = host::running_kernel();
+    info!(os = %os.id, version = %os.version_id, family = ?os.family, %kernel, "host");
     let sentinel = match SentinelWatch::start(cfg.sentinel_file.clone()) {
         Ok(s) => s,
         Err(e) => {
@@ -101,29 +109,32 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
             }
         }
     }
-    let exec = HostExec {
-        host_namespaces: cfg.host_namespaces,
-        host_pid: cfg.host_pid,
-    };
+    metrics
+        .node_info
+        .with_label_values(&[cfg.node_name.as_str(), &os.id, &os.version_id, &kernel])
+        .set(1);
+    let sentinel_rx = sentinel::combine(
+        sentinel.receiver(),
+        sentinel::ExtraChecks {
+            exec: exec.clone(),
+            command: cfg.sentinel_command.clone(),
+            invert: cfg.sentinel_command_invert,
+            kernel_check: cfg.kernel_check,
+            interval: cfg.check_interval,
+        },
+    );
     let agent = Agent {
         events: Events::start(client.clone(), &cfg.node_name, std::env::var("POD_NAME").ok()),
-        rebooter: Arc::new(CommandRebooter {
-            command: cfg.reboot_command.clone(),
-            exec,
-        }),
+        rebooter: reboot::rebooter(cfg.reboot_method, cfg.reboot_command.clone(), exec),
         cfg,
         client,
         metrics,
         clock: Clock::default(),
-        kernel_boot_id: Arc::new(|| {
-            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-                .ok()
-                .map(|s| s.trim().to_owned())
-        }),
+        kernel_boot_id: Arc::new(host::kernel_boot_id),
     };
     let _ = ready_tx.send(true);
     info!(node = %agent.cfg.node_name, namespace = %agent.cfg.namespace, "kreboot agent started");
-    match agent::run(agent, sentinel.receiver(), shutdown).await {
+    match agent::run(agent, sentinel_rx, shutdown).await {
         Ok(outcome) => {
             info!(?outcome, "kreboot agent stopped");
             ExitCode::SUCCESS
@@ -135,11 +146,34 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
     }
 }
 
+async fn run_host_exec(args: HostExecArgs) -> ExitCode {
+    let exec = HostExec {
+        host_namespaces: args.host_namespaces,
+        host_pid: args.host_pid,
+    };
+    match exec.run(&args.command, std::time::Duration::from_secs(60)).await {
+        Ok(f) => {
+            if !f.stdout.is_empty() {
+                println!("{}", f.stdout);
+            }
+            if !f.stderr.is_empty() {
+                eprintln!("{}", f.stderr);
+            }
+            ExitCode::from(f.code.and_then(|c| u8::try_from(c).ok()).unwrap_or(1))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Agent(args) => run_agent(*args).await,
+        Command::HostExec(args) => run_host_exec(args).await,
         Command::Demo(args) => {
             // The demo prints its own progress; agents' logs only when something goes wrong.
             init_logging(LogFormat::Text, "warn");

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub failures: IntCounterVec,
     /// Build information.
     pub build_info: IntGaugeVec,
+    /// The host's operating system and kernel.
+    pub node_info: IntGaugeVec,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -163,6 +165,12 @@ impl Metrics {
                 &["node", "step", "reason"],
             ),
             build_info: gauge(&r, "kreboot_build_info", "Build information.", &["version"]),
+            node_info: gauge(
+                &r,
+                "kreboot_node_info",
+                "The host's operating system and running kernel.",
+                &["node", "os", "os_version", "kernel"],
+            ),
             registry: r,
         };
         m.build_info

@@ -1,12 +1,20 @@
-//! The reboot itself: the configured command (default `systemctl reboot`) run on the host,
-//! or SIGRTMIN+5 to the host's PID 1.
+//! The reboot itself: the configured command (default `systemctl reboot`) run on the host, or
+//! SIGRTMIN+5 sent to the host's PID 1 (systemd's "reboot" signal; the fallback where no
+//! systemctl can be run).
 //!
-//! CONTRACT (used by the agent; keep these signatures): the agent holds an
-//! `Arc<dyn Rebooter>`; the simulated cluster's harness supplies its own implementation.
+//! The agent holds an `Arc<dyn Rebooter>`; the simulated cluster's harness supplies its own.
+//! A failure is returned, never swallowed: the agent reports it (Event, metric, log) and
+//! retries with back-off.
 
+use std::{sync::Arc, time::Duration};
+
+use clap::ValueEnum;
 use futures::future::BoxFuture;
 
-use crate::host::HostExec;
+use crate::host::{HostError, HostExec};
+
+/// How long the reboot command may take to accept the request.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why the reboot could not be requested.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +27,24 @@ pub enum RebootError {
         /// What happened.
         message: String,
     },
+    /// The signal could not be delivered.
+    #[error("cannot send SIGRTMIN+5 to process {pid}: {source}")]
+    Signal {
+        /// Target.
+        pid: i32,
+        /// Cause.
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// How to reboot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RebootMethod {
+    /// Run `--reboot-command` on the host.
+    Command,
+    /// Send SIGRTMIN+5 to the host's PID 1 (systemd reboots on it).
+    Signal,
 }
 
 /// Something that can reboot this node.
@@ -38,23 +64,103 @@ pub struct CommandRebooter {
 impl Rebooter for CommandRebooter {
     fn reboot(&self) -> BoxFuture<'_, Result<(), RebootError>> {
         Box::pin(async move {
-            let status =
-                self.exec
-                    .command(&self.command)
-                    .status()
-                    .await
-                    .map_err(|e| RebootError::Command {
-                        command: self.command.clone(),
-                        message: e.to_string(),
-                    })?;
-            if status.success() {
-                Ok(())
-            } else {
-                Err(RebootError::Command {
-                    command: self.command.clone(),
-                    message: format!("exited with {status}"),
-                })
+            let fail = |message: String| RebootError::Command {
+                command: self.command.clone(),
+                message,
+            };
+            match self.exec.run(&self.command, COMMAND_TIMEOUT).await {
+                Ok(f) if f.code == Some(0) => Ok(()),
+                Ok(f) => Err(fail(format!(
+                    "exited with {}{}",
+                    f.code.map_or("a signal".to_owned(), |c| format!("code {c}")),
+                    if f.stderr.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", f.stderr)
+                    }
+                ))),
+                Err(e @ HostError::Timeout { .. }) => Err(fail(e.to_string())),
+                Err(e) => Err(fail(e.to_string())),
             }
         })
+    }
+}
+
+/// Reboots by sending SIGRTMIN+5 to the target process (systemd's PID 1).
+pub struct SignalRebooter {
+    /// The target process.
+    pub pid: i32,
+}
+
+/// SIGRTMIN+5, the signal systemd's PID 1 treats as "reboot".
+pub fn reboot_signal() -> i32 {
+    libc::SIGRTMIN() + 5
+}
+
+impl Rebooter for SignalRebooter {
+    fn reboot(&self) -> BoxFuture<'_, Result<(), RebootError>> {
+        Box::pin(async move { send_signal(self.pid, reboot_signal()) })
+    }
+}
+
+#[allow(unsafe_code)]
+fn send_signal(pid: i32, signal: i32) -> Result<(), RebootError> {
+    // nix's `Signal` enum has no real-time signals, so kill(2) is called directly.
+    // SAFETY: kill(2) takes two integers and touches no memory of ours; any pid/signal pair is
+    // defined behaviour (an invalid one returns an error, read from errno below).
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(RebootError::Signal {
+            pid,
+            source: nix::Error::last(),
+        })
+    }
+}
+
+/// The rebooter for `method`.
+pub fn rebooter(method: RebootMethod, command: Vec<String>, exec: HostExec) -> Arc<dyn Rebooter> {
+    match method {
+        RebootMethod::Command => Arc::new(CommandRebooter { command, exec }),
+        RebootMethod::Signal => Arc::new(SignalRebooter { pid: exec.host_pid }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own() -> HostExec {
+        HostExec {
+            host_namespaces: false,
+            host_pid: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_command_is_an_error_with_its_output() {
+        let r = CommandRebooter {
+            command: vec!["sh".into(), "-c".into(), "echo no bus >&2; exit 3".into()],
+            exec: own(),
+        };
+        let e = r.reboot().await.unwrap_err().to_string();
+        assert!(e.contains("code 3") && e.contains("no bus"), "{e}");
+        let r = CommandRebooter {
+            command: vec!["/nonexistent/reboot".into()],
+            exec: own(),
+        };
+        assert!(r.reboot().await.unwrap_err().to_string().contains("cannot start"));
+        let r = CommandRebooter {
+            command: vec!["true".into()],
+            exec: own(),
+        };
+        r.reboot().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn signal_to_a_missing_process_is_an_error() {
+        let e = SignalRebooter { pid: i32::MAX - 1 }.reboot().await.unwrap_err();
+        assert!(e.to_string().contains("SIGRTMIN+5"), "{e}");
     }
 }

@@ -146,6 +146,106 @@ impl Armed {
     }
 }
 
+/// What a sentinel command said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandVerdict {
+    /// A reboot is needed.
+    Required,
+    /// No reboot is needed.
+    NotRequired,
+    /// The command failed; treated as "not needed", as kured does, and reported.
+    Error(String),
+}
+
+/// Interprets a sentinel command's exit code: 0 = reboot needed, 1 = not needed, anything else
+/// an error. `invert` swaps 0 and 1, for commands such as `needs-restarting -r` that exit 1 when
+/// a reboot is needed.
+pub fn verdict(code: Option<i32>, invert: bool) -> CommandVerdict {
+    match (code, invert) {
+        (Some(0), false) | (Some(1), true) => CommandVerdict::Required,
+        (Some(1), false) | (Some(0), true) => CommandVerdict::NotRequired,
+        (Some(c), _) => CommandVerdict::Error(format!("exited with code {c} (expected 0 or 1)")),
+        (None, _) => CommandVerdict::Error("killed by a signal".into()),
+    }
+}
+
+/// Runs the sentinel command on the host, bounded by `timeout`.
+pub async fn run_sentinel_command(
+    exec: &crate::host::HostExec,
+    argv: &[String],
+    timeout: std::time::Duration,
+    invert: bool,
+) -> CommandVerdict {
+    match exec.run(argv, timeout).await {
+        Ok(f) => verdict(f.code, invert),
+        Err(e) => CommandVerdict::Error(e.to_string()),
+    }
+}
+
+/// Checks besides the sentinel file, which have no event to watch and so run on an interval.
+#[derive(Debug, Clone)]
+pub struct ExtraChecks {
+    /// Where host commands run.
+    pub exec: crate::host::HostExec,
+    /// `--sentinel-command`, if any.
+    pub command: Option<Vec<String>>,
+    /// Swap the meaning of exit codes 0 and 1.
+    pub invert: bool,
+    /// Compare the running kernel with the newest one installed.
+    pub kernel_check: bool,
+    /// How often these run.
+    pub interval: std::time::Duration,
+}
+
+/// Combines the file watch with the extra checks: the node needs a reboot if any says so.
+/// Without extra checks the file watch's receiver is returned as it is.
+pub fn combine(file: watch::Receiver<SentinelState>, checks: ExtraChecks) -> watch::Receiver<SentinelState> {
+    if checks.command.is_none() && !checks.kernel_check {
+        return file;
+    }
+    let (tx, rx) = watch::channel(file.borrow().clone());
+    let mut file = file;
+    tokio::spawn(async move {
+        let mut extra: Option<String> = None;
+        let mut tick = tokio::time::interval(checks.interval);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    extra = None;
+                    if let Some(argv) = &checks.command {
+                        match run_sentinel_command(&checks.exec, argv, std::time::Duration::from_secs(30), checks.invert).await {
+                            CommandVerdict::Required => extra = Some(format!("sentinel command {argv:?}")),
+                            CommandVerdict::NotRequired => {}
+                            CommandVerdict::Error(e) => warn!(command = ?argv, error = %e, "sentinel command failed; treated as no reboot needed"),
+                        }
+                    }
+                    if extra.is_none() && checks.kernel_check {
+                        let running = crate::host::running_kernel();
+                        if let Some(newer) = crate::host::newer_kernel_installed(&checks.exec.host_root(), &running) {
+                            extra = Some(format!("kernel {newer} installed, {running} running"));
+                        }
+                    }
+                }
+                r = file.changed() => if r.is_err() { return },
+            }
+            let mut state = file.borrow().clone();
+            if let Some(reason) = &extra {
+                state.required = true;
+                state.packages.push(reason.clone());
+            }
+            tx.send_if_modified(|s| {
+                let changed = *s != state;
+                *s = state;
+                changed
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// A running watch of one sentinel file.
 pub struct SentinelWatch {
     rx: watch::Receiver<SentinelState>,
@@ -232,6 +332,19 @@ impl SentinelWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_exit_codes() {
+        assert_eq!(verdict(Some(0), false), CommandVerdict::Required);
+        assert_eq!(verdict(Some(1), false), CommandVerdict::NotRequired);
+        assert_eq!(
+            verdict(Some(1), true),
+            CommandVerdict::Required,
+            "needs-restarting -r"
+        );
+        assert!(matches!(verdict(Some(2), false), CommandVerdict::Error(_)));
+        assert!(matches!(verdict(None, true), CommandVerdict::Error(_)));
+    }
 
     #[test]
     fn packages_are_bounded() {

@@ -100,9 +100,14 @@ pub fn boot_id(sim: &SimCluster, node: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The node finished a reboot cycle: kreboot recorded the reboot and holds nothing.
+/// The node finished a reboot cycle: kreboot recorded the reboot, and the node holds no lock.
 pub fn completed(sim: &SimCluster, node: &str) -> bool {
-    annotation(sim, node, ANN_LAST_REBOOT).is_some() && annotation(sim, node, ANN_PHASE).is_none()
+    annotation(sim, node, ANN_LAST_REBOOT).is_some()
+        && annotation(sim, node, ANN_PHASE).is_none()
+        && !sim
+            .leases("kube-system")
+            .iter()
+            .any(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(node))
 }
 
 /// The Ready condition of a node is True.
