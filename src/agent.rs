@@ -649,6 +649,32 @@ pub async fn run(
                     )
                 };
                 agent.events.node(Reason::RebootRequired, reason);
+                let reason = sentinel_state.packages.join(", ");
+                agent
+                    .metrics
+                    .required_reason
+                    .with_label_values(&[me.as_str(), &crate::events::truncate(&reason, 200)])
+                    .set(1);
+                let recorded = node_obj.metadata.annotations.as_ref();
+                if !agent.cfg.dry_run
+                    && recorded
+                        .and_then(|a| a.get(node::ANN_REBOOT_REQUIRED_SINCE))
+                        .is_none()
+                {
+                    // For operators (`kubectl get node -o yaml`, `kreboot status`): since when and why.
+                    let patch = serde_json::json!({ "metadata": { "annotations": {
+                        node::ANN_REBOOT_REQUIRED_SINCE: node::format_time(now),
+                        node::ANN_REBOOT_REASON: crate::events::truncate(&reason, 1000),
+                    }}});
+                    match agent.patch_node(&patch).await {
+                        Ok(n) => w.set_node(n),
+                        Err(e) => warn!(node = %me, error = %e, "failed to record why a reboot is needed"),
+                    }
+                }
+            }
+            if !sentinel_state.required {
+                announced_required = false;
+                agent.metrics.required_reason.reset();
             }
 
             if agent.cfg.dry_run && !matches!(action, Action::Wait { .. }) {

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// The host's operating system and kernel.
     pub node_info: IntGaugeVec,
+    /// 1, labelled with why the node needs a reboot (bounded package list), while it does.
+    pub required_reason: IntGaugeVec,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -165,6 +167,12 @@ impl Metrics {
                 &["node", "step", "reason"],
             ),
             build_info: gauge(&r, "kreboot_build_info", "Build information.", &["version"]),
+            required_reason: gauge(
+                &r,
+                "kreboot_reboot_required_info",
+                "1 while a reboot is needed, labelled with the reason (bounded list of packages).",
+                &["node", "reason"],
+            ),
             node_info: gauge(
                 &r,
                 "kreboot_node_info",

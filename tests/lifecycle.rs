@@ -256,6 +256,11 @@ async fn pdb_blocks_and_drain_timeout_uncordons_and_releases() {
         Some("drain_timeout")
     );
     assert!(!unschedulable(&sim, "n0"), "uncordoned after the failed drain");
+    assert_eq!(
+        annotation(&sim, "n0", kreboot::node::ANN_REBOOT_REASON).as_deref(),
+        Some("linux-image-generic"),
+        "why the node needs a reboot is recorded on it"
+    );
     assert!(annotation(&sim, "n0", ANN_PHASE).is_none());
     assert_eq!(boot_id(&sim, "n0"), before, "no reboot");
     assert!(
