@@ -112,6 +112,27 @@ struct PolicyState {
 struct LeaseState {
     synced: bool,
     leases: BTreeMap<String, Lease>,
+    /// When this agent first saw each lease's current version (for skew-proof expiry).
+    seen: lock::Seen,
+}
+
+impl LeaseState {
+    /// Stores `l` unless an older version; records when a new version was first seen.
+    fn put(&mut self, l: Lease, now: DateTime<Utc>) {
+        let name = l.name_any();
+        let current = self.leases.get(&name);
+        if !newer(
+            current.and_then(|o| o.metadata.resource_version.as_deref()),
+            l.metadata.resource_version.as_deref(),
+        ) {
+            return;
+        }
+        if current.and_then(|o| o.metadata.resource_version.as_ref()) != l.metadata.resource_version.as_ref()
+        {
+            self.seen.insert(name.clone(), now);
+        }
+        self.leases.insert(name, l);
+    }
 }
 
 /// This agent's Node as it knows it.
@@ -174,18 +195,8 @@ impl Watches {
         });
     }
 
-    fn set_lease(&self, l: Lease) {
-        self.leases.send_modify(|s| {
-            let name = l.name_any();
-            if newer(
-                s.leases
-                    .get(&name)
-                    .and_then(|o| o.metadata.resource_version.as_deref()),
-                l.metadata.resource_version.as_deref(),
-            ) {
-                s.leases.insert(name, l);
-            }
-        });
+    fn set_lease(&self, l: Lease, now: DateTime<Utc>) {
+        self.leases.send_modify(|s| s.put(l, now));
     }
 
     /// Watches the Nodes of the current lock holders, to free a ghost lock at once.
@@ -305,6 +316,7 @@ impl Agent {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.cfg.namespace);
         let tx = lease_tx.clone();
         let selector = format!("{}={}", lock::LOCK_LABEL, self.cfg.lock_name);
+        let clock = self.clock;
         tasks.push(tokio::spawn(async move {
             let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
             futures::pin_mut!(stream);
@@ -317,19 +329,13 @@ impl Agent {
                     }
                     Ok(watcher::Event::InitDone) => tx.send_modify(|s| {
                         s.synced = true;
-                        s.leases = std::mem::take(&mut listing);
-                    }),
-                    Ok(watcher::Event::Apply(l)) => tx.send_modify(|s| {
-                        let name = l.name_any();
-                        if newer(
-                            s.leases
-                                .get(&name)
-                                .and_then(|o| o.metadata.resource_version.as_deref()),
-                            l.metadata.resource_version.as_deref(),
-                        ) {
-                            s.leases.insert(name, l);
+                        let now = clock.now();
+                        s.leases.retain(|name, _| listing.contains_key(name));
+                        for l in std::mem::take(&mut listing).into_values() {
+                            s.put(l, now);
                         }
                     }),
+                    Ok(watcher::Event::Apply(l)) => tx.send_modify(|s| s.put(l, clock.now())),
                     Ok(watcher::Event::Delete(l)) => tx.send_modify(|s| {
                         s.leases.remove(&l.name_any());
                     }),
@@ -480,9 +486,7 @@ fn spawn_renewer(agent: Agent, leases: watch::Sender<LeaseState>) -> JoinHandle<
             };
             if let Some(lease) = held {
                 match lock.renew(&lease, agent.clock.now()).await {
-                    Ok(l) => leases.send_modify(|s| {
-                        s.leases.insert(l.name_any(), l);
-                    }),
+                    Ok(l) => leases.send_modify(|s| s.put(l, agent.clock.now())),
                     Err(e) => warn!(error = %e, "failed to renew the lock"),
                 }
             }
@@ -604,7 +608,10 @@ pub async fn run(
             let policy = w.policy.borrow().policy.clone();
             let window_open = policy.as_ref().is_some_and(|p| p.is_open(&view.labels, now));
             let slots = agent.slots();
-            let leases = w.leases.borrow().leases.clone();
+            let (leases, seen) = {
+                let s = w.leases.borrow();
+                (s.leases.clone(), s.seen.clone())
+            };
             let held = lock::held_slot(&slots, &leases, &me);
             let obs = Observations {
                 now,
@@ -726,7 +733,7 @@ pub async fn run(
                 }
                 Action::AcquireLock => {
                     let gone = w.gone.borrow().clone();
-                    match lock::pick_slot(&slots, &leases, now, |h| gone.contains(h)) {
+                    match lock::pick_slot(&slots, &leases, &seen, now, |h| gone.contains(h)) {
                         Some(slot) => {
                             // Slots normally pass from holder to waiter directly; a free slot
                             // means start-up or a holder that could not hand over. A short
@@ -742,7 +749,7 @@ pub async fn run(
                             match agent.lease_lock().acquire(&slot, leases.get(&slot), now).await {
                                 Ok(lease) => {
                                     info!(node = %me, lease = %slot, "lock acquired");
-                                    w.set_lease(lease);
+                                    w.set_lease(lease, agent.clock.now());
                                     agent
                                         .events
                                         .node(Reason::LockAcquired, format!("acquired reboot lock {slot}"));
@@ -765,8 +772,8 @@ pub async fn run(
                             }
                             agent.metrics.set_state("waiting_for_lock");
                             agent.metrics.set_blocked(Some("lock_held_elsewhere"));
-                            w.watch_holders(&agent.client, &lock::holders(&slots, &leases, now));
-                            let expiry = lock::next_expiry(&slots, &leases, now);
+                            w.watch_holders(&agent.client, &lock::holders(&slots, &leases, &seen, now));
+                            let expiry = lock::next_expiry(&slots, &leases, &seen, now);
                             let next_window =
                                 policy.as_ref().and_then(|p| p.next_transition(&view.labels, now));
                             let deadline = [expiry, next_window]
@@ -789,7 +796,7 @@ pub async fn run(
                         match lock.acquire(&slot, Some(lease), now).await {
                             Ok(l) => {
                                 info!(node = %me, lease = %slot, "lock handed over and claimed");
-                                w.set_lease(l);
+                                w.set_lease(l, agent.clock.now());
                                 agent
                                     .events
                                     .node(Reason::LockAcquired, format!("reboot lock {slot} handed over"));
@@ -945,7 +952,7 @@ async fn release(agent: &Agent, w: &Watches, slots: &[String]) -> Result<(), Ste
                 match lock.hand_off(&lease, &next, now).await {
                     Ok(l) => {
                         info!(node = %agent.cfg.node_name, lease = %l.name_any(), successor = %next, "lock handed over");
-                        w.set_lease(l);
+                        w.set_lease(l, agent.clock.now());
                         return Ok(());
                     }
                     Err(lock::LockError::Conflict { .. }) => return Err(StepError::Stale),
@@ -960,7 +967,7 @@ async fn release(agent: &Agent, w: &Watches, slots: &[String]) -> Result<(), Ste
     match lock.release(&lease, now).await {
         Ok(Some(l)) => {
             info!(node = %agent.cfg.node_name, lease = %l.name_any(), "lock released");
-            w.set_lease(l);
+            w.set_lease(l, agent.clock.now());
             Ok(())
         }
         Ok(None) => Ok(()),

@@ -5,7 +5,13 @@
 //! its holder stopped renewing for longer than the lease duration, or when its holder Node no
 //! longer exists (kured's "ghost lock"). Every take-over is a replace carrying the
 //! resourceVersion the decision was made on, so of several racing nodes exactly one wins and the
-//! others get 409 Conflict. The pure part ([`slot_status`], [`pick_slot`], [`held_slot`]) reads no
+//! others get 409 Conflict.
+//!
+//! Expiry never trusts another machine's clock alone: a lease counts as expired only when this
+//! agent has seen no new version of it for the lease duration (on its own clock, as client-go's
+//! leader election does), or when its `renewTime` is older than the duration plus
+//! [`CLOCK_SKEW_ALLOWANCE`]. An agent whose clock is 30 s off therefore cannot steal a lease
+//! that is being renewed. The pure part ([`slot_status`], [`pick_slot`], [`held_slot`]) reads no
 //! clock; [`LeaseLock`] does the API calls.
 
 use std::collections::BTreeMap;
@@ -19,6 +25,13 @@ use kube::{
     Api,
     api::{PostParams, ResourceExt},
 };
+
+/// How far apart two nodes' clocks may be before a lease's own timestamps could mislead: a
+/// `renewTime` counts as stale only when older than the lease duration plus this.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::seconds(60);
+
+/// When this agent first saw the current version of each Lease (by name), on its own clock.
+pub type Seen = BTreeMap<String, DateTime<Utc>>;
 
 /// Label carried by every Lease kreboot creates; its value is the lock name.
 pub const LOCK_LABEL: &str = "kreboot.io/lock";
@@ -71,8 +84,8 @@ pub fn holder(lease: &Lease) -> Option<&str> {
         .filter(|h| !h.is_empty())
 }
 
-/// The status of slot `lease` at `now`.
-pub fn slot_status(lease: Option<&Lease>, now: DateTime<Utc>) -> SlotStatus {
+/// The status of slot `lease` at `now`, given when this agent first saw its current version.
+pub fn slot_status(lease: Option<&Lease>, seen_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> SlotStatus {
     let Some(lease) = lease else {
         return SlotStatus::Missing;
     };
@@ -88,9 +101,13 @@ pub fn slot_status(lease: Option<&Lease>, now: DateTime<Utc>) -> SlotStatus {
         .map(|s| Duration::seconds(i64::from(s)));
     match (renewed, duration) {
         (Some(renewed), Some(duration)) => {
-            let expires = renewed
-                .checked_add_signed(duration)
+            let by_stamp = renewed
+                .checked_add_signed(duration + CLOCK_SKEW_ALLOWANCE)
                 .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let by_sight = seen_at
+                .and_then(|t| t.checked_add_signed(duration))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let expires = by_stamp.min(by_sight);
             if expires > now {
                 SlotStatus::Held {
                     holder: holder.to_owned(),
@@ -126,12 +143,13 @@ pub fn held_slot(slots: &[String], leases: &BTreeMap<String, Lease>, me: &str) -
 pub fn pick_slot(
     slots: &[String],
     leases: &BTreeMap<String, Lease>,
+    seen: &Seen,
     now: DateTime<Utc>,
     holder_gone: impl Fn(&str) -> bool,
 ) -> Option<String> {
     let mut best: Option<(u8, &String)> = None;
     for name in slots {
-        let rank = match slot_status(leases.get(name), now) {
+        let rank = match slot_status(leases.get(name), seen.get(name).copied(), now) {
             SlotStatus::Missing | SlotStatus::Free => 0,
             SlotStatus::Expired { .. } => 1,
             SlotStatus::Held { holder, .. } if holder_gone(&holder) => 2,
@@ -148,11 +166,12 @@ pub fn pick_slot(
 pub fn next_expiry(
     slots: &[String],
     leases: &BTreeMap<String, Lease>,
+    seen: &Seen,
     now: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
     slots
         .iter()
-        .filter_map(|n| match slot_status(leases.get(n), now) {
+        .filter_map(|n| match slot_status(leases.get(n), seen.get(n).copied(), now) {
             SlotStatus::Held { expires, .. } => Some(expires),
             _ => None,
         })
@@ -160,10 +179,15 @@ pub fn next_expiry(
 }
 
 /// Holders of currently held slots (whose Nodes a waiter watches for deletion).
-pub fn holders(slots: &[String], leases: &BTreeMap<String, Lease>, now: DateTime<Utc>) -> Vec<String> {
+pub fn holders(
+    slots: &[String],
+    leases: &BTreeMap<String, Lease>,
+    seen: &Seen,
+    now: DateTime<Utc>,
+) -> Vec<String> {
     slots
         .iter()
-        .filter_map(|n| match slot_status(leases.get(n), now) {
+        .filter_map(|n| match slot_status(leases.get(n), seen.get(n).copied(), now) {
             SlotStatus::Held { holder, .. } => Some(holder),
             _ => None,
         })
@@ -368,52 +392,78 @@ mod tests {
     #[test]
     fn status_of_slots() {
         let now = t("2026-11-24T10:00:00Z");
-        assert_eq!(slot_status(None, now), SlotStatus::Missing);
+        assert_eq!(slot_status(None, None, now), SlotStatus::Missing);
         let free = lease("l", None, "2026-11-24T09:00:00Z", 60);
-        assert_eq!(slot_status(Some(&free), now), SlotStatus::Free);
+        assert_eq!(slot_status(Some(&free), None, now), SlotStatus::Free);
         let held = lease("l", Some("n1"), "2026-11-24T09:59:30Z", 60);
         assert_eq!(
-            slot_status(Some(&held), now),
+            slot_status(Some(&held), Some(t("2026-11-24T09:59:30Z")), now),
             SlotStatus::Held {
                 holder: "n1".into(),
                 expires: t("2026-11-24T10:00:30Z")
             }
         );
-        let expired = lease("l", Some("n1"), "2026-11-24T09:58:00Z", 60);
+        let expired = lease("l", Some("n1"), "2026-11-24T09:58:30Z", 60);
         assert_eq!(
-            slot_status(Some(&expired), now),
+            slot_status(Some(&expired), Some(t("2026-11-24T09:58:30Z")), now),
             SlotStatus::Expired { holder: "n1".into() }
         );
         let empty_holder = lease("l", Some(""), "2026-11-24T09:59:30Z", 60);
-        assert_eq!(slot_status(Some(&empty_holder), now), SlotStatus::Free);
+        assert_eq!(slot_status(Some(&empty_holder), None, now), SlotStatus::Free);
+        // A stale renewTime alone (a holder with a slow clock?) is not enough within the skew
+        // allowance: this agent saw the version only now.
+        assert!(matches!(
+            slot_status(Some(&expired), Some(now), now),
+            SlotStatus::Held { .. }
+        ));
+        // Far beyond the allowance, the timestamp suffices.
+        let ancient = lease("l", Some("n1"), "2026-11-24T09:00:00Z", 60);
+        assert!(matches!(
+            slot_status(Some(&ancient), Some(now), now),
+            SlotStatus::Expired { .. }
+        ));
     }
 
     #[test]
     fn pick_prefers_free_then_expired_then_ghost() {
         let now = t("2026-11-24T10:00:00Z");
         let slots = slot_names("l", 2);
+        // This agent has been watching all along: it saw each version when it was written.
+        let mut seen: Seen = [("l".to_string(), t("2026-11-24T09:59:30Z"))].into();
         let mut leases = BTreeMap::new();
         leases.insert("l".into(), lease("l", Some("n1"), "2026-11-24T09:59:30Z", 60));
         // Slot l-1 missing: take it.
-        assert_eq!(pick_slot(&slots, &leases, now, |_| false).as_deref(), Some("l-1"));
-        leases.insert("l-1".into(), lease("l-1", Some("n2"), "2026-11-24T09:00:00Z", 60));
         assert_eq!(
-            pick_slot(&slots, &leases, now, |_| false).as_deref(),
+            pick_slot(&slots, &leases, &seen, now, |_| false).as_deref(),
+            Some("l-1")
+        );
+        leases.insert("l-1".into(), lease("l-1", Some("n2"), "2026-11-24T09:00:00Z", 60));
+        seen.insert("l-1".into(), t("2026-11-24T09:00:00Z"));
+        assert_eq!(
+            pick_slot(&slots, &leases, &seen, now, |_| false).as_deref(),
             Some("l-1"),
             "expired"
         );
         leases.insert("l-1".into(), lease("l-1", Some("n2"), "2026-11-24T09:59:59Z", 60));
-        assert_eq!(pick_slot(&slots, &leases, now, |_| false), None, "all held");
+        seen.insert("l-1".into(), t("2026-11-24T09:59:59Z"));
         assert_eq!(
-            pick_slot(&slots, &leases, now, |h| h == "n1").as_deref(),
+            pick_slot(&slots, &leases, &seen, now, |_| false),
+            None,
+            "all held"
+        );
+        assert_eq!(
+            pick_slot(&slots, &leases, &seen, now, |h| h == "n1").as_deref(),
             Some("l"),
             "ghost"
         );
         assert_eq!(held_slot(&slots, &leases, "n2").as_deref(), Some("l-1"));
         assert_eq!(held_slot(&slots, &leases, "n3"), None);
-        assert_eq!(next_expiry(&slots, &leases, now), Some(t("2026-11-24T10:00:30Z")));
         assert_eq!(
-            holders(&slots, &leases, now),
+            next_expiry(&slots, &leases, &seen, now),
+            Some(t("2026-11-24T10:00:30Z"))
+        );
+        assert_eq!(
+            holders(&slots, &leases, &seen, now),
             vec!["n1".to_string(), "n2".to_string()]
         );
     }

@@ -350,7 +350,7 @@ async fn expired_lease_is_taken_over() {
     leases
         .create(
             &PostParams::default(),
-            &foreign_lease("other", chrono::Duration::seconds(120), 60),
+            &foreign_lease("other", chrono::Duration::seconds(300), 60),
         )
         .await
         .unwrap();
@@ -367,11 +367,12 @@ async fn lease_held_by_a_live_node_is_respected_until_it_expires() {
     let (sim, fleet) = cluster(1, |_| {}).await;
     sim.add_node("other", BTreeMap::new());
     let leases: Api<Lease> = Api::namespaced(sim.client().await, "kube-system");
-    // Renewed 57 s ago with a 60 s duration: valid for about 3 more seconds.
+    // Renewed 117 s ago with a 60 s duration: stale in 3 s, counting the 60 s clock-skew
+    // allowance (this agent sees this version only now, so only its timestamp can expire it).
     leases
         .create(
             &PostParams::default(),
-            &foreign_lease("other", chrono::Duration::seconds(57), 60),
+            &foreign_lease("other", chrono::Duration::seconds(117), 60),
         )
         .await
         .unwrap();
