@@ -160,7 +160,8 @@ struct Watches {
     node: watch::Sender<NodeState>,
     leases: watch::Sender<LeaseState>,
     policy: watch::Sender<PolicyState>,
-    gone: watch::Sender<BTreeSet<String>>,
+    /// What is known of the lock holders' Nodes.
+    holder_nodes: watch::Sender<BTreeMap<String, lock::HolderNode>>,
     holder_tasks: BTreeMap<String, JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -209,12 +210,17 @@ impl Watches {
             }
             keep
         });
+        self.holder_nodes.send_if_modified(|m| {
+            let before = m.len();
+            m.retain(|h, _| wanted.contains(h));
+            m.len() != before
+        });
         for h in holders {
             if self.holder_tasks.contains_key(h) {
                 continue;
             }
             let api: Api<Node> = Api::all(client.clone());
-            let gone = self.gone.clone();
+            let states = self.holder_nodes.clone();
             let name = h.clone();
             let task = tokio::spawn(async move {
                 let stream = watcher(
@@ -227,15 +233,24 @@ impl Watches {
                 while let Some(ev) = stream.next().await {
                     match ev {
                         Ok(watcher::Event::Init) => seen = false,
-                        Ok(watcher::Event::InitApply(_) | watcher::Event::Apply(_)) => {
+                        Ok(watcher::Event::InitApply(n) | watcher::Event::Apply(n)) => {
                             seen = true;
-                            gone.send_if_modified(|g| g.remove(&name));
+                            let state = if node::view(&n).recorded.phase == Phase::Idle {
+                                lock::HolderNode::Idle
+                            } else {
+                                lock::HolderNode::InCycle
+                            };
+                            states.send_if_modified(|g| g.insert(name.clone(), state) != Some(state));
                         }
                         Ok(watcher::Event::InitDone) if !seen => {
-                            gone.send_if_modified(|g| g.insert(name.clone()));
+                            states.send_if_modified(|g| {
+                                g.insert(name.clone(), lock::HolderNode::Gone) != Some(lock::HolderNode::Gone)
+                            });
                         }
                         Ok(watcher::Event::Delete(_)) => {
-                            gone.send_if_modified(|g| g.insert(name.clone()));
+                            states.send_if_modified(|g| {
+                                g.insert(name.clone(), lock::HolderNode::Gone) != Some(lock::HolderNode::Gone)
+                            });
                         }
                         Ok(watcher::Event::InitDone) => {}
                         Err(e) => debug!(holder = %name, error = %e, "holder watch error"),
@@ -269,7 +284,7 @@ impl Agent {
         let (node_tx, _) = watch::channel(NodeState::default());
         let (lease_tx, _) = watch::channel(LeaseState::default());
         let (policy_tx, _) = watch::channel(PolicyState::default());
-        let (gone_tx, _) = watch::channel(BTreeSet::new());
+        let (holders_tx, _) = watch::channel(BTreeMap::new());
         let mut tasks = Vec::new();
 
         // Own Node.
@@ -414,7 +429,7 @@ impl Agent {
             node: node_tx,
             leases: lease_tx,
             policy: policy_tx,
-            gone: gone_tx,
+            holder_nodes: holders_tx,
             holder_tasks: BTreeMap::new(),
             tasks,
         }
@@ -510,7 +525,7 @@ async fn wait_for_change(
     let mut node = w.node.subscribe();
     let mut leases = w.leases.subscribe();
     let mut policy = w.policy.subscribe();
-    let mut gone = w.gone.subscribe();
+    let mut gone = w.holder_nodes.subscribe();
     let sleep = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,
@@ -732,8 +747,10 @@ pub async fn run(
                     Ok(())
                 }
                 Action::AcquireLock => {
-                    let gone = w.gone.borrow().clone();
-                    match lock::pick_slot(&slots, &leases, &seen, now, |h| gone.contains(h)) {
+                    let holder_nodes = w.holder_nodes.borrow().clone();
+                    let holder_node =
+                        |h: &str| holder_nodes.get(h).copied().unwrap_or(lock::HolderNode::Unknown);
+                    match lock::pick_slot(&slots, &leases, &seen, now, holder_node) {
                         Some(slot) => {
                             // Slots normally pass from holder to waiter directly; a free slot
                             // means start-up or a holder that could not hand over. A short

@@ -145,14 +145,20 @@ pub fn pick_slot(
     leases: &BTreeMap<String, Lease>,
     seen: &Seen,
     now: DateTime<Utc>,
-    holder_gone: impl Fn(&str) -> bool,
+    holder_node: impl Fn(&str) -> HolderNode,
 ) -> Option<String> {
     let mut best: Option<(u8, &String)> = None;
     for name in slots {
         let rank = match slot_status(leases.get(name), seen.get(name).copied(), now) {
             SlotStatus::Missing | SlotStatus::Free => 0,
-            SlotStatus::Expired { .. } => 1,
-            SlotStatus::Held { holder, .. } if holder_gone(&holder) => 2,
+            SlotStatus::Expired { holder } => match holder_node(&holder) {
+                HolderNode::Idle | HolderNode::Gone => 1,
+                // Its holder is out (draining or rebooting) but stopped renewing: it did not
+                // come back. Taking its slot would put one more node out; the rollout stops
+                // instead, and the "lock held too long" alert tells the operator.
+                HolderNode::InCycle | HolderNode::Unknown => continue,
+            },
+            SlotStatus::Held { holder, .. } if holder_node(&holder) == HolderNode::Gone => 2,
             SlotStatus::Held { .. } => continue,
         };
         if best.is_none_or(|(r, _)| rank < r) {
@@ -160,6 +166,19 @@ pub fn pick_slot(
         }
     }
     best.map(|(_, n)| n.clone())
+}
+
+/// What a waiter knows of a lock holder's Node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HolderNode {
+    /// Not known yet (its watch has not listed it).
+    Unknown,
+    /// The Node no longer exists: its slot is free at once.
+    Gone,
+    /// The Node records a kreboot cycle in progress (it is out of service).
+    InCycle,
+    /// The Node exists and records no cycle.
+    Idle,
 }
 
 /// The earliest instant at which a held slot expires (to wake a waiter without polling).
@@ -188,7 +207,7 @@ pub fn holders(
     slots
         .iter()
         .filter_map(|n| match slot_status(leases.get(n), seen.get(n).copied(), now) {
-            SlotStatus::Held { holder, .. } => Some(holder),
+            SlotStatus::Held { holder, .. } | SlotStatus::Expired { holder } => Some(holder),
             _ => None,
         })
         .collect()
@@ -434,27 +453,43 @@ mod tests {
         leases.insert("l".into(), lease("l", Some("n1"), "2026-11-24T09:59:30Z", 60));
         // Slot l-1 missing: take it.
         assert_eq!(
-            pick_slot(&slots, &leases, &seen, now, |_| false).as_deref(),
+            pick_slot(&slots, &leases, &seen, now, |_| HolderNode::Idle).as_deref(),
             Some("l-1")
         );
         leases.insert("l-1".into(), lease("l-1", Some("n2"), "2026-11-24T09:00:00Z", 60));
         seen.insert("l-1".into(), t("2026-11-24T09:00:00Z"));
         assert_eq!(
-            pick_slot(&slots, &leases, &seen, now, |_| false).as_deref(),
+            pick_slot(&slots, &leases, &seen, now, |_| HolderNode::Idle).as_deref(),
             Some("l-1"),
             "expired"
         );
         leases.insert("l-1".into(), lease("l-1", Some("n2"), "2026-11-24T09:59:59Z", 60));
         seen.insert("l-1".into(), t("2026-11-24T09:59:59Z"));
         assert_eq!(
-            pick_slot(&slots, &leases, &seen, now, |_| false),
+            pick_slot(&slots, &leases, &seen, now, |_| HolderNode::Idle),
             None,
             "all held"
         );
         assert_eq!(
-            pick_slot(&slots, &leases, &seen, now, |h| h == "n1").as_deref(),
+            pick_slot(&slots, &leases, &seen, now, |h| if h == "n1" {
+                HolderNode::Gone
+            } else {
+                HolderNode::Idle
+            })
+            .as_deref(),
             Some("l"),
             "ghost"
+        );
+        // An expired slot whose holder is still out (mid-cycle) is not taken.
+        leases.insert("l-1".into(), lease("l-1", Some("n2"), "2026-11-24T09:00:00Z", 60));
+        seen.insert("l-1".into(), t("2026-11-24T09:00:00Z"));
+        assert_eq!(
+            pick_slot(&slots, &leases, &seen, now, |_| HolderNode::InCycle),
+            None
+        );
+        assert_eq!(
+            pick_slot(&slots, &leases, &seen, now, |_| HolderNode::Unknown),
+            None
         );
         assert_eq!(held_slot(&slots, &leases, "n2").as_deref(), Some("l-1"));
         assert_eq!(held_slot(&slots, &leases, "n3"), None);

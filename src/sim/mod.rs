@@ -129,6 +129,8 @@ pub(crate) struct Shared {
     faults: Mutex<(Faults, StdRng)>,
     events: broadcast::Sender<SimEvent>,
     rebooting: Mutex<std::collections::BTreeSet<String>>,
+    /// Faults injected so far (errors, conflicts, dropped watches).
+    faults_injected: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -168,6 +170,8 @@ impl Shared {
             tokio::time::sleep(delay).await;
         }
         let code = fail?;
+        self.faults_injected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (reason, message) = match code {
             409 => ("Conflict", "injected conflict: the object has been modified"),
             503 => ("ServiceUnavailable", "injected fault: service unavailable"),
@@ -187,7 +191,12 @@ impl Shared {
     fn watch_drop_after(&self) -> Option<Duration> {
         let mut g = self.faults.lock().unwrap_or_else(|e| e.into_inner());
         let (f, rng) = &mut *g;
-        f.watch_drop_after.map(|d| d.mul_f64(rng.random::<f64>()))
+        f.watch_drop_after.map(|d| {
+            // Counted when scheduled: every such watch is cut (or ends earlier by itself).
+            self.faults_injected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            d.mul_f64(rng.random::<f64>())
+        })
     }
 
     fn node_ready(&self, node: &str) -> bool {
@@ -451,6 +460,7 @@ impl SimCluster {
             counts: Mutex::new(RequestCounts::default()),
             events,
             rebooting: Mutex::new(Default::default()),
+            faults_injected: Default::default(),
         });
         for ns in ["default", "kube-system"] {
             let _ = shared
@@ -685,6 +695,13 @@ impl SimCluster {
     /// Sets the injected faults.
     pub fn set_faults(&self, faults: Faults) {
         self.shared.faults.lock().unwrap_or_else(|e| e.into_inner()).0 = faults;
+    }
+
+    /// How many faults were injected so far.
+    pub fn faults_injected(&self) -> u64 {
+        self.shared
+            .faults_injected
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The store, for direct inspection.
