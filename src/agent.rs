@@ -52,6 +52,10 @@ pub const CONFIG_KEY: &str = "config.yaml";
 /// before it reports the reboot as failed and requests it again.
 pub const REBOOT_WAIT: Duration = Duration::from_secs(300);
 
+/// How long a lock holder may go without its holder label before a waiter watches its Node on
+/// its own (a kreboot holder labels its Node in the cordon write, right after taking the lock).
+const UNLABELLED_GRACE: Duration = Duration::from_secs(2);
+
 /// Upper bound of the random delay before trying a free lock slot (see the AcquireLock arm).
 const FREE_SLOT_JITTER_MS: u64 = 200;
 
@@ -160,8 +164,12 @@ struct Watches {
     node: watch::Sender<NodeState>,
     leases: watch::Sender<LeaseState>,
     policy: watch::Sender<PolicyState>,
-    /// What is known of the lock holders' Nodes.
+    /// What is known of unlabelled lock holders' Nodes (one watch each).
     holder_nodes: watch::Sender<BTreeMap<String, lock::HolderNode>>,
+    /// What is known of the Nodes labelled as lock holders (one shared watch).
+    labelled_holders: watch::Sender<BTreeMap<String, lock::HolderNode>>,
+    /// Since when each unlabelled holder has been seen without its label.
+    unlabelled_since: BTreeMap<String, Instant>,
     holder_tasks: BTreeMap<String, JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -200,8 +208,39 @@ impl Watches {
         self.leases.send_modify(|s| s.put(l, now));
     }
 
-    /// Watches the Nodes of the current lock holders, to free a ghost lock at once.
-    fn watch_holders(&mut self, client: &Client, holders: &[String]) {
+    /// What is known of holder `h`'s Node: from the watch of labelled holders, else from a
+    /// watch of that one Node.
+    fn holder_node(&self, h: &str) -> lock::HolderNode {
+        self.labelled_holders
+            .borrow()
+            .get(h)
+            .or(self.holder_nodes.borrow().get(h))
+            .copied()
+            .unwrap_or(lock::HolderNode::Unknown)
+    }
+
+    /// Makes sure every lock holder's Node is watched, to free a ghost lock at once. kreboot
+    /// holders label their Node while they hold (`kreboot.io/lock-holder`), and every engaged
+    /// agent watches those labelled Nodes with one shared watch; only a holder that stays
+    /// unlabelled for [`UNLABELLED_GRACE`] (another tool's lease, or a holder that crashed
+    /// between taking the lock and cordoning) gets a watch of its own. So a hand-over costs the
+    /// waiters no requests at all. Returns when to look again, if a grace period is running.
+    fn watch_holders(&mut self, client: &Client, holders: &[String]) -> Option<Instant> {
+        let labelled = self.labelled_holders.borrow().clone();
+        let now = Instant::now();
+        self.unlabelled_since
+            .retain(|h, _| holders.contains(h) && !labelled.contains_key(h));
+        let mut next_look = None;
+        let mut need_own_watch = Vec::new();
+        for h in holders.iter().filter(|h| !labelled.contains_key(*h)) {
+            let since = *self.unlabelled_since.entry(h.clone()).or_insert(now);
+            if now >= since + UNLABELLED_GRACE {
+                need_own_watch.push(h.clone());
+            } else {
+                next_look = Some(since + UNLABELLED_GRACE);
+            }
+        }
+        let holders = need_own_watch;
         let wanted: BTreeSet<&String> = holders.iter().collect();
         self.holder_tasks.retain(|h, t| {
             let keep = wanted.contains(h);
@@ -215,7 +254,7 @@ impl Watches {
             m.retain(|h, _| wanted.contains(h));
             m.len() != before
         });
-        for h in holders {
+        for h in &holders {
             if self.holder_tasks.contains_key(h) {
                 continue;
             }
@@ -259,6 +298,7 @@ impl Watches {
             });
             self.holder_tasks.insert(h.clone(), task);
         }
+        next_look
     }
 }
 
@@ -284,8 +324,54 @@ impl Agent {
         let (node_tx, _) = watch::channel(NodeState::default());
         let (lease_tx, _) = watch::channel(LeaseState::default());
         let (policy_tx, _) = watch::channel(PolicyState::default());
-        let (holders_tx, _) = watch::channel(BTreeMap::new());
         let mut tasks = Vec::new();
+        let (holders_tx, _) = watch::channel(BTreeMap::new());
+        let (labelled_tx, _) = watch::channel(BTreeMap::new());
+
+        // Nodes labelled as lock holders: their cycle state, and whether they still exist.
+        let api = self.node_api();
+        let tx = labelled_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let selector = format!("{}=true", node::LABEL_HOLDER);
+            let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
+            futures::pin_mut!(stream);
+            let state = |n: &Node| {
+                if node::view(n).recorded.phase == Phase::Idle {
+                    lock::HolderNode::Idle
+                } else {
+                    lock::HolderNode::InCycle
+                }
+            };
+            let mut listing = BTreeMap::new();
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::Init) => listing.clear(),
+                    Ok(watcher::Event::InitApply(n)) => {
+                        listing.insert(n.name_any(), state(&n));
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        tx.send_replace(std::mem::take(&mut listing));
+                    }
+                    Ok(watcher::Event::Apply(n)) => {
+                        let st = state(&n);
+                        tx.send_if_modified(|m| m.insert(n.name_any(), st) != Some(st));
+                    }
+                    Ok(watcher::Event::Delete(n)) => {
+                        // A Node that lost the label is still there (it stopped holding); one
+                        // that still carries it was deleted.
+                        let still_labelled =
+                            n.labels().get(node::LABEL_HOLDER).map(String::as_str) == Some("true");
+                        let st = if still_labelled {
+                            lock::HolderNode::Gone
+                        } else {
+                            state(&n)
+                        };
+                        tx.send_if_modified(|m| m.insert(n.name_any(), st) != Some(st));
+                    }
+                    Err(e) => debug!(error = %e, "watch of lock holders' Nodes failed; retrying"),
+                }
+            }
+        }));
 
         // Own Node.
         let api = self.node_api();
@@ -430,6 +516,8 @@ impl Agent {
             leases: lease_tx,
             policy: policy_tx,
             holder_nodes: holders_tx,
+            labelled_holders: labelled_tx,
+            unlabelled_since: BTreeMap::new(),
             holder_tasks: BTreeMap::new(),
             tasks,
         }
@@ -460,7 +548,7 @@ impl Agent {
 
 /// Keeps `kreboot_reboot_required` in step with the sentinel, independently of the lifecycle
 /// loop (so the metric follows the file within milliseconds even while a drain runs).
-fn spawn_sentinel_metrics(metrics: Metrics, mut rx: watch::Receiver<SentinelState>) -> JoinHandle<()> {
+pub fn spawn_sentinel_metrics(metrics: Metrics, mut rx: watch::Receiver<SentinelState>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut was = None;
         loop {
@@ -526,6 +614,7 @@ async fn wait_for_change(
     let mut leases = w.leases.subscribe();
     let mut policy = w.policy.subscribe();
     let mut gone = w.holder_nodes.subscribe();
+    let mut labelled = w.labelled_holders.subscribe();
     let sleep = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,
@@ -538,6 +627,7 @@ async fn wait_for_change(
         _ = leases.changed() => true,
         _ = policy.changed() => true,
         _ = gone.changed() => true,
+        _ = labelled.changed() => true,
         _ = sentinel.changed() => true,
         _ = sleep => true,
     }
@@ -747,10 +837,7 @@ pub async fn run(
                     Ok(())
                 }
                 Action::AcquireLock => {
-                    let holder_nodes = w.holder_nodes.borrow().clone();
-                    let holder_node =
-                        |h: &str| holder_nodes.get(h).copied().unwrap_or(lock::HolderNode::Unknown);
-                    match lock::pick_slot(&slots, &leases, &seen, now, holder_node) {
+                    match lock::pick_slot(&slots, &leases, &seen, now, |h| w.holder_node(h)) {
                         Some(slot) => {
                             // Slots normally pass from holder to waiter directly; a free slot
                             // means start-up or a holder that could not hand over. A short
@@ -789,7 +876,8 @@ pub async fn run(
                             }
                             agent.metrics.set_state("waiting_for_lock");
                             agent.metrics.set_blocked(Some("lock_held_elsewhere"));
-                            w.watch_holders(&agent.client, &lock::holders(&slots, &leases, &seen, now));
+                            let look_again =
+                                w.watch_holders(&agent.client, &lock::holders(&slots, &leases, &seen, now));
                             let expiry = lock::next_expiry(&slots, &leases, &seen, now);
                             let next_window =
                                 policy.as_ref().and_then(|p| p.next_transition(&view.labels, now));
@@ -797,7 +885,10 @@ pub async fn run(
                                 .into_iter()
                                 .flatten()
                                 .min()
-                                .map(|t| instant_at(now, t));
+                                .map(|t| instant_at(now, t))
+                                .into_iter()
+                                .chain(look_again)
+                                .min();
                             if !wait_for_change(&w, &mut sentinel, deadline, &shutdown).await {
                                 return Ok(Outcome::Shutdown);
                             }

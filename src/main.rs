@@ -168,22 +168,36 @@ async fn run_host_exec(args: HostExecArgs) -> ExitCode {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Agent(args) => run_agent(*args).await,
-        Command::HostExec(args) => run_host_exec(args).await,
-        Command::Demo(args) => {
-            // The demo prints its own progress; agents' logs only when something goes wrong.
-            init_logging(LogFormat::Text, "warn");
-            match kreboot::sim::demo::run(args).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("demo failed: {e:#}");
-                    ExitCode::FAILURE
+    // The agent is one node's worth of work: a single-threaded runtime keeps its memory small.
+    // The demo runs a whole simulated cluster and wants every core.
+    let runtime = match cli.command {
+        Command::Demo(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Agent(args) => run_agent(*args).await,
+            Command::HostExec(args) => run_host_exec(args).await,
+            Command::Demo(args) => {
+                // The demo prints its own progress; agents' logs only when something goes wrong.
+                init_logging(LogFormat::Text, "warn");
+                match kreboot::sim::demo::run(args).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("demo failed: {e:#}");
+                        ExitCode::FAILURE
+                    }
                 }
             }
         }
-    }
+    })
 }

@@ -44,6 +44,9 @@ pub const ANN_REBOOT_REASON: &str = "kreboot.io/reboot-reason";
 /// Label set (`"true"`) while the node waits for a lock slot: the releasing node lists the
 /// waiters by this label and hands its slot to the one waiting longest.
 pub const LABEL_WAITING: &str = "kreboot.io/waiting";
+/// Label set (`"true"`) while the node holds a lock slot and is in a cycle: waiting nodes watch
+/// the labelled Nodes (one watch for all holders) to notice a holder that disappears.
+pub const LABEL_HOLDER: &str = "kreboot.io/lock-holder";
 /// Since when the node waits for a lock slot (RFC 3339 with microseconds): the queue order.
 pub const ANN_WAITING_SINCE: &str = "kreboot.io/waiting-since";
 
@@ -382,7 +385,7 @@ pub fn cordon_patch(node: &NodeView, lock: &str) -> Value {
                 ANN_LOCK: lock,
                 ANN_WAITING_SINCE: null,
             },
-            "labels": { LABEL_WAITING: null },
+            "labels": { LABEL_WAITING: null, LABEL_HOLDER: "true" },
         }
     });
     if we_cordon {
@@ -433,7 +436,7 @@ pub fn end_cycle_patch(node: &NodeView, outcome: CycleEnd<'_>, now: DateTime<Utc
         }
         CycleEnd::Abandoned => {}
     }
-    let mut patch = json!({ "metadata": { "annotations": annotations, "labels": { LABEL_WAITING: null } } });
+    let mut patch = json!({ "metadata": { "annotations": annotations, "labels": { LABEL_WAITING: null, LABEL_HOLDER: null } } });
     if node.recorded.cordoned_by_kreboot && node.unschedulable {
         patch["spec"] = json!({ "unschedulable": false });
     }

@@ -312,7 +312,11 @@ fn foreign_lease(holder: &str, renewed_ago: chrono::Duration, duration: i32) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_holder_node_frees_the_lock_at_once() {
     let (sim, fleet) = cluster(1, |_| {}).await;
-    sim.add_node("ghost", BTreeMap::new());
+    // The ghost was a kreboot holder mid-cycle: it carries the holder label.
+    sim.add_node(
+        "ghost",
+        BTreeMap::from([(kreboot::node::LABEL_HOLDER.to_string(), "true".to_string())]),
+    );
     let leases: Api<Lease> = Api::namespaced(sim.client().await, "kube-system");
     leases
         .create(
