@@ -718,6 +718,31 @@ pub async fn run(
                 (s.leases.clone(), s.seen.clone())
             };
             let held = lock::held_slot(&slots, &leases, &me);
+            // Two holders finishing at once may both hand their slot to this node: keep one,
+            // pass any other on at once.
+            if let Some(extra) = slots
+                .iter()
+                .filter(|n| Some(*n) != held.as_ref())
+                .find(|n| leases.get(*n).and_then(lock::holder) == Some(me.as_str()))
+                .and_then(|n| leases.get(n).cloned())
+                && !agent.cfg.dry_run
+            {
+                info!(node = %me, lease = %extra.name_any(), "handed a second slot; passing it on");
+                match pass_on(&agent, &w, &slots, extra).await {
+                    Ok(()) | Err(StepError::Shutdown) => {}
+                    Err(StepError::Stale) => {
+                        if wait_briefly(&w, &shutdown).await.is_err() {
+                            return Ok(Outcome::Shutdown);
+                        }
+                    }
+                    Err(StepError::Api(e)) => {
+                        warn!(node = %me, error = %e, "failed to pass on a second slot");
+                        tokio::time::sleep(backoff(attempt)).await;
+                        attempt += 1;
+                    }
+                }
+                continue;
+            }
             let obs = Observations {
                 now,
                 node: view.clone(),
@@ -1050,13 +1075,25 @@ async fn release(agent: &Agent, w: &Watches, slots: &[String]) -> Result<(), Ste
         lock::held_slot(slots, &s.leases, &agent.cfg.node_name).and_then(|n| s.leases.get(&n).cloned())
     };
     let Some(lease) = held else { return Ok(()) };
+    pass_on(agent, w, slots, lease).await
+}
+
+/// Hands `lease` (held by this node) to the longest waiter, or releases it if nobody waits.
+async fn pass_on(agent: &Agent, w: &Watches, slots: &[String], lease: Lease) -> Result<(), StepError> {
     let lock = agent.lease_lock();
+    let holders: Vec<String> = {
+        let s = w.leases.borrow();
+        slots
+            .iter()
+            .filter_map(|n| s.leases.get(n).and_then(lock::holder).map(str::to_owned))
+            .collect()
+    };
     let now = agent.clock.now();
     // Hand the slot to the node that has waited longest, if any: one write, no race.
     let waiting = ListParams::default().labels(&format!("{}=true", node::LABEL_WAITING));
     match agent.node_api().list(&waiting).await {
         Ok(list) => {
-            if let Some(next) = node::pick_successor(&list.items, &agent.cfg.node_name) {
+            if let Some(next) = node::pick_successor(&list.items, &agent.cfg.node_name, &holders) {
                 match lock.hand_off(&lease, &next, now).await {
                     Ok(l) => {
                         info!(node = %agent.cfg.node_name, lease = %l.name_any(), successor = %next, "lock handed over");

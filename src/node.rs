@@ -460,12 +460,14 @@ pub fn waiting_patch(since: Option<DateTime<Utc>>) -> Value {
 
 /// The waiter that has waited longest (ties broken by name), other than `me`: the node a
 /// releasing holder hands its slot to. Waiters without a readable `waiting-since` go last.
-pub fn pick_successor(waiters: &[Node], me: &str) -> Option<String> {
+pub fn pick_successor(waiters: &[Node], me: &str, holders: &[String]) -> Option<String> {
     waiters
         .iter()
         .filter_map(|n| {
             let name = n.metadata.name.as_deref()?;
-            (name != me).then_some(())?;
+            // Not ourselves, and not a node that already holds a slot (a slot handed to it
+            // would sit idle).
+            (name != me && !holders.iter().any(|h| h == name)).then_some(())?;
             let since = n
                 .metadata
                 .annotations
@@ -719,9 +721,13 @@ mod tests {
             waiter("a", None),
             waiter("me", Some("2026-11-24T09:00:00Z")),
         ];
-        assert_eq!(pick_successor(&ws, "me").as_deref(), Some("b"));
-        assert_eq!(pick_successor(&ws[2..3], "me").as_deref(), Some("a"));
-        assert_eq!(pick_successor(&ws[3..], "me"), None);
+        assert_eq!(pick_successor(&ws, "me", &[]).as_deref(), Some("b"));
+        assert_eq!(
+            pick_successor(&ws, "me", &["b".to_string()]).as_deref(),
+            Some("c")
+        );
+        assert_eq!(pick_successor(&ws[2..3], "me", &[]).as_deref(), Some("a"));
+        assert_eq!(pick_successor(&ws[3..], "me", &[]), None);
         let p = waiting_patch(None);
         assert_eq!(p["metadata"]["labels"][LABEL_WAITING], Value::Null);
     }
