@@ -261,41 +261,10 @@ impl Watches {
             let api: Api<Node> = Api::all(client.clone());
             let states = self.holder_nodes.clone();
             let name = h.clone();
-            let task = tokio::spawn(async move {
-                let stream = watcher(
-                    api,
-                    watcher::Config::default().fields(&format!("metadata.name={name}")),
-                )
-                .default_backoff();
-                futures::pin_mut!(stream);
-                let mut seen = false;
-                while let Some(ev) = stream.next().await {
-                    match ev {
-                        Ok(watcher::Event::Init) => seen = false,
-                        Ok(watcher::Event::InitApply(n) | watcher::Event::Apply(n)) => {
-                            seen = true;
-                            let state = if node::view(&n).recorded.phase == Phase::Idle {
-                                lock::HolderNode::Idle
-                            } else {
-                                lock::HolderNode::InCycle
-                            };
-                            states.send_if_modified(|g| g.insert(name.clone(), state) != Some(state));
-                        }
-                        Ok(watcher::Event::InitDone) if !seen => {
-                            states.send_if_modified(|g| {
-                                g.insert(name.clone(), lock::HolderNode::Gone) != Some(lock::HolderNode::Gone)
-                            });
-                        }
-                        Ok(watcher::Event::Delete(_)) => {
-                            states.send_if_modified(|g| {
-                                g.insert(name.clone(), lock::HolderNode::Gone) != Some(lock::HolderNode::Gone)
-                            });
-                        }
-                        Ok(watcher::Event::InitDone) => {}
-                        Err(e) => debug!(holder = %name, error = %e, "holder watch error"),
-                    }
-                }
-            });
+            let task = tokio::spawn(follow_named(api, name.clone(), "lock holder's Node", move |n| {
+                let state = n.as_ref().map_or(lock::HolderNode::Gone, holder_state);
+                states.send_if_modified(|g| g.insert(name.clone(), state) != Some(state));
+            }));
             self.holder_tasks.insert(h.clone(), task);
         }
         next_look
@@ -335,13 +304,7 @@ impl Agent {
             let selector = format!("{}=true", node::LABEL_HOLDER);
             let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
             futures::pin_mut!(stream);
-            let state = |n: &Node| {
-                if node::view(n).recorded.phase == Phase::Idle {
-                    lock::HolderNode::Idle
-                } else {
-                    lock::HolderNode::InCycle
-                }
-            };
+            let state = holder_state;
             let mut listing = BTreeMap::new();
             while let Some(ev) = stream.next().await {
                 match ev {
@@ -377,41 +340,23 @@ impl Agent {
         let api = self.node_api();
         let tx = node_tx.clone();
         let name = self.cfg.node_name.clone();
-        tasks.push(tokio::spawn(async move {
-            let stream = watcher(
-                api,
-                watcher::Config::default().fields(&format!("metadata.name={name}")),
-            )
-            .default_backoff();
-            futures::pin_mut!(stream);
-            let mut seen = false;
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(watcher::Event::Init) => seen = false,
-                    Ok(watcher::Event::InitApply(n) | watcher::Event::Apply(n)) => {
-                        seen = true;
-                        tx.send_modify(|s| {
-                            if newer(
-                                s.node
-                                    .as_ref()
-                                    .and_then(|o| o.metadata.resource_version.as_deref()),
-                                n.metadata.resource_version.as_deref(),
-                            ) {
-                                s.node = Some(n);
-                            }
-                        });
-                    }
-                    Ok(watcher::Event::InitDone) => tx.send_modify(|s| {
-                        s.synced = true;
-                        if !seen {
-                            s.node = None;
+        tasks.push(tokio::spawn(follow_named(api, name, "own Node", move |n| {
+            tx.send_modify(|s| {
+                s.synced = true;
+                match n {
+                    Some(n) => {
+                        let current = s
+                            .node
+                            .as_ref()
+                            .and_then(|o| o.metadata.resource_version.as_deref());
+                        if newer(current, n.metadata.resource_version.as_deref()) {
+                            s.node = Some(n);
                         }
-                    }),
-                    Ok(watcher::Event::Delete(_)) => tx.send_modify(|s| s.node = None),
-                    Err(e) => warn!(error = %e, "watch of own Node failed; retrying with back-off"),
+                    }
+                    None => s.node = None,
                 }
-            }
-        }));
+            })
+        })));
 
         // Lock Leases.
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.cfg.namespace);
@@ -452,64 +397,48 @@ impl Agent {
         let metrics = self.metrics.clone();
         let events = self.events.clone();
         let namespace = self.cfg.namespace.clone();
-        tasks.push(tokio::spawn(async move {
-            let stream =
-                watcher(api, watcher::Config::default().fields(&format!("metadata.name={cm_name}"))).default_backoff();
-            futures::pin_mut!(stream);
-            let mut seen = false;
-            let apply = |cm: Option<&ConfigMap>| {
-                let parsed = match cm {
-                    None => Ok(Policy::default()),
-                    Some(cm) => match cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) {
-                        Some(doc) => Policy::parse(doc).map_err(|e| e.to_string()),
-                        None => Err(format!("ConfigMap {cm_name} has no key {CONFIG_KEY}")),
-                    },
-                };
-                match parsed {
-                    Ok(p) => {
-                        info!(configmap = %cm_name, present = cm.is_some(), "policy loaded");
-                        metrics.set(&metrics.config_valid, 1);
-                        metrics
-                            .config_last_reload
-                            .with_label_values(&[metrics.node()])
-                            .set(Utc::now().timestamp() as f64);
-                        tx.send_modify(|s| {
-                            s.synced = true;
-                            s.policy = Some(p);
-                        });
-                    }
-                    Err(message) => {
-                        error!(configmap = %cm_name, %message, "policy rejected; the last good policy stays in force");
-                        metrics.set(&metrics.config_valid, 0);
-                        events.about(
-                            Reason::ConfigInvalid,
-                            format!("{message}; the last good policy stays in force"),
-                            ObjectReference {
-                                api_version: Some("v1".into()),
-                                kind: Some("ConfigMap".into()),
-                                name: Some(cm_name.clone()),
-                                namespace: Some(namespace.clone()),
-                                ..ObjectReference::default()
-                            },
-                        );
-                        tx.send_modify(|s| s.synced = true);
-                    }
-                }
+        let name = cm_name.clone();
+        let apply = move |cm: Option<ConfigMap>| {
+            let cm = cm.as_ref();
+            let parsed = match cm {
+                None => Ok(Policy::default()),
+                Some(cm) => match cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) {
+                    Some(doc) => Policy::parse(doc).map_err(|e| e.to_string()),
+                    None => Err(format!("ConfigMap {cm_name} has no key {CONFIG_KEY}")),
+                },
             };
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(watcher::Event::Init) => seen = false,
-                    Ok(watcher::Event::InitApply(cm) | watcher::Event::Apply(cm)) => {
-                        seen = true;
-                        apply(Some(&cm));
-                    }
-                    Ok(watcher::Event::InitDone) if !seen => apply(None),
-                    Ok(watcher::Event::InitDone) => {}
-                    Ok(watcher::Event::Delete(_)) => apply(None),
-                    Err(e) => warn!(error = %e, "watch of policy ConfigMap failed; retrying with back-off"),
+            match parsed {
+                Ok(p) => {
+                    info!(configmap = %cm_name, present = cm.is_some(), "policy loaded");
+                    metrics.set(&metrics.config_valid, 1);
+                    metrics
+                        .config_last_reload
+                        .with_label_values(&[metrics.node()])
+                        .set(Utc::now().timestamp() as f64);
+                    tx.send_modify(|s| {
+                        s.synced = true;
+                        s.policy = Some(p);
+                    });
+                }
+                Err(message) => {
+                    error!(configmap = %cm_name, %message, "policy rejected; the last good policy stays in force");
+                    metrics.set(&metrics.config_valid, 0);
+                    events.about(
+                        Reason::ConfigInvalid,
+                        format!("{message}; the last good policy stays in force"),
+                        ObjectReference {
+                            api_version: Some("v1".into()),
+                            kind: Some("ConfigMap".into()),
+                            name: Some(cm_name.clone()),
+                            namespace: Some(namespace.clone()),
+                            ..ObjectReference::default()
+                        },
+                    );
+                    tx.send_modify(|s| s.synced = true);
                 }
             }
-        }));
+        };
+        tasks.push(tokio::spawn(follow_named(api, name, "policy ConfigMap", apply)));
 
         Watches {
             node: node_tx,
@@ -543,6 +472,44 @@ impl Agent {
             .items
             .iter()
             .any(|l| lock::holder(l) == Some(self.cfg.node_name.as_str())))
+    }
+}
+
+/// What a waiter makes of a lock holder's Node.
+fn holder_state(n: &Node) -> lock::HolderNode {
+    if node::view(n).recorded.phase == Phase::Idle {
+        lock::HolderNode::Idle
+    } else {
+        lock::HolderNode::InCycle
+    }
+}
+
+/// Follows one named object through a watch: `on(Some(object))` for every version seen,
+/// `on(None)` when it does not exist (a list without it, or a deletion). Runs until aborted;
+/// watch errors are retried with back-off.
+async fn follow_named<K>(api: Api<K>, name: String, what: &'static str, mut on: impl FnMut(Option<K>))
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let stream = watcher(
+        api,
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+    )
+    .default_backoff();
+    futures::pin_mut!(stream);
+    let mut seen = false;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => seen = false,
+            Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o)) => {
+                seen = true;
+                on(Some(o));
+            }
+            Ok(watcher::Event::InitDone) if !seen => on(None),
+            Ok(watcher::Event::InitDone) => {}
+            Ok(watcher::Event::Delete(_)) => on(None),
+            Err(e) => warn!(error = %e, what, %name, "watch failed; retrying with back-off"),
+        }
     }
 }
 

@@ -376,13 +376,16 @@ fn validate(kind: Kind, ns: &str, obj: &Value) -> Result<(), StoreError> {
     }
 }
 
+/// The label and field selectors of a list or watch (400 when malformed).
+fn selectors(q: &HashMap<String, String>) -> Result<(LabelSelector, FieldSelector), String> {
+    let labels = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))?;
+    let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))?;
+    Ok((labels, fields))
+}
+
 fn list(sim: &Shared, kind: Kind, ns: Option<&str>, q: &HashMap<String, String>) -> Response {
-    let labels = match LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str)) {
-        Ok(s) => s,
-        Err(e) => return bad(e),
-    };
-    let fields = match FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str)) {
-        Ok(s) => s,
+    let (labels, fields) = match selectors(q) {
+        Ok(x) => x,
         Err(e) => return bad(e),
     };
     let (items, rv) = sim.store.list(kind, ns);
@@ -419,12 +422,8 @@ fn list(sim: &Shared, kind: Kind, ns: Option<&str>, q: &HashMap<String, String>)
 }
 
 fn watch(sim: Arc<Shared>, kind: Kind, ns: Option<String>, q: &HashMap<String, String>) -> Response {
-    let labels = match LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str)) {
-        Ok(s) => s,
-        Err(e) => return bad(e),
-    };
-    let fields = match FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str)) {
-        Ok(s) => s,
+    let (labels, fields) = match selectors(q) {
+        Ok(x) => x,
         Err(e) => return bad(e),
     };
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
