@@ -569,19 +569,53 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_secs(secs).min(MAX_BACKOFF)
 }
 
+/// Receivers of every cache an engaged agent decides on, kept for the whole engagement so that
+/// a change between reading the caches and waiting is never lost.
+struct Changes {
+    node: watch::Receiver<NodeState>,
+    leases: watch::Receiver<LeaseState>,
+    policy: watch::Receiver<PolicyState>,
+    holders: watch::Receiver<BTreeMap<String, lock::HolderNode>>,
+    labelled: watch::Receiver<BTreeMap<String, lock::HolderNode>>,
+}
+
+impl Changes {
+    fn new(w: &Watches) -> Changes {
+        Changes {
+            node: w.node.subscribe(),
+            leases: w.leases.subscribe(),
+            policy: w.policy.subscribe(),
+            holders: w.holder_nodes.subscribe(),
+            labelled: w.labelled_holders.subscribe(),
+        }
+    }
+
+    /// Marks everything as seen. Called before the caches are read for a decision: whatever
+    /// changes after this wakes the next wait.
+    fn mark_seen(&mut self) {
+        self.node.mark_unchanged();
+        self.leases.mark_unchanged();
+        self.policy.mark_unchanged();
+        self.holders.mark_unchanged();
+        self.labelled.mark_unchanged();
+    }
+}
+
 /// Sleeps until `deadline` (if any) or until a change arrives on one of the receivers, or
 /// shutdown. Returns false on shutdown.
 async fn wait_for_change(
-    w: &Watches,
+    c: &mut Changes,
     sentinel: &mut watch::Receiver<SentinelState>,
     deadline: Option<Instant>,
     shutdown: &CancellationToken,
 ) -> bool {
-    let mut node = w.node.subscribe();
-    let mut leases = w.leases.subscribe();
-    let mut policy = w.policy.subscribe();
-    let mut gone = w.holder_nodes.subscribe();
-    let mut labelled = w.labelled_holders.subscribe();
+    let Changes {
+        node,
+        leases,
+        policy,
+        holders: gone,
+        labelled,
+    } = c;
     let sleep = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,
@@ -649,25 +683,21 @@ pub async fn run(
         }
 
         let mut w = agent.engage();
+        let mut changes = Changes::new(&w);
         let _renewer = AbortOnDrop(spawn_renewer(agent.clone(), w.leases.clone()));
         let mut announced_required = false;
         loop {
+            changes.mark_seen();
             if !w.synced() {
-                let mut node = w.node.subscribe();
-                let mut leases = w.leases.subscribe();
-                let mut policy = w.policy.subscribe();
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
-                    _ = node.changed() => {}
-                    _ = leases.changed() => {}
-                    _ = policy.changed() => {}
+                if !wait_for_change(&mut changes, &mut sentinel, None, &shutdown).await {
+                    return Ok(Outcome::Shutdown);
                 }
                 continue;
             }
             let now = agent.clock.now();
             let Some(node_obj) = w.node.borrow().node.clone() else {
                 warn!(node = %me, "own Node object does not exist; waiting for it");
-                if !wait_for_change(&w, &mut sentinel, None, &shutdown).await {
+                if !wait_for_change(&mut changes, &mut sentinel, None, &shutdown).await {
                     return Ok(Outcome::Shutdown);
                 }
                 continue;
@@ -784,7 +814,7 @@ pub async fn run(
             if agent.cfg.dry_run && !matches!(action, Action::Wait { .. }) {
                 info!(node = %me, ?action, "dry run: would act; writing nothing");
                 agent.metrics.set_state("pending");
-                if !wait_for_change(&w, &mut sentinel, None, &shutdown).await {
+                if !wait_for_change(&mut changes, &mut sentinel, None, &shutdown).await {
                     return Ok(Outcome::Shutdown);
                 }
                 continue;
@@ -823,7 +853,7 @@ pub async fn run(
                         .flatten()
                         .min()
                         .map(|t| instant_at(now, t));
-                    if !wait_for_change(&w, &mut sentinel, deadline, &shutdown).await {
+                    if !wait_for_change(&mut changes, &mut sentinel, deadline, &shutdown).await {
                         return Ok(Outcome::Shutdown);
                     }
                     Ok(())
@@ -881,7 +911,7 @@ pub async fn run(
                                 .into_iter()
                                 .chain(look_again)
                                 .min();
-                            if !wait_for_change(&w, &mut sentinel, deadline, &shutdown).await {
+                            if !wait_for_change(&mut changes, &mut sentinel, deadline, &shutdown).await {
                                 return Ok(Outcome::Shutdown);
                             }
                             Ok(())
