@@ -761,6 +761,10 @@ pub async fn run(
                 .metrics
                 .set(&agent.metrics.lock_held, i64::from(held.is_some()));
             agent.metrics.set(
+                &agent.metrics.cordoned,
+                i64::from(view.unschedulable && view.recorded.cordoned_by_kreboot),
+            );
+            agent.metrics.set(
                 &agent.metrics.reboot_loop_backoff,
                 i64::from(matches!(
                     action,

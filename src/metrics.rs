@@ -32,6 +32,8 @@ pub struct Metrics {
     pub blocked: IntGaugeVec,
     /// 1 while this node holds a lock slot.
     pub lock_held: IntGaugeVec,
+    /// `kreboot_node_cordoned`.
+    pub cordoned: IntGaugeVec,
     /// 1 while the last ConfigMap was valid.
     pub config_valid: IntGaugeVec,
     /// Unix time of the last successful policy load.
@@ -131,6 +133,12 @@ impl Metrics {
                 &r,
                 "kreboot_lock_held",
                 "1 while the node holds a reboot lock slot.",
+                n,
+            ),
+            cordoned: gauge(
+                &r,
+                "kreboot_node_cordoned",
+                "1 while the node is cordoned by kreboot (not by an administrator).",
                 n,
             ),
             config_valid: gauge(

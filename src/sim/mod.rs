@@ -15,6 +15,7 @@
 pub mod demo;
 mod discovery;
 pub mod fleet;
+pub mod rbac;
 mod select;
 mod server;
 pub mod store;
@@ -121,11 +122,40 @@ impl RequestCounts {
     }
 }
 
+/// One kind of API call as RBAC sees it: verb, API group, resource (with subresource, e.g.
+/// `pods/eviction`) and namespace (None: cluster-scoped).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Access {
+    /// RBAC verb: get, list, watch, create, update, patch, delete.
+    pub verb: String,
+    /// API group ("" for core).
+    pub group: String,
+    /// Resource, `plural` or `plural/subresource`.
+    pub resource: String,
+    /// Namespace of a namespaced request.
+    pub namespace: Option<String>,
+}
+
+impl std::fmt::Display for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let group = if self.group.is_empty() {
+            "core"
+        } else {
+            &self.group
+        };
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {group}/{} in {ns}", self.verb, self.resource),
+            None => write!(f, "{} {group}/{} (cluster)", self.verb, self.resource),
+        }
+    }
+}
+
 /// State shared by the server and the control API.
 pub(crate) struct Shared {
     store: Store,
     config: SimConfig,
     counts: Mutex<RequestCounts>,
+    accesses: Mutex<std::collections::BTreeSet<Access>>,
     faults: Mutex<(Faults, StdRng)>,
     events: broadcast::Sender<SimEvent>,
     rebooting: Mutex<std::collections::BTreeSet<String>>,
@@ -134,6 +164,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn record_access(&self, access: Access) {
+        self.accesses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(access);
+    }
+
     fn count(&self, verb: &str, resource: &str) {
         let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         *c.by_verb.entry(verb.to_owned()).or_default() += 1;
@@ -458,6 +495,7 @@ impl SimCluster {
             faults: Mutex::new((Faults::default(), StdRng::seed_from_u64(config.seed))),
             config,
             counts: Mutex::new(RequestCounts::default()),
+            accesses: Mutex::default(),
             events,
             rebooting: Mutex::new(Default::default()),
             faults_injected: Default::default(),
@@ -676,6 +714,15 @@ impl SimCluster {
                 .map(|v| (**v).clone()),
         );
         all
+    }
+
+    /// Every distinct kind of API call made so far (for checking the RBAC rules).
+    pub fn accesses(&self) -> std::collections::BTreeSet<Access> {
+        self.shared
+            .accesses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Requests counted so far.

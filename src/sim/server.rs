@@ -160,6 +160,17 @@ pub async fn handle(
     };
     let verb = verb_of(&method, &name, &sub, &q);
     sim.count(verb, kind.info().2);
+    let (group, _, plural, _, _) = kind.info();
+    sim.record_access(super::Access {
+        // An eviction is a `create` of the pods/eviction subresource.
+        verb: if verb == "evict" { "create" } else { verb }.to_owned(),
+        group: group.to_owned(),
+        resource: match &sub {
+            Some(sub) => format!("{plural}/{sub}"),
+            None => plural.to_owned(),
+        },
+        namespace: ns.clone(),
+    });
 
     // Fault injection (never on the Rust control API, which does not pass through here).
     if let Some(resp) = sim.inject_fault(verb).await {

@@ -1,0 +1,200 @@
+//! A real Prometheus (Debian's `prometheus` package) scrapes a real `kreboot agent` process
+//! running against the simulated cluster, evaluates the chart's alert rules (rendered by
+//! scripts/check_chart.py with a threshold of 2 s instead of 48 h) and reports
+//! KrebootRebootPendingTooLong firing for the node through its HTTP API. The same scrape passes
+//! `promtool check metrics`.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use kreboot::sim::{SimCluster, SimConfig};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// Kills the process when the test ends, pass or fail.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn short_rules() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chart-check/kreboot-rules-short.yaml");
+    assert!(
+        p.exists(),
+        "{} is missing: scripts/check_chart.py renders it from the chart (./scripts/test runs it first)",
+        p.display()
+    );
+    p
+}
+
+fn curl(url: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "2", url])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_fires_reboot_pending_too_long_from_a_real_scrape() {
+    let prometheus = which("prometheus");
+    let promtool = which("promtool");
+    let rules = short_rules();
+
+    let sim = SimCluster::start(SimConfig::default())
+        .await
+        .expect("simulator starts");
+    sim.add_node("n1", BTreeMap::new());
+    // A blackout covering every day: the reboot stays pending.
+    sim.configmap_put(
+        "kube-system",
+        "kreboot-config",
+        BTreeMap::from([(
+            "config.yaml".to_string(),
+            "blackouts:\n  - from: \"2000-01-01\"\n    to: \"2099-12-31\"\n".to_string(),
+        )]),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    sim.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let sentinel = dir.path().join("reboot-required");
+    std::fs::File::create(&sentinel).expect("sentinel");
+    let metrics_port = free_port();
+    let _agent = Killed(
+        Command::new(env!("CARGO_BIN_EXE_kreboot"))
+            .args([
+                "agent",
+                "--node-name",
+                "n1",
+                "--namespace",
+                "kube-system",
+                "--host-namespaces=false",
+            ])
+            .arg("--sentinel-file")
+            .arg(&sentinel)
+            .args(["--reboot-command", "false"])
+            .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("NODE_NAME")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kreboot starts"),
+    );
+
+    let prom_port = free_port();
+    let config = dir.path().join("prometheus.yml");
+    let mut f = std::fs::File::create(&config).expect("config");
+    write!(
+        f,
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: kreboot-metrics\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n",
+        rules.display()
+    )
+    .expect("write config");
+    let _prom = Killed(
+        Command::new(&prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus starts"),
+    );
+
+    // The scrape itself is well-formed.
+    let start = Instant::now();
+    let text = loop {
+        if let Some(t) = curl(&format!("http://127.0.0.1:{metrics_port}/metrics"))
+            && t.contains("kreboot_reboot_required{node=\"n1\"} 1")
+        {
+            break t;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the agent never reported the pending reboot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = check.wait_with_output().expect("promtool finishes");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The alert, through Prometheus's API.
+    let start = Instant::now();
+    loop {
+        if let Some(body) = curl(&format!("http://127.0.0.1:{prom_port}/api/v1/alerts")) {
+            let v: serde_json::Value = serde_json::from_str(&body).expect("JSON from Prometheus");
+            let firing = v["data"]["alerts"].as_array().into_iter().flatten().any(|a| {
+                a["labels"]["alertname"] == "KrebootRebootPendingTooLong"
+                    && a["labels"]["node"] == "n1"
+                    && a["state"] == "firing"
+            });
+            if firing {
+                eprintln!("firing after {:?}: {body}", start.elapsed());
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "KrebootRebootPendingTooLong did not fire within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Prometheus also sees why: the window is closed.
+    let q = curl(&format!(
+        "http://127.0.0.1:{prom_port}/api/v1/query?query=kreboot_reboot_blocked%7Bnode%3D%22n1%22%7D%3D%3D1"
+    ))
+    .expect("query answers");
+    assert!(
+        q.contains("window_closed"),
+        "blocked reason visible in Prometheus: {q}"
+    );
+}
+
+fn which(binary: &str) -> PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{binary} not found: install Debian's prometheus package (./scripts/test does)")
+        })
+}
