@@ -510,15 +510,15 @@ impl Notifier {
             pending,
         });
         let targets = cfg.targets.clone();
-        // The task holds only a weak reference: it ends when the last Notifier is dropped.
+        // The task holds only a weak reference: once the last Notifier is dropped it delivers
+        // what is still queued and ends.
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
             while let Some(notice) = rx.recv().await {
                 let deliveries = targets.iter().map(|t| deliver(&client, t, &notice, &metrics));
                 futures::future::join_all(deliveries).await;
-                match weak.upgrade() {
-                    Some(inner) => inner.pending.send_modify(|n| *n = n.saturating_sub(1)),
-                    None => break,
+                if let Some(inner) = weak.upgrade() {
+                    inner.pending.send_modify(|n| *n = n.saturating_sub(1));
                 }
             }
         });
