@@ -161,7 +161,12 @@ pub struct AgentArgs {
     /// URL (repeatable; the environment variable takes a comma-separated list). The URL picks
     /// the format: hooks.slack.com or slack://… Slack, *.webhook.office.com or *.logic.azure.com
     /// Teams, other http(s):// generic JSON; a slack+, teams+ or webhook+ prefix forces one.
-    #[arg(long = "notify-url", env = "KREBOOT_NOTIFY_URL", value_delimiter = ',')]
+    #[arg(
+        long = "notify-url",
+        env = "KREBOOT_NOTIFY_URL",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub notify_url: Vec<String>,
     /// Message sent when the drain starts ({node}: the node's name, {reason}: why it reboots).
     #[arg(long, env = "KREBOOT_MESSAGE_TEMPLATE_DRAIN", default_value = notify::DEFAULT_TEMPLATE_DRAIN)]

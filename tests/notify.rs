@@ -393,3 +393,18 @@ async fn agent_notifies_a_full_cycle() {
     }
     assert_eq!(seen[0].body["message"], "Draining node n0");
 }
+
+#[test]
+fn help_does_not_show_the_webhook_secret_from_the_environment() {
+    let out = kreboot()
+        .args(["agent", "--help"])
+        .env(
+            "KREBOOT_NOTIFY_URL",
+            "https://hooks.slack.com/services/T/B/SECRET",
+        )
+        .output()
+        .expect("kreboot runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("--notify-url"), "{text}");
+    assert!(!text.contains("SECRET"), "{text}");
+}
