@@ -40,6 +40,7 @@ use crate::{
     lock::{self, LeaseLock},
     metrics::Metrics,
     node::{self, Action, CycleEnd, Observations, Phase, WaitReason},
+    notify::{Notifier, NotifyEvent},
     policy::Policy,
     reboot::Rebooter,
     sentinel::SentinelState,
@@ -94,6 +95,8 @@ pub struct Agent {
     pub metrics: Metrics,
     /// Event publisher.
     pub events: Events,
+    /// Operator notifications (`--notify-url`).
+    pub notifier: Notifier,
     /// How to reboot.
     pub rebooter: Arc<dyn Rebooter>,
     /// This agent's clock.
@@ -986,6 +989,9 @@ pub async fn run(
                                 Reason::RebootCompleted,
                                 format!("rebooted; new boot id {}", view.boot_id),
                             );
+                            agent
+                                .notifier
+                                .send(NotifyEvent::Uncordon, &view.recorded.reboot_reason);
                             info!(node = %me, boot_id = %view.boot_id, "reboot completed");
                             release(&agent, &w, &slots).await
                         }
@@ -1131,6 +1137,9 @@ async fn run_drain(
     let me = &agent.cfg.node_name;
     agent.metrics.set_state("draining");
     agent.events.node(Reason::Draining, "evicting pods");
+    agent
+        .notifier
+        .send(NotifyEvent::Drain, &view.recorded.reboot_reason);
     let cfg = DrainConfig {
         timeout: agent.cfg.drain_timeout,
         grace_period: agent.cfg.drain_grace_period,
@@ -1184,6 +1193,11 @@ async fn run_drain(
                     Reason::DrainFailed,
                     format!("{e}; rebooting anyway (--force-reboot)"),
                 );
+                agent.notifier.send_detail(
+                    NotifyEvent::DrainFailed,
+                    &view.recorded.reboot_reason,
+                    Some(&format!("{e}; rebooting anyway")),
+                );
                 let kernel = (agent.kernel_boot_id)();
                 let n = agent
                     .patch_node(&node::rebooting_patch(view, kernel.as_deref()))
@@ -1196,6 +1210,11 @@ async fn run_drain(
             agent.events.node(
                 Reason::DrainFailed,
                 format!("{e}; node uncordoned (if kreboot cordoned it) and lock released"),
+            );
+            agent.notifier.send_detail(
+                NotifyEvent::DrainFailed,
+                &view.recorded.reboot_reason,
+                Some(&e.to_string()),
             );
             let n = agent
                 .patch_node(&node::end_cycle_patch(
@@ -1232,6 +1251,9 @@ async fn run_reboot(
     }
     info!(node = %me, command = ?agent.cfg.reboot_command, "rebooting");
     agent.events.node(Reason::Rebooting, "rebooting the node");
+    agent
+        .notifier
+        .send(NotifyEvent::Reboot, &view.recorded.reboot_reason);
     agent.metrics.reboots.with_label_values(&[me.as_str()]).inc();
     match agent.rebooter.reboot().await {
         Ok(()) => {
@@ -1242,7 +1264,9 @@ async fn run_reboot(
                 _ = shutdown.cancelled() => Err(StepError::Shutdown),
                 _ = tokio::time::sleep(REBOOT_WAIT) => {
                     agent.metrics.fail("reboot", "host_did_not_reboot");
-                    agent.events.node(Reason::RebootFailed, format!("the reboot was requested but the host was still up after {}s", REBOOT_WAIT.as_secs()));
+                    let detail = format!("the reboot was requested but the host was still up after {}s", REBOOT_WAIT.as_secs());
+                    agent.notifier.send_detail(NotifyEvent::RebootFailed, &view.recorded.reboot_reason, Some(&detail));
+                    agent.events.node(Reason::RebootFailed, detail);
                     error!(node = %me, "the host did not go down after the reboot request; retrying");
                     Ok(())
                 }
@@ -1251,6 +1275,11 @@ async fn run_reboot(
         Err(e) => {
             agent.metrics.fail("reboot", "command_failed");
             agent.events.node(Reason::RebootFailed, e.to_string());
+            agent.notifier.send_detail(
+                NotifyEvent::RebootFailed,
+                &view.recorded.reboot_reason,
+                Some(&e.to_string()),
+            );
             Err(StepError::Api(e.to_string()))
         }
     }

@@ -10,7 +10,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
-use crate::reboot::RebootMethod;
+use crate::{
+    notify::{self, NotifyConfig},
+    reboot::RebootMethod,
+};
 
 /// kreboot: reboots Kubernetes nodes safely after the host asks for it.
 #[derive(Debug, Parser)]
@@ -154,6 +157,26 @@ pub struct AgentArgs {
     /// Interval between retries of an eviction refused by a PodDisruptionBudget.
     #[arg(long, env = "KREBOOT_EVICTION_RETRY", default_value = "5s", value_parser = parse_duration)]
     pub eviction_retry: Duration,
+    /// Send a notification before a drain, before the reboot and when the node is back, to this
+    /// URL (repeatable; the environment variable takes a comma-separated list). The URL picks
+    /// the format: hooks.slack.com or slack://… Slack, *.webhook.office.com or *.logic.azure.com
+    /// Teams, other http(s):// generic JSON; a slack+, teams+ or webhook+ prefix forces one.
+    #[arg(
+        long = "notify-url",
+        env = "KREBOOT_NOTIFY_URL",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub notify_url: Vec<String>,
+    /// Message sent when the drain starts ({node}: the node's name, {reason}: why it reboots).
+    #[arg(long, env = "KREBOOT_MESSAGE_TEMPLATE_DRAIN", default_value = notify::DEFAULT_TEMPLATE_DRAIN)]
+    pub message_template_drain: String,
+    /// Message sent right before the reboot ({node}, {reason}).
+    #[arg(long, env = "KREBOOT_MESSAGE_TEMPLATE_REBOOT", default_value = notify::DEFAULT_TEMPLATE_REBOOT)]
+    pub message_template_reboot: String,
+    /// Message sent when the node is back after its reboot ({node}, {reason}).
+    #[arg(long, env = "KREBOOT_MESSAGE_TEMPLATE_UNCORDON", default_value = notify::DEFAULT_TEMPLATE_UNCORDON)]
+    pub message_template_uncordon: String,
 }
 
 /// Flags of `kreboot demo`.
@@ -224,6 +247,8 @@ pub struct AgentConfig {
     pub failure_backoff: Duration,
     /// Eviction retry interval.
     pub eviction_retry: Duration,
+    /// Operator notifications (no targets: off).
+    pub notify: NotifyConfig,
 }
 
 /// Looks up an environment variable (the one place that does).
@@ -307,6 +332,13 @@ impl AgentArgs {
         if self.host_pid < 1 {
             problems.push(format!("--host-pid {} is not a process id", self.host_pid));
         }
+        let notify = NotifyConfig::from_flags(
+            &self.notify_url,
+            &self.message_template_drain,
+            &self.message_template_reboot,
+            &self.message_template_uncordon,
+            &mut problems,
+        );
         match (problems.is_empty(), node_name) {
             (true, Some(node_name)) => Ok(AgentConfig {
                 node_name,
@@ -333,6 +365,7 @@ impl AgentArgs {
                 reboot_loop_backoff: self.reboot_loop_backoff,
                 failure_backoff: self.failure_backoff,
                 eviction_retry: self.eviction_retry,
+                notify,
             }),
             _ => Err(problems.join("\n")),
         }
@@ -411,5 +444,41 @@ mod tests {
         assert!(err.contains("--lock-ttl"), "{err}");
         assert!(err.contains("--metrics-addr"), "{err}");
         assert!(err.contains("--reboot-command"), "{err}");
+    }
+
+    #[test]
+    fn notify_flags() {
+        let c = agent(&["--node-name", "n1"]).validate().unwrap();
+        assert!(c.notify.targets.is_empty());
+        assert_eq!(c.notify.drain.render("n1", ""), "Draining node n1");
+        let c = agent(&[
+            "--node-name",
+            "n1",
+            "--notify-url",
+            "https://hooks.slack.com/services/T/B/X",
+            "--notify-url=teams+http://127.0.0.1:1/t,http://127.0.0.1:2/w",
+            "--message-template-reboot",
+            "{node}: reboot for {reason}",
+        ])
+        .validate()
+        .unwrap();
+        let kinds: Vec<_> = c.notify.targets.iter().map(|t| t.kind.as_str()).collect();
+        assert_eq!(kinds, ["slack", "teams", "webhook"]);
+        assert_eq!(c.notify.reboot.render("n1", "kernel"), "n1: reboot for kernel");
+        let err = agent(&[
+            "--node-name",
+            "n1",
+            "--notify-url",
+            "smtp://mail.example.com",
+            "--message-template-drain",
+            "Draining {host}",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("--notify-url"), "{err}");
+        assert!(
+            err.contains("--message-template-drain") && err.contains("{host}"),
+            "{err}"
+        );
     }
 }

@@ -13,6 +13,7 @@ pub mod host;
 pub mod lock;
 pub mod metrics;
 pub mod node;
+pub mod notify;
 pub mod policy;
 pub mod reboot;
 pub mod sentinel;

@@ -10,6 +10,7 @@ use kreboot::{
     events::Events,
     host::{self, HostExec},
     metrics::{self, Metrics},
+    notify::Notifier,
     reboot,
     sentinel::{self, SentinelWatch},
 };
@@ -18,6 +19,9 @@ use tracing::{error, info, warn};
 
 /// Exit code for bad usage (clap uses the same).
 const EXIT_USAGE: u8 = 2;
+
+/// How long queued notifications may hold up the exit.
+const NOTIFY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -123,7 +127,19 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
             interval: cfg.check_interval,
         },
     );
+    let notifier = match Notifier::start(&cfg.notify, &cfg.node_name, metrics.clone()) {
+        Ok(n) => n,
+        Err(e) => {
+            error!(error = %e, "cannot set up notifications");
+            return ExitCode::FAILURE;
+        }
+    };
+    if notifier.enabled() {
+        let targets: Vec<String> = cfg.notify.targets.iter().map(|t| t.redacted()).collect();
+        info!(?targets, "sending notifications");
+    }
     let agent = Agent {
+        notifier: notifier.clone(),
         events: Events::start(client.clone(), &cfg.node_name, std::env::var("POD_NAME").ok()),
         rebooter: reboot::rebooter(cfg.reboot_method, cfg.reboot_command.clone(), exec),
         cfg,
@@ -134,7 +150,13 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
     };
     let _ = ready_tx.send(true);
     info!(node = %agent.cfg.node_name, namespace = %agent.cfg.namespace, "kreboot agent started");
-    match agent::run(agent, sentinel_rx, shutdown).await {
+    let result = agent::run(agent, sentinel_rx, shutdown).await;
+    // Give queued notifications (e.g. "rebooting", sent just before the host went down) a
+    // moment to leave.
+    if !notifier.flush(NOTIFY_FLUSH).await {
+        warn!("notifications still queued at exit were not sent");
+    }
+    match result {
         Ok(outcome) => {
             info!(?outcome, "kreboot agent stopped");
             ExitCode::SUCCESS

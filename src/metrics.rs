@@ -56,6 +56,8 @@ pub struct Metrics {
     pub node_info: IntGaugeVec,
     /// 1, labelled with why the node needs a reboot (bounded package list), while it does.
     pub required_reason: IntGaugeVec,
+    /// Operator notifications by target kind and result (`sent`, `failed`, `dropped`).
+    pub notifications: IntCounterVec,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -186,6 +188,12 @@ impl Metrics {
                 "kreboot_node_info",
                 "The host's operating system and running kernel.",
                 &["node", "os", "os_version", "kernel"],
+            ),
+            notifications: counter(
+                &r,
+                "kreboot_notifications_total",
+                "Operator notifications (--notify-url) by target kind and result (sent, failed, dropped).",
+                &["target_kind", "result"],
             ),
             registry: r,
         };
@@ -323,5 +331,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("kreboot_config_valid{node=\"n1\"} 1"), "{text}");
+        m.notifications.with_label_values(&["slack", "sent"]).inc();
+        assert!(
+            m.render()
+                .contains("kreboot_notifications_total{result=\"sent\",target_kind=\"slack\"} 1"),
+            "{text}"
+        );
     }
 }

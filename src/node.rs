@@ -96,6 +96,8 @@ pub struct Recorded {
     pub last_reboot: Option<DateTime<Utc>>,
     /// When the last cycle failed.
     pub last_failure: Option<DateTime<Utc>>,
+    /// Why the node needs a reboot ([`ANN_REBOOT_REASON`]; empty when not recorded).
+    pub reboot_reason: String,
     /// Annotations that could not be understood.
     pub problems: Vec<String>,
 }
@@ -151,6 +153,7 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
     r.lock = get(ANN_LOCK).map(str::to_owned);
     r.pre_reboot_boot_id = get(ANN_PRE_REBOOT_BOOT_ID).map(str::to_owned);
     r.pre_reboot_kernel_boot_id = get(ANN_PRE_REBOOT_KERNEL_BOOT_ID).map(str::to_owned);
+    r.reboot_reason = get(ANN_REBOOT_REASON).unwrap_or_default().to_owned();
     let mut problems = std::mem::take(&mut r.problems);
     r.last_reboot = get(ANN_LAST_REBOOT).and_then(|v| parse_time(v, ANN_LAST_REBOOT, &mut problems));
     r.last_failure = get(ANN_LAST_FAILURE).and_then(|v| parse_time(v, ANN_LAST_FAILURE, &mut problems));

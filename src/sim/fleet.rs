@@ -26,6 +26,7 @@ use crate::{
     cli::AgentConfig,
     events::Events,
     metrics::Metrics,
+    notify::Notifier,
     reboot::{RebootError, Rebooter},
     sentinel::SentinelState,
 };
@@ -72,6 +73,7 @@ pub fn agent_config(node: &str) -> AgentConfig {
         reboot_loop_backoff: Duration::from_secs(600),
         failure_backoff: Duration::from_secs(600),
         eviction_retry: Duration::from_millis(200),
+        notify: crate::notify::NotifyConfig::default(),
     }
 }
 
@@ -274,8 +276,14 @@ fn start_member(sim: &SimCluster, m: &mut Member) {
             return;
         }
     };
+    // Disabled unless a test configures notification targets.
+    let notifier = Notifier::start(&m.cfg.notify, &m.cfg.node_name, m.metrics.clone()).unwrap_or_else(|e| {
+        warn!(node = %m.cfg.node_name, error = %e, "notifications disabled");
+        Notifier::disabled()
+    });
     let agent = Agent {
         events: Events::start(client.clone(), &m.cfg.node_name, None),
+        notifier,
         rebooter: Arc::new(SimRebooter {
             sim: sim.clone(),
             node: m.cfg.node_name.clone(),
