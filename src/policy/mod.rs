@@ -39,7 +39,8 @@ mod tests;
 use std::{collections::BTreeMap, fmt};
 
 use chrono::{
-    DateTime, Datelike, Days, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc, Weekday,
+    DateTime, Datelike, Days, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, Offset, TimeZone, Utc,
+    Weekday,
 };
 use chrono_tz::Tz;
 
@@ -97,16 +98,22 @@ impl Zone {
         }
     }
 
-    /// The local wall-clock date and time of instant `t`.
-    pub fn local(self, t: DateTime<Utc>) -> NaiveDateTime {
-        match self {
-            Zone::Named(tz) => t.with_timezone(&tz).naive_local(),
-            Zone::Fixed(off) => t.with_timezone(&off).naive_local(),
-        }
+    /// The local wall-clock date and time of instant `t`; None at the very ends of chrono's
+    /// range, where the local time is not representable (chrono's own conversion would panic).
+    pub fn local(self, t: DateTime<Utc>) -> Option<NaiveDateTime> {
+        let offset = match self {
+            Zone::Named(tz) => tz.offset_from_utc_datetime(&t.naive_utc()).fix(),
+            Zone::Fixed(off) => off,
+        };
+        t.naive_utc().checked_add_offset(offset)
     }
 
-    /// `t` formatted with a chrono format string in this zone (`%Z`: the zone's abbreviation).
+    /// `t` formatted with a chrono format string in this zone (`%Z`: the zone's abbreviation);
+    /// in UTC where the local time is not representable.
     pub fn format(self, t: DateTime<Utc>, fmt: &str) -> String {
+        if self.local(t).is_none() {
+            return t.format(fmt).to_string();
+        }
         match self {
             Zone::Named(tz) => t.with_timezone(&tz).format(fmt).to_string(),
             Zone::Fixed(off) => t.with_timezone(&off).format(fmt).to_string(),
@@ -408,16 +415,19 @@ fn cron_intervals_on(
 }
 
 impl Schedule {
-    fn local_date(&self, t: DateTime<Utc>) -> NaiveDate {
-        self.zone.local(t).date()
+    fn local_date(&self, t: DateTime<Utc>) -> Option<NaiveDate> {
+        self.zone.local(t).map(|l| l.date())
     }
 
     fn lookback_days(&self) -> u64 {
         self.windows.iter().map(Window::lookback_days).max().unwrap_or(1)
     }
 
+    /// Also true where the local date is not representable: closed, the cautious answer.
     fn in_blackout(&self, t: DateTime<Utc>) -> bool {
-        let d = self.local_date(t);
+        let Some(d) = self.local_date(t) else {
+            return true;
+        };
         self.blackouts.iter().any(|(from, to)| *from <= d && d <= *to)
     }
 
@@ -434,7 +444,9 @@ impl Schedule {
         if self.windows.is_empty() {
             return true;
         }
-        let d = self.local_date(t);
+        let Some(d) = self.local_date(t) else {
+            return false;
+        };
         (0..=self.lookback_days())
             .filter_map(|back| d.checked_sub_days(Days::new(back)))
             .flat_map(|d| self.intervals_on(d))
@@ -469,7 +481,7 @@ impl Schedule {
         let open = self.is_open(now);
         // Windows that started up to `lookback` days ago may still end after `now`.
         let first = self
-            .local_date(now)
+            .local_date(now)?
             .checked_sub_days(Days::new(self.lookback_days()))?;
         let mut candidates: Vec<DateTime<Utc>> = Vec::new();
         for offset in 0..(HORIZON_DAYS + self.lookback_days()) {
