@@ -14,6 +14,7 @@ pub mod lock;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod policy_check;
 pub mod reboot;
 pub mod sentinel;
 pub mod sim;
