@@ -44,6 +44,9 @@ use chrono::{
 };
 use chrono_tz::Tz;
 
+/// Intervals of windows by the local date they start on.
+type IntervalCache = BTreeMap<NaiveDate, Vec<(DateTime<Utc>, DateTime<Utc>)>>;
+
 /// Labels of a Node, as used for per-pool policy rules.
 pub type Labels = BTreeMap<String, String>;
 
@@ -440,7 +443,9 @@ impl Schedule {
         out
     }
 
-    fn in_window(&self, t: DateTime<Utc>) -> bool {
+    /// `cache` keeps the intervals of each local date already computed: a search asks about
+    /// the same few days over and over, and a busy cron expression costs 1440 matches a day.
+    fn in_window(&self, t: DateTime<Utc>, cache: &mut IntervalCache) -> bool {
         if self.windows.is_empty() {
             return true;
         }
@@ -449,20 +454,30 @@ impl Schedule {
         };
         (0..=self.lookback_days())
             .filter_map(|back| d.checked_sub_days(Days::new(back)))
-            .flat_map(|d| self.intervals_on(d))
-            .any(|(s, e)| s <= t && t < e)
+            .any(|d| {
+                cache
+                    .entry(d)
+                    .or_insert_with(|| self.intervals_on(d))
+                    .iter()
+                    .any(|(s, e)| *s <= t && t < *e)
+            })
     }
 
     fn is_open(&self, t: DateTime<Utc>) -> bool {
-        !self.in_blackout(t) && self.in_window(t)
+        self.is_open_with(t, &mut IntervalCache::new())
+    }
+
+    fn is_open_with(&self, t: DateTime<Utc>, cache: &mut IntervalCache) -> bool {
+        !self.in_blackout(t) && self.in_window(t, cache)
     }
 
     /// The instants at which `is_open` may change, for windows and blackouts of local date `d`.
-    fn boundaries_on(&self, d: NaiveDate) -> Vec<DateTime<Utc>> {
-        let mut out: Vec<DateTime<Utc>> = self
-            .intervals_on(d)
-            .into_iter()
-            .flat_map(|(s, e)| [s, e])
+    fn boundaries_on(&self, d: NaiveDate, cache: &mut IntervalCache) -> Vec<DateTime<Utc>> {
+        let mut out: Vec<DateTime<Utc>> = cache
+            .entry(d)
+            .or_insert_with(|| self.intervals_on(d))
+            .iter()
+            .flat_map(|(s, e)| [*s, *e])
             .collect();
         for (from, to) in &self.blackouts {
             if *from == d {
@@ -478,7 +493,8 @@ impl Schedule {
     }
 
     fn next_transition(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let open = self.is_open(now);
+        let mut cache = IntervalCache::new();
+        let open = self.is_open_with(now, &mut cache);
         // Windows that started up to `lookback` days ago may still end after `now`.
         let first = self
             .local_date(now)?
@@ -486,7 +502,7 @@ impl Schedule {
         let mut candidates: Vec<DateTime<Utc>> = Vec::new();
         for offset in 0..(HORIZON_DAYS + self.lookback_days()) {
             let d = first.checked_add_days(Days::new(offset))?;
-            candidates.extend(self.boundaries_on(d).into_iter().filter(|t| *t > now));
+            candidates.extend(self.boundaries_on(d, &mut cache).into_iter().filter(|t| *t > now));
             // Boundaries of later days are no earlier than the start of the next day, but an
             // end may lie days later: decide only on candidates up to that start, in order.
             candidates.sort_unstable();
@@ -496,7 +512,7 @@ impl Schedule {
                 .resolve(d.checked_add_days(Days::new(1))?.and_time(NaiveTime::MIN))?;
             let decided = candidates.partition_point(|t| *t <= horizon);
             for t in candidates.drain(..decided) {
-                if self.is_open(t) != open {
+                if self.is_open_with(t, &mut cache) != open {
                     return Some(t);
                 }
             }
