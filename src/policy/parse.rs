@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{Days, FixedOffset, NaiveDate, NaiveTime, Weekday};
+use chrono::{Datelike as _, Days, FixedOffset, NaiveDate, NaiveTime, Weekday};
 use chrono_tz::Tz;
 use serde::{Deserialize, Deserializer};
 
@@ -320,8 +320,6 @@ fn weekly(w: &RawWindow, path: &str) -> Result<Weekly, PolicyError> {
         every,
     })
 }
-
-use chrono::Datelike as _;
 
 fn monthly(m: &RawMonthly, path: &str) -> Result<Window, PolicyError> {
     let on = match (&m.day_of_month, &m.week, &m.day) {
