@@ -31,10 +31,64 @@ pub enum Command {
     Agent(Box<AgentArgs>),
     /// Run a rolling reboot of a simulated cluster in-process and show it as it happens.
     Demo(DemoArgs),
+    /// Work with a reboot policy (config.yaml of ConfigMap kreboot-config) offline.
+    Policy(PolicyArgs),
     /// Run a command in the host's namespaces, as the agent runs its reboot command (for
     /// checking a node's set-up; prints the command's output and exits with its code).
     #[command(hide = true)]
     HostExec(HostExecArgs),
+}
+
+/// `kreboot policy ...`.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// What to do with the policy.
+    #[command(subcommand)]
+    pub command: PolicyCommand,
+}
+
+/// The subcommands of `kreboot policy`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file and show which rule applies to a node, whether it may reboot
+    /// now, and its next windows. Exit code 0: valid; 2: invalid (the error on stderr).
+    Check(PolicyCheckArgs),
+}
+
+/// Flags of `kreboot policy check`.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyCheckArgs {
+    /// The policy file (the config.yaml key of the ConfigMap).
+    pub file: PathBuf,
+    /// The node's labels, as k=v,k2=v2 (for rule selection).
+    #[arg(long, value_parser = parse_labels)]
+    pub labels: Option<crate::policy::Labels>,
+    /// The instant to check, RFC 3339 (e.g. 2026-11-27T22:30:00Z) [default: now].
+    #[arg(long, value_parser = parse_instant)]
+    pub at: Option<chrono::DateTime<chrono::Utc>>,
+    /// How many upcoming windows to show.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub count: u32,
+}
+
+fn parse_labels(s: &str) -> Result<crate::policy::Labels, String> {
+    let mut out = crate::policy::Labels::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not key=value (example: agentpool=db,zone=a)"))?;
+        if k.trim().is_empty() {
+            return Err(format!("{pair:?} has an empty key"));
+        }
+        out.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    Ok(out)
+}
+
+fn parse_instant(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s.trim())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{e} (example: 2026-11-27T22:30:00Z or 2026-11-27T23:30:00+01:00)"))
 }
 
 /// Flags of `kreboot host-exec`.

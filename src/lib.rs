@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod node;
 pub mod notify;
 pub mod policy;
+pub mod policy_check;
 pub mod reboot;
 pub mod sentinel;
 pub mod sim;

@@ -1,0 +1,611 @@
+//! Reboot policy: the `config.yaml` schema of ConfigMap `kreboot-config`, its validation
+//! ([`parse`](Policy::parse), in `parse.rs`), which rule applies to a node, and the window
+//! arithmetic (is a reboot allowed at instant `now`, and when does that answer next change).
+//! It owns no I/O: every function here is a plain function of the policy, a node's labels and
+//! an instant.
+//!
+//! Semantics:
+//! - A node takes the first rule (`rules[i]`) whose `nodeSelector` selects it; a node that no
+//!   rule selects takes the top-level windows. A rule without `timezone` uses the top-level
+//!   one. Top-level blackouts apply to every node (a freeze is a freeze); a rule's own
+//!   blackouts add to them. Top-level `windows`, `monthly` and `cron` apply only to nodes that
+//!   no rule selects.
+//! - A reboot is allowed when `now` is inside any window of the node's schedule (weekly,
+//!   monthly or cron) and on no blackout date. A schedule with no windows at all is open at
+//!   any time, except in blackouts.
+//! - A weekly window is `[start, end)` in the schedule's time zone, on each listed day; when
+//!   `end <= start` it crosses midnight and ends on the next day (it belongs to the day it
+//!   starts on). `end: "24:00"` means midnight at the end of the day. With `everyWeeks: N` and
+//!   `startDate`, it applies only in the weeks (Monday to Sunday) k*N after the week of
+//!   `startDate`, k = 0, 1, …; `startDate` alone means "from that week on".
+//! - Monthly, relative-monthly and cron windows open at a local wall-clock time and last
+//!   `duration` of real (elapsed) time. `dayOfMonth` past the end of a month means the month's
+//!   last day (31 → 28 or 29 February, 30 April): every month gets its window. `week: last`
+//!   is the last such weekday of the month. A cron expression is evaluated minute by minute on
+//!   the local wall clock of the schedule's zone; overlapping occurrences merge.
+//! - Daylight-saving time: a start or end time that does not exist on a spring-forward day
+//!   (02:30 in Europe/Berlin on the last Sunday of March) is moved to the first instant after
+//!   the gap (03:00); a time that occurs twice on a fall-back day means its first occurrence.
+//!   So a 02:00–03:00 weekly window on the fall-back day lasts two real hours (it spans the
+//!   repeated hour), and a cron `30 2 * * *` fires once on both days.
+//! - Blackout dates are inclusive, in the time zone of the node's schedule, and win over every
+//!   window.
+//! - Unknown keys are rejected: a typo must not silently widen a window.
+
+mod parse;
+#[cfg(test)]
+mod tests;
+
+use std::{collections::BTreeMap, fmt};
+
+use chrono::{
+    DateTime, Datelike, Days, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, Offset, TimeZone, Utc,
+    Weekday,
+};
+use chrono_tz::Tz;
+
+/// Intervals of windows by the local date they start on.
+type IntervalCache = BTreeMap<NaiveDate, Vec<(DateTime<Utc>, DateTime<Utc>)>>;
+
+/// Labels of a Node, as used for per-pool policy rules.
+pub type Labels = BTreeMap<String, String>;
+
+/// How far ahead [`Policy::next_transition`] looks.
+pub const HORIZON_DAYS: u64 = 400;
+
+/// The time zone a schedule is written in: an IANA zone, or a fixed offset from UTC.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Zone {
+    /// An IANA zone such as `Europe/Berlin`, with its daylight-saving rules.
+    Named(Tz),
+    /// A fixed offset such as `+05:30`: no daylight-saving time.
+    Fixed(FixedOffset),
+}
+
+impl Default for Zone {
+    fn default() -> Zone {
+        Zone::Named(Tz::UTC)
+    }
+}
+
+impl fmt::Display for Zone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Zone::Named(tz) => write!(f, "{}", tz.name()),
+            Zone::Fixed(off) => write!(f, "UTC{off}"),
+        }
+    }
+}
+
+impl Zone {
+    /// The instant of local date-time `naive`: the first occurrence of a repeated time, the
+    /// first instant after a gap for a time that does not exist. None only past chrono's range.
+    pub fn resolve(self, naive: NaiveDateTime) -> Option<DateTime<Utc>> {
+        match self {
+            Zone::Fixed(off) => off
+                .from_local_datetime(&naive)
+                .earliest()
+                .map(|t| t.with_timezone(&Utc)),
+            Zone::Named(tz) => {
+                let mut probe = naive;
+                // DST gaps are at most a few hours; step minute by minute to the first valid
+                // local time.
+                for _ in 0..(6 * 60) {
+                    if let Some(t) = tz.from_local_datetime(&probe).earliest() {
+                        return Some(t.with_timezone(&Utc));
+                    }
+                    probe = probe.checked_add_signed(chrono::Duration::minutes(1))?;
+                }
+                None
+            }
+        }
+    }
+
+    /// The local wall-clock date and time of instant `t`; None at the very ends of chrono's
+    /// range, where the local time is not representable (chrono's own conversion would panic).
+    pub fn local(self, t: DateTime<Utc>) -> Option<NaiveDateTime> {
+        let offset = match self {
+            Zone::Named(tz) => tz.offset_from_utc_datetime(&t.naive_utc()).fix(),
+            Zone::Fixed(off) => off,
+        };
+        t.naive_utc().checked_add_offset(offset)
+    }
+
+    /// `t` formatted with a chrono format string in this zone (`%Z`: the zone's abbreviation);
+    /// in UTC where the local time is not representable.
+    pub fn format(self, t: DateTime<Utc>, fmt: &str) -> String {
+        if self.local(t).is_none() {
+            return t.format(fmt).to_string();
+        }
+        match self {
+            Zone::Named(tz) => t.with_timezone(&tz).format(fmt).to_string(),
+            Zone::Fixed(off) => t.with_timezone(&off).format(fmt).to_string(),
+        }
+    }
+}
+
+/// A validated reboot policy.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Policy {
+    /// The schedule of nodes that no rule selects.
+    default: Schedule,
+    rules: Vec<Rule>,
+}
+
+/// Everything that decides when one node may reboot.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Schedule {
+    zone: Zone,
+    windows: Vec<Window>,
+    /// Inclusive local date ranges.
+    blackouts: Vec<(NaiveDate, NaiveDate)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Window {
+    Weekly(Weekly),
+    /// Opens at `start` on the days `on` names and lasts `duration`.
+    Monthly {
+        on: MonthDay,
+        start: NaiveTime,
+        duration: chrono::Duration,
+    },
+    /// Opens at each minute the expression matches and lasts `duration`.
+    Cron {
+        cron: Box<croner::Cron>,
+        duration: chrono::Duration,
+    },
+}
+
+/// A weekly window.
+#[derive(Debug, Clone, PartialEq)]
+struct Weekly {
+    days: Vec<Weekday>,
+    start: NaiveTime,
+    /// None: midnight at the end of the day ("24:00").
+    end: Option<NaiveTime>,
+    /// Some: only every `weeks` weeks counted from the Monday `from`, not before it.
+    every: Option<Every>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Every {
+    weeks: u32,
+    /// The Monday of the week of `startDate`.
+    from: NaiveDate,
+}
+
+/// Which day of a month a monthly window is on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum MonthDay {
+    /// Day 1..=31; past the month's end, its last day.
+    Day(u32),
+    /// The `n`th (1..=4) weekday of the month, or the last one (None).
+    Nth(Option<u32>, Weekday),
+}
+
+/// One `rules[i]` entry.
+#[derive(Debug, Clone, PartialEq)]
+struct Rule {
+    name: String,
+    selector: Selector,
+    schedule: Schedule,
+    concurrency: Option<u32>,
+    lock_group: Option<LockGroup>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct LockGroup {
+    by_label: String,
+    max_concurrent: Option<u32>,
+}
+
+/// A Kubernetes label selector (`matchLabels` and `matchExpressions`); empty selects all.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Selector {
+    match_labels: BTreeMap<String, String>,
+    match_expressions: Vec<Requirement>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Requirement {
+    key: String,
+    op: Operator,
+    values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl Selector {
+    fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| {
+                let value = labels.get(&r.key);
+                match r.op {
+                    Operator::In => value.is_some_and(|v| r.values.contains(v)),
+                    Operator::NotIn => value.is_none_or(|v| !r.values.contains(v)),
+                    Operator::Exists => value.is_some(),
+                    Operator::DoesNotExist => value.is_none(),
+                }
+            })
+    }
+}
+
+/// Which rule applies to a node, and what it says about the lock. For the lock side: a node
+/// with `concurrency: Some(n)` competes for `n` slots shared by the nodes of the same rule (of
+/// the same lock group, when there is one) instead of the agent's `--concurrency`; with a lock
+/// group, at most `max_concurrent` nodes of the rule are out at once across all its groups.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleView {
+    /// The rule's `name`; None for a node that no rule selects (the top-level windows).
+    pub name: Option<String>,
+    /// The rule's position in `rules`.
+    pub index: Option<usize>,
+    /// The time zone of the node's schedule.
+    pub zone: Zone,
+    /// How many nodes of the rule (of its lock group) may reboot at once; None: the agent's
+    /// `--concurrency`.
+    pub concurrency: Option<u32>,
+    /// The rule's lock group, if it has one.
+    pub lock_group: Option<LockGroupView>,
+}
+
+/// A rule's `lockGroup` as seen by one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LockGroupView {
+    /// The label whose value names the group (e.g. `agentpool`).
+    pub label: String,
+    /// The node's value of that label; None: the node lacks it (all such nodes form one group).
+    pub value: Option<String>,
+    /// At most this many nodes of the rule, over all its groups, at once.
+    pub max_concurrent: Option<u32>,
+}
+
+pub use parse::PolicyError;
+
+/// Whether `d` is the `n`th (1-based) `weekday` of its month; `n` None: the last one.
+fn is_nth_weekday(d: NaiveDate, n: Option<u32>, weekday: Weekday) -> bool {
+    if d.weekday() != weekday {
+        return false;
+    }
+    match n {
+        Some(n) => (d.day() - 1) / 7 + 1 == n,
+        None => d
+            .checked_add_days(Days::new(7))
+            .is_none_or(|next| next.month() != d.month()),
+    }
+}
+
+fn days_in_month(d: NaiveDate) -> u32 {
+    // The day before the first of the next month; December's next month is January.
+    let (y, m) = if d.month() == 12 {
+        (d.year().saturating_add(1), 1)
+    } else {
+        (d.year(), d.month() + 1)
+    };
+    NaiveDate::from_ymd_opt(y, m, 1)
+        .and_then(|first| first.pred_opt())
+        .map_or(31, |last| last.day())
+}
+
+impl MonthDay {
+    fn matches(self, d: NaiveDate) -> bool {
+        match self {
+            MonthDay::Day(n) => d.day() == n.min(days_in_month(d)),
+            MonthDay::Nth(n, weekday) => is_nth_weekday(d, n, weekday),
+        }
+    }
+}
+
+impl Weekly {
+    fn applies_on(&self, d: NaiveDate) -> bool {
+        if !self.days.contains(&d.weekday()) {
+            return false;
+        }
+        let Some(every) = self.every else {
+            return true;
+        };
+        let Some(monday) = d.checked_sub_days(Days::new(u64::from(d.weekday().num_days_from_monday())))
+        else {
+            return false;
+        };
+        let weeks = (monday - every.from).num_days().div_euclid(7);
+        weeks >= 0 && weeks % i64::from(every.weeks) == 0
+    }
+}
+
+impl Window {
+    /// How many days before `d` a window that covers part of `d` may have started.
+    fn lookback_days(&self) -> u64 {
+        match self {
+            Window::Weekly(_) => 1,
+            // Plus one for the start-of-day offset, plus one for a DST shift.
+            Window::Monthly { duration, .. } | Window::Cron { duration, .. } => {
+                u64::try_from(duration.num_days()).unwrap_or(0) + 2
+            }
+        }
+    }
+
+    /// Appends the intervals of this window that start on local date `d`.
+    fn intervals_on(&self, zone: Zone, d: NaiveDate, out: &mut Vec<(DateTime<Utc>, DateTime<Utc>)>) {
+        match self {
+            Window::Weekly(w) => {
+                if !w.applies_on(d) {
+                    return;
+                }
+                let end_date = match w.end {
+                    Some(e) if e > w.start => Some((d, e)),
+                    Some(e) => d.checked_add_days(Days::new(1)).map(|n| (n, e)),
+                    None => d.checked_add_days(Days::new(1)).map(|n| (n, NaiveTime::MIN)),
+                };
+                let (Some(start), Some((ed, et))) = (zone.resolve(d.and_time(w.start)), end_date) else {
+                    return;
+                };
+                if let Some(end) = zone.resolve(ed.and_time(et))
+                    && end > start
+                {
+                    out.push((start, end));
+                }
+            }
+            Window::Monthly { on, start, duration } => {
+                if !on.matches(d) {
+                    return;
+                }
+                if let Some(s) = zone.resolve(d.and_time(*start))
+                    && let Some(e) = s.checked_add_signed(*duration)
+                {
+                    out.push((s, e));
+                }
+            }
+            Window::Cron { cron, duration } => cron_intervals_on(cron, *duration, zone, d, out),
+        }
+    }
+}
+
+/// The intervals of a cron window starting on local date `d`, overlapping ones merged (so
+/// `* * * * *` is one interval a day, not 1440).
+fn cron_intervals_on(
+    cron: &croner::Cron,
+    duration: chrono::Duration,
+    zone: Zone,
+    d: NaiveDate,
+    out: &mut Vec<(DateTime<Utc>, DateTime<Utc>)>,
+) {
+    let p = &cron.pattern;
+    // croner answers the field questions; the wall clock → instant mapping is ours, so that
+    // cron follows the same DST rules as every other window. Its errors only come from
+    // out-of-range arguments, which these are not: treat them as "no match".
+    let day = p.month_match(d.month()).unwrap_or(false)
+        && p.day_match(
+            d.year(),
+            d.month(),
+            d.day(),
+            croner::Weekday::from_days_from_sunday(d.weekday().num_days_from_sunday()),
+        )
+        .unwrap_or(false);
+    if !day {
+        return;
+    }
+    let mut current: Option<(DateTime<Utc>, DateTime<Utc>)> = None;
+    for h in (0..24).filter(|h| p.hour_match(*h).unwrap_or(false)) {
+        for m in (0..60).filter(|m| p.minute_match(*m).unwrap_or(false)) {
+            let Some(time) = NaiveTime::from_hms_opt(h, m, 0) else {
+                continue;
+            };
+            let Some(s) = zone.resolve(d.and_time(time)) else {
+                continue;
+            };
+            let Some(e) = s.checked_add_signed(duration) else {
+                continue;
+            };
+            current = match current {
+                Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
+                Some(prev) => {
+                    out.push(prev);
+                    Some((s, e))
+                }
+                None => Some((s, e)),
+            };
+        }
+    }
+    out.extend(current);
+}
+
+impl Schedule {
+    fn local_date(&self, t: DateTime<Utc>) -> Option<NaiveDate> {
+        self.zone.local(t).map(|l| l.date())
+    }
+
+    fn lookback_days(&self) -> u64 {
+        self.windows.iter().map(Window::lookback_days).max().unwrap_or(1)
+    }
+
+    /// Also true where the local date is not representable: closed, the cautious answer.
+    fn in_blackout(&self, t: DateTime<Utc>) -> bool {
+        let Some(d) = self.local_date(t) else {
+            return true;
+        };
+        self.blackouts.iter().any(|(from, to)| *from <= d && d <= *to)
+    }
+
+    /// The intervals of the windows starting on local date `d`.
+    fn intervals_on(&self, d: NaiveDate) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+        let mut out = Vec::new();
+        for w in &self.windows {
+            w.intervals_on(self.zone, d, &mut out);
+        }
+        out
+    }
+
+    /// `cache` keeps the intervals of each local date already computed: a search asks about
+    /// the same few days over and over, and a busy cron expression costs 1440 matches a day.
+    fn in_window(&self, t: DateTime<Utc>, cache: &mut IntervalCache) -> bool {
+        if self.windows.is_empty() {
+            return true;
+        }
+        let Some(d) = self.local_date(t) else {
+            return false;
+        };
+        (0..=self.lookback_days())
+            .filter_map(|back| d.checked_sub_days(Days::new(back)))
+            .any(|d| {
+                cache
+                    .entry(d)
+                    .or_insert_with(|| self.intervals_on(d))
+                    .iter()
+                    .any(|(s, e)| *s <= t && t < *e)
+            })
+    }
+
+    fn is_open(&self, t: DateTime<Utc>) -> bool {
+        self.is_open_with(t, &mut IntervalCache::new())
+    }
+
+    fn is_open_with(&self, t: DateTime<Utc>, cache: &mut IntervalCache) -> bool {
+        !self.in_blackout(t) && self.in_window(t, cache)
+    }
+
+    /// The instants at which `is_open` may change, for windows and blackouts of local date `d`.
+    fn boundaries_on(&self, d: NaiveDate, cache: &mut IntervalCache) -> Vec<DateTime<Utc>> {
+        let mut out: Vec<DateTime<Utc>> = cache
+            .entry(d)
+            .or_insert_with(|| self.intervals_on(d))
+            .iter()
+            .flat_map(|(s, e)| [*s, *e])
+            .collect();
+        for (from, to) in &self.blackouts {
+            if *from == d {
+                out.extend(self.zone.resolve(d.and_time(NaiveTime::MIN)));
+            }
+            if let Some(after) = to.checked_add_days(Days::new(1))
+                && after == d
+            {
+                out.extend(self.zone.resolve(d.and_time(NaiveTime::MIN)));
+            }
+        }
+        out
+    }
+
+    fn next_transition(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let mut cache = IntervalCache::new();
+        let open = self.is_open_with(now, &mut cache);
+        // Windows that started up to `lookback` days ago may still end after `now`.
+        let first = self
+            .local_date(now)?
+            .checked_sub_days(Days::new(self.lookback_days()))?;
+        let mut candidates: Vec<DateTime<Utc>> = Vec::new();
+        for offset in 0..(HORIZON_DAYS + self.lookback_days()) {
+            let d = first.checked_add_days(Days::new(offset))?;
+            candidates.extend(self.boundaries_on(d, &mut cache).into_iter().filter(|t| *t > now));
+            // Boundaries of later days are no earlier than the start of the next day, but an
+            // end may lie days later: decide only on candidates up to that start, in order.
+            candidates.sort_unstable();
+            candidates.dedup();
+            let horizon = self
+                .zone
+                .resolve(d.checked_add_days(Days::new(1))?.and_time(NaiveTime::MIN))?;
+            let decided = candidates.partition_point(|t| *t <= horizon);
+            for t in candidates.drain(..decided) {
+                if self.is_open_with(t, &mut cache) != open {
+                    return Some(t);
+                }
+            }
+        }
+        None
+    }
+
+    fn upcoming_windows(&self, now: DateTime<Utc>, n: usize) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+        let mut out = Vec::new();
+        let mut t = now;
+        let Some(horizon) = now.checked_add_signed(chrono::Duration::days(HORIZON_DAYS as i64)) else {
+            return out;
+        };
+        while out.len() < n && t < horizon {
+            if self.is_open(t) {
+                let end = self.next_transition(t).unwrap_or(horizon);
+                out.push((t, end));
+                t = end;
+            } else {
+                match self.next_transition(t) {
+                    Some(start) => t = start,
+                    None => break,
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Policy {
+    /// Parses and validates a `config.yaml` document.
+    ///
+    /// # Errors
+    /// [`PolicyError`] naming the key path and the problem.
+    pub fn parse(yaml: &str) -> Result<Policy, PolicyError> {
+        parse::parse(yaml)
+    }
+
+    /// The first rule that selects `labels`, if any.
+    fn rule(&self, labels: &Labels) -> Option<(usize, &Rule)> {
+        self.rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.selector.matches(labels))
+    }
+
+    fn schedule_for(&self, labels: &Labels) -> &Schedule {
+        self.rule(labels).map_or(&self.default, |(_, r)| &r.schedule)
+    }
+
+    /// Which rule applies to a node with `labels`, with its lock settings.
+    pub fn rule_for(&self, labels: &Labels) -> RuleView {
+        match self.rule(labels) {
+            None => RuleView {
+                name: None,
+                index: None,
+                zone: self.default.zone,
+                concurrency: None,
+                lock_group: None,
+            },
+            Some((i, r)) => RuleView {
+                name: Some(r.name.clone()),
+                index: Some(i),
+                zone: r.schedule.zone,
+                concurrency: r.concurrency,
+                lock_group: r.lock_group.as_ref().map(|g| LockGroupView {
+                    label: g.by_label.clone(),
+                    value: labels.get(&g.by_label).cloned(),
+                    max_concurrent: g.max_concurrent,
+                }),
+            },
+        }
+    }
+
+    /// Whether a node with `labels` may reboot at `now`.
+    pub fn is_open(&self, labels: &Labels, now: DateTime<Utc>) -> bool {
+        self.schedule_for(labels).is_open(now)
+    }
+
+    /// The next instant after `now` at which `is_open` changes, if any within about a year.
+    pub fn next_transition(&self, labels: &Labels, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.schedule_for(labels).next_transition(now)
+    }
+
+    /// The next `n` open intervals `[start, end)` for a node with `labels`, from `now` on. An
+    /// interval open at `now` is reported from `now`. An interval that never closes within the
+    /// horizon ([`HORIZON_DAYS`]) ends at the horizon.
+    pub fn upcoming_windows(
+        &self,
+        labels: &Labels,
+        now: DateTime<Utc>,
+        n: usize,
+    ) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+        self.schedule_for(labels).upcoming_windows(now, n)
+    }
+}

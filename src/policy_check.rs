@@ -1,0 +1,112 @@
+//! `kreboot policy check`: validates a policy file offline and shows what it means for one node.
+//! The report is a plain function of the document, the labels and the instant ([`report`]);
+//! [`run`] only reads the file and prints.
+
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+
+use crate::{
+    cli::{PolicyArgs, PolicyCheckArgs, PolicyCommand},
+    policy::{HORIZON_DAYS, Labels, Policy, PolicyError, Zone},
+};
+
+/// Exit code of an invalid (or unreadable) policy file: the same as for bad usage.
+const EXIT_INVALID: u8 = 2;
+
+const LOCAL: &str = "%Y-%m-%d %H:%M %Z";
+const UTC: &str = "%Y-%m-%dT%H:%M:%SZ";
+
+fn both(zone: Zone, t: DateTime<Utc>) -> String {
+    format!("{} ({})", t.format(UTC), zone.format(t, LOCAL))
+}
+
+/// What `policy check` prints for a valid `doc`.
+///
+/// # Errors
+/// The [`PolicyError`] of an invalid document.
+pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Result<String, PolicyError> {
+    let policy = Policy::parse(doc)?;
+    let rule = policy.rule_for(labels);
+    let zone = rule.zone;
+    let mut out = String::from("policy is valid\n");
+    match (&rule.name, rule.index) {
+        (Some(name), Some(i)) => out += &format!("rule: {name} (rules[{i}])\n"),
+        _ => out += "rule: none selects these labels: the top-level windows apply\n",
+    }
+    out += &format!("time zone: {zone}\n");
+    if rule.name.is_some() {
+        match rule.concurrency {
+            Some(n) => out += &format!("concurrency: {n}\n"),
+            None => out += "concurrency: the agent's --concurrency\n",
+        }
+        if let Some(g) = &rule.lock_group {
+            let value = g.value.as_deref().unwrap_or("(label absent)");
+            out += &format!("lock group: {}={value}", g.label);
+            if let Some(max) = g.max_concurrent {
+                out += &format!(", at most {max} at once across the rule's groups");
+            }
+            out += "\n";
+        }
+    }
+    let open = policy.is_open(labels, at);
+    out += &format!(
+        "at {}: reboot {}",
+        both(zone, at),
+        if open { "allowed" } else { "not allowed" }
+    );
+    match policy.next_transition(labels, at) {
+        Some(t) => out += &format!("; next change at {}\n", both(zone, t)),
+        None => out += &format!("; no change within {HORIZON_DAYS} days\n"),
+    }
+    let windows = policy.upcoming_windows(labels, at, count);
+    if windows.is_empty() {
+        out += &format!("no window within {HORIZON_DAYS} days\n");
+        return Ok(out);
+    }
+    out += &format!("upcoming windows (start -> end, {zone} | UTC):\n");
+    let horizon = at.checked_add_signed(chrono::Duration::days(HORIZON_DAYS as i64));
+    for (start, end) in windows {
+        let (local_end, utc_end) = if Some(end) == horizon {
+            let open_end = format!("(still open after {HORIZON_DAYS} days)");
+            (open_end.clone(), open_end)
+        } else {
+            (zone.format(end, LOCAL), end.format(UTC).to_string())
+        };
+        out += &format!(
+            "  {} -> {local_end} | {} -> {utc_end}\n",
+            zone.format(start, LOCAL),
+            start.format(UTC),
+        );
+    }
+    Ok(out)
+}
+
+/// Runs `kreboot policy ...`.
+pub fn run(args: &PolicyArgs) -> ExitCode {
+    match &args.command {
+        PolicyCommand::Check(check) => run_check(check),
+    }
+}
+
+fn run_check(args: &PolicyCheckArgs) -> ExitCode {
+    let doc = match std::fs::read_to_string(&args.file) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", args.file.display());
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let labels = args.labels.clone().unwrap_or_default();
+    let at = args.at.unwrap_or_else(Utc::now);
+    match report(&doc, &labels, at, args.count as usize) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", args.file.display());
+            ExitCode::from(EXIT_INVALID)
+        }
+    }
+}
