@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    blockers,
     cli::AgentConfig,
     drain::{self, DrainConfig},
     events::{Events, Reason},
@@ -455,6 +456,22 @@ impl Agent {
         }
     }
 
+    /// Adds the `--prefer-no-schedule-taint` change to `patch` (present while the node waits
+    /// for the lock), when that flag is set.
+    fn taint_change(&self, patch: Value, view: &node::NodeView, node: &Node, present: bool) -> Value {
+        match &self.cfg.prefer_no_schedule_taint {
+            Some(key) => {
+                let taints = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_deref())
+                    .unwrap_or_default();
+                node::with_prefer_no_schedule(patch, view, taints, key, present)
+            }
+            None => patch,
+        }
+    }
+
     async fn patch_node(&self, patch: &Value) -> Result<Node, kube::Error> {
         self.node_api()
             .patch(&self.cfg.node_name, &PatchParams::default(), &Patch::Merge(patch))
@@ -689,6 +706,7 @@ pub async fn run(
         let mut changes = Changes::new(&w);
         let _renewer = AbortOnDrop(spawn_renewer(agent.clone(), w.leases.clone()));
         let mut announced_required = false;
+        let mut block_cache: Option<(Instant, Option<String>)> = None;
         loop {
             changes.mark_seen();
             if !w.synced() {
@@ -743,7 +761,7 @@ pub async fn run(
                 }
                 continue;
             }
-            let obs = Observations {
+            let mut obs = Observations {
                 now,
                 node: view.clone(),
                 reboot_required: sentinel_state.required,
@@ -756,7 +774,72 @@ pub async fn run(
                 failure_backoff: chrono::Duration::from_std(agent.cfg.failure_backoff)
                     .unwrap_or(chrono::Duration::zero()),
             };
-            let action = node::decide(&obs);
+            let mut action = node::decide(&obs);
+            if agent.cfg.blockers.any()
+                && matches!(
+                    action,
+                    Action::AcquireLock | Action::Cordon | Action::Drain | Action::Reboot
+                )
+            {
+                // Right before a step that takes the node out of service the check is fresh;
+                // while the node waits in the queue a recent answer will do.
+                let fresh = !matches!(action, Action::AcquireLock);
+                let cached = block_cache
+                    .as_ref()
+                    .filter(|(t, _)| !fresh && t.elapsed() < agent.cfg.blockers.interval)
+                    .map(|(_, r)| r.clone());
+                let blocked = match cached {
+                    Some(r) => r,
+                    None => {
+                        let r = blockers::check(&agent.client, &me, &agent.cfg.blockers).await;
+                        block_cache = Some((Instant::now(), r.clone()));
+                        r
+                    }
+                };
+                if let Some(reason) = blocked {
+                    debug!(node = %me, %reason, "reboot blocked");
+                    obs.blocked_by = Some(reason);
+                    action = node::decide(&obs);
+                }
+            }
+            // Why the reboot is held back, on the Node for operators; written only on change.
+            let held_back = match &action {
+                Action::Wait {
+                    reason: WaitReason::Blocked,
+                    ..
+                } => obs.blocked_by.clone(),
+                Action::Wait {
+                    reason:
+                        r
+                        @ (WaitReason::WindowClosed | WaitReason::RebootLoopBackoff | WaitReason::FailureBackoff),
+                    ..
+                } => Some(r.label().to_owned()),
+                _ => None,
+            };
+            let recorded_held_back = node_obj
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(node::ANN_BLOCKED_BY))
+                .cloned();
+            if held_back != recorded_held_back && !agent.cfg.dry_run {
+                if let Some(reason) = obs.blocked_by.as_deref().filter(|_| held_back.is_some()) {
+                    agent
+                        .events
+                        .node(Reason::RebootBlocked, format!("reboot held back by {reason}"));
+                    info!(node = %me, %reason, "reboot held back");
+                }
+                match agent
+                    .patch_node(&node::blocked_by_patch(held_back.as_deref()))
+                    .await
+                {
+                    Ok(n) => {
+                        w.set_node(n);
+                        continue;
+                    }
+                    Err(e) => warn!(node = %me, error = %e, "failed to record why the reboot waits"),
+                }
+            }
             agent
                 .metrics
                 .set(&agent.metrics.window_open, i64::from(window_open));
@@ -839,7 +922,8 @@ pub async fn run(
                     }
                     if view.waiting {
                         // No longer eligible: leave the queue so no slot is handed to us.
-                        match agent.patch_node(&node::waiting_patch(None)).await {
+                        let patch = agent.taint_change(node::waiting_patch(None), &view, &node_obj, false);
+                        match agent.patch_node(&patch).await {
                             Ok(n) => w.set_node(n),
                             Err(e) => warn!(node = %me, error = %e, "failed to leave the lock queue"),
                         }
@@ -852,14 +936,21 @@ pub async fn run(
                     agent.metrics.set_state(state);
                     agent.metrics.set_blocked(match reason {
                         WaitReason::NotRequired | WaitReason::AwaitingReboot => None,
+                        WaitReason::Blocked => obs.blocked_by.as_deref().map(blockers::metric_label),
                         r => Some(r.label()),
                     });
                     let next_window = policy.as_ref().and_then(|p| p.next_transition(&view.labels, now));
+                    // A blocked node looks at its blockers again after the interval.
+                    let recheck =
+                        (reason == WaitReason::Blocked).then(|| Instant::now() + agent.cfg.blockers.interval);
                     let deadline = [until, next_window]
                         .into_iter()
                         .flatten()
                         .min()
-                        .map(|t| instant_at(now, t));
+                        .map(|t| instant_at(now, t))
+                        .into_iter()
+                        .chain(recheck)
+                        .min();
                     if !wait_for_change(&mut changes, &mut sentinel, deadline, &shutdown).await {
                         return Ok(Outcome::Shutdown);
                     }
@@ -898,7 +989,13 @@ pub async fn run(
                         None => {
                             if !view.waiting {
                                 // Join the queue: the holder hands its slot to the longest waiter.
-                                match agent.patch_node(&node::waiting_patch(Some(now))).await {
+                                let patch = agent.taint_change(
+                                    node::waiting_patch(Some(now)),
+                                    &view,
+                                    &node_obj,
+                                    true,
+                                );
+                                match agent.patch_node(&patch).await {
                                     Ok(n) => w.set_node(n),
                                     Err(e) => warn!(node = %me, error = %e, "failed to join the lock queue"),
                                 }
@@ -953,7 +1050,12 @@ pub async fn run(
                             }
                         }
                     }
-                    match agent.patch_node(&node::cordon_patch(&view, &slot)).await {
+                    let patch = node::with_label_changes(
+                        agent.taint_change(node::cordon_patch(&view, &slot), &view, &node_obj, false),
+                        &agent.cfg.pre_reboot_labels,
+                        [],
+                    );
+                    match agent.patch_node(&patch).await {
                         Ok(n) => {
                             w.set_node(n);
                             agent.metrics.set_state("draining");
@@ -975,7 +1077,16 @@ pub async fn run(
                 Action::Reboot => run_reboot(&agent, &view, policy.as_ref(), &shutdown).await,
                 Action::Complete => {
                     match agent
-                        .patch_node(&node::end_cycle_patch(&view, CycleEnd::Rebooted, now))
+                        .patch_node(&node::with_label_changes(
+                            agent.taint_change(
+                                node::end_cycle_patch(&view, CycleEnd::Rebooted, now),
+                                &view,
+                                &node_obj,
+                                false,
+                            ),
+                            &agent.cfg.post_reboot_labels,
+                            agent.cfg.pre_reboot_labels.keys(),
+                        ))
                         .await
                     {
                         Ok(n) => {
@@ -1003,7 +1114,12 @@ pub async fn run(
                         node::AbortReason::LockLost => CycleEnd::Failed("lock lost"),
                         _ => CycleEnd::Abandoned,
                     };
-                    match agent.patch_node(&node::end_cycle_patch(&view, end, now)).await {
+                    let patch = node::with_label_changes(
+                        agent.taint_change(node::end_cycle_patch(&view, end, now), &view, &node_obj, false),
+                        &BTreeMap::new(),
+                        agent.cfg.pre_reboot_labels.keys(),
+                    );
+                    match agent.patch_node(&patch).await {
                         Ok(n) => {
                             w.set_node(n);
                             warn!(node = %me, reason = reason.label(), "cycle abandoned; node uncordoned if kreboot cordoned it");
@@ -1217,10 +1333,10 @@ async fn run_drain(
                 Some(&e.to_string()),
             );
             let n = agent
-                .patch_node(&node::end_cycle_patch(
-                    view,
-                    CycleEnd::Failed(e.metric_label()),
-                    now,
+                .patch_node(&node::with_label_changes(
+                    node::end_cycle_patch(view, CycleEnd::Failed(e.metric_label()), now),
+                    &BTreeMap::new(),
+                    agent.cfg.pre_reboot_labels.keys(),
                 ))
                 .await
                 .map_err(node_write_error)?;

@@ -231,6 +231,69 @@ pub struct AgentArgs {
     /// Message sent when the node is back after its reboot ({node}, {reason}).
     #[arg(long, env = "KREBOOT_MESSAGE_TEMPLATE_UNCORDON", default_value = notify::DEFAULT_TEMPLATE_UNCORDON)]
     pub message_template_uncordon: String,
+    /// Hold the reboot back while a running pod on this node matches this label selector
+    /// (repeatable; e.g. app=etcd-backup).
+    #[arg(
+        long = "blocking-pod-selector",
+        env = "KREBOOT_BLOCKING_POD_SELECTOR",
+        value_delimiter = ';'
+    )]
+    pub blocking_pod_selector: Vec<String>,
+    /// Hold the reboot back while Prometheus at this URL has active alerts (see the filters).
+    #[arg(long, env = "KREBOOT_PROMETHEUS_URL")]
+    pub prometheus_url: Option<String>,
+    /// Alerts whose names match this regular expression are ignored (or, with
+    /// --alert-filter-match-only, the only ones that count).
+    #[arg(long, env = "KREBOOT_ALERT_FILTER_REGEXP")]
+    pub alert_filter_regexp: Option<String>,
+    /// Only alerts matching --alert-filter-regexp hold the reboot back.
+    #[arg(long, env = "KREBOOT_ALERT_FILTER_MATCH_ONLY", default_value_t = false, action = ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub alert_filter_match_only: bool,
+    /// Only firing alerts hold the reboot back (not pending ones).
+    #[arg(long, env = "KREBOOT_ALERT_FIRING_ONLY", default_value_t = false, action = ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub alert_firing_only: bool,
+    /// How often a blocked node checks its blockers again.
+    #[arg(long, env = "KREBOOT_BLOCKER_CHECK_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub blocker_check_interval: Duration,
+    /// Labels set on the Node when kreboot cordons it (k=v,k2=v2).
+    #[arg(long, env = "KREBOOT_PRE_REBOOT_NODE_LABELS", default_value = "")]
+    pub pre_reboot_node_labels: String,
+    /// Labels set on the Node when it is back after the reboot (k=v,k2=v2); the pre-reboot
+    /// labels are removed then.
+    #[arg(long, env = "KREBOOT_POST_REBOOT_NODE_LABELS", default_value = "")]
+    pub post_reboot_node_labels: String,
+    /// Taint the node with this key (effect PreferNoSchedule) while it waits for the lock, so
+    /// that new pods prefer other nodes (empty: off).
+    #[arg(long, env = "KREBOOT_PREFER_NO_SCHEDULE_TAINT", default_value = "")]
+    pub prefer_no_schedule_taint: String,
+}
+
+/// Parses `k=v,k2=v2` into labels; `what` names the flag in errors.
+pub fn parse_label_list(s: &str, what: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(format!("{what}: {pair:?} is not key=value"));
+        };
+        let (k, v) = (k.trim(), v.trim());
+        let name = k.rsplit('/').next().unwrap_or(k);
+        let valid = |x: &str, max: usize| {
+            x.len() <= max
+                && x.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && x.chars().next().is_none_or(|c| c.is_ascii_alphanumeric())
+                && x.chars().last().is_none_or(|c| c.is_ascii_alphanumeric())
+        };
+        if name.is_empty() || !valid(name, 63) || !valid(v, 63) || k.len() > 253 {
+            return Err(format!("{what}: {pair:?} is not a valid Kubernetes label"));
+        }
+        if k.starts_with("kreboot.io/") {
+            return Err(format!("{what}: {k:?}: the kreboot.io/ prefix is kreboot's own"));
+        }
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(out)
 }
 
 /// Flags of `kreboot demo`.
@@ -303,6 +366,14 @@ pub struct AgentConfig {
     pub eviction_retry: Duration,
     /// Operator notifications (no targets: off).
     pub notify: NotifyConfig,
+    /// What holds a reboot back besides the window.
+    pub blockers: crate::blockers::BlockerConfig,
+    /// Labels set when kreboot cordons the node.
+    pub pre_reboot_labels: std::collections::BTreeMap<String, String>,
+    /// Labels set when the node is back.
+    pub post_reboot_labels: std::collections::BTreeMap<String, String>,
+    /// Taint key (PreferNoSchedule) while waiting for the lock.
+    pub prefer_no_schedule_taint: Option<String>,
 }
 
 /// Looks up an environment variable (the one place that does).
@@ -393,6 +464,61 @@ impl AgentArgs {
             &self.message_template_uncordon,
             &mut problems,
         );
+        let mut blockers = crate::blockers::BlockerConfig {
+            pod_selectors: self
+                .blocking_pod_selector
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            prometheus: None,
+            interval: self.blocker_check_interval,
+        };
+        if self.blocker_check_interval < Duration::from_secs(1) {
+            problems.push("--blocker-check-interval must be at least 1s".to_owned());
+        }
+        let filter = match self.alert_filter_regexp.as_deref().filter(|r| !r.is_empty()) {
+            None => None,
+            Some(r) => match regex::Regex::new(r) {
+                Ok(re) => Some(re),
+                Err(e) => {
+                    problems.push(format!("--alert-filter-regexp {r:?}: {e}"));
+                    None
+                }
+            },
+        };
+        if self.alert_filter_match_only && filter.is_none() {
+            problems.push("--alert-filter-match-only needs --alert-filter-regexp".to_owned());
+        }
+        match self.prometheus_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                blockers.prometheus = Some(crate::blockers::AlertBlocker {
+                    url: url.to_owned(),
+                    filter,
+                    match_only: self.alert_filter_match_only,
+                    firing_only: self.alert_firing_only,
+                });
+            }
+            Some(url) => problems.push(format!("--prometheus-url {url:?} is not an http(s) URL")),
+            None => {}
+        }
+        let pre_reboot_labels = parse_label_list(&self.pre_reboot_node_labels, "--pre-reboot-node-labels")
+            .unwrap_or_else(|e| {
+                problems.push(e);
+                Default::default()
+            });
+        let post_reboot_labels = parse_label_list(&self.post_reboot_node_labels, "--post-reboot-node-labels")
+            .unwrap_or_else(|e| {
+                problems.push(e);
+                Default::default()
+            });
+        let taint = self.prefer_no_schedule_taint.trim();
+        if !taint.is_empty() && parse_label_list(&format!("{taint}=x"), "--prefer-no-schedule-taint").is_err()
+        {
+            problems.push(format!(
+                "--prefer-no-schedule-taint {taint:?} is not a valid taint key"
+            ));
+        }
         match (problems.is_empty(), node_name) {
             (true, Some(node_name)) => Ok(AgentConfig {
                 node_name,
@@ -420,6 +546,10 @@ impl AgentArgs {
                 failure_backoff: self.failure_backoff,
                 eviction_retry: self.eviction_retry,
                 notify,
+                blockers,
+                pre_reboot_labels,
+                post_reboot_labels,
+                prefer_no_schedule_taint: (!taint.is_empty()).then(|| taint.to_owned()),
             }),
             _ => Err(problems.join("\n")),
         }

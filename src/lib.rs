@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod blockers;
 pub mod cli;
 pub mod drain;
 pub mod events;

@@ -224,7 +224,9 @@ impl Metrics {
     pub fn set_blocked(&self, reason: Option<&str>) {
         for r in [
             "window_closed",
-            "blocked",
+            "blocking_pods",
+            "alerts",
+            "blocker_error",
             "reboot_loop_backoff",
             "failure_backoff",
             "lock_held_elsewhere",

@@ -446,6 +446,62 @@ pub fn end_cycle_patch(node: &NodeView, outcome: CycleEnd<'_>, now: DateTime<Utc
     with_resource_version(patch, node)
 }
 
+/// Why a pending reboot is held back, for operators (`kreboot status`): a blocker's reason,
+/// `window_closed`, or a back-off.
+pub const ANN_BLOCKED_BY: &str = "kreboot.io/blocked-by";
+
+/// The patch that records (or, with None, clears) why a pending reboot is held back.
+pub fn blocked_by_patch(reason: Option<&str>) -> Value {
+    json!({ "metadata": { "annotations": { ANN_BLOCKED_BY: reason } } })
+}
+
+/// Adds label changes to `patch`: the `set` labels, and the `remove` keys not also set.
+pub fn with_label_changes<'a>(
+    mut patch: Value,
+    set: &BTreeMap<String, String>,
+    remove: impl IntoIterator<Item = &'a String>,
+) -> Value {
+    for k in remove {
+        if !set.contains_key(k) {
+            patch["metadata"]["labels"][k.as_str()] = Value::Null;
+        }
+    }
+    for (k, v) in set {
+        patch["metadata"]["labels"][k.as_str()] = json!(v);
+    }
+    patch
+}
+
+/// Adds to `patch` the taints of the node with the PreferNoSchedule taint `key` present or
+/// absent, if that changes them. A merge patch replaces the whole list, so the patch then also
+/// carries the resourceVersion: a taint someone else adds meanwhile is never overwritten (the
+/// write fails with a conflict and is redone on the fresh Node).
+pub fn with_prefer_no_schedule(
+    mut patch: Value,
+    node: &NodeView,
+    taints: &[k8s_openapi::api::core::v1::Taint],
+    key: &str,
+    present: bool,
+) -> Value {
+    let has = taints
+        .iter()
+        .any(|t| t.key == key && t.effect == "PreferNoSchedule");
+    if has == present {
+        return patch;
+    }
+    let mut list: Vec<Value> = taints
+        .iter()
+        .filter(|t| !(t.key == key && t.effect == "PreferNoSchedule"))
+        .map(|t| serde_json::to_value(t).unwrap_or(Value::Null))
+        .filter(|v| !v.is_null())
+        .collect();
+    if present {
+        list.push(json!({ "key": key, "effect": "PreferNoSchedule" }));
+    }
+    patch["spec"]["taints"] = Value::Array(list);
+    with_resource_version(patch, node)
+}
+
 /// The merge patch that queues the node for a lock slot (`Some(since)`) or takes it out of the
 /// queue (`None`).
 pub fn waiting_patch(since: Option<DateTime<Utc>>) -> Value {

@@ -84,11 +84,7 @@ fn admit(policy: &Json, request: Json, object: Json, old_object: Json) -> Verdic
         ctx.add_variable_from_value("variables", cel::to_value(&variables).expect("variables convert"));
         let expr = v["expression"].as_str().expect("expression");
         let value = eval(expr, &ctx);
-        let as_json = match value {
-            Value::Bool(b) => json!(b),
-            Value::String(s) => json!(s.as_str()),
-            other => panic!("variable {} is {other:?}", v["name"]),
-        };
+        let as_json = to_json(&value).unwrap_or_else(|| panic!("variable {} is {value:?}", v["name"]));
         variables.insert(v["name"].as_str().expect("name").to_owned(), as_json);
     }
     ctx.add_variable_from_value("variables", cel::to_value(&variables).expect("variables convert"));
@@ -106,6 +102,29 @@ fn admit(policy: &Json, request: Json, object: Json, old_object: Json) -> Verdic
         }
     }
     Verdict::Allowed
+}
+
+fn to_json(v: &Value) -> Option<Json> {
+    Some(match v {
+        Value::Bool(b) => json!(b),
+        Value::String(s) => json!(s.as_str()),
+        Value::List(items) => Json::Array(items.iter().map(to_json).collect::<Option<Vec<_>>>()?),
+        _ => return None,
+    })
+}
+
+/// The policy as the chart renders it with pre/post-reboot labels and a PreferNoSchedule taint
+/// configured: the two variables it templates, set as `helm template` sets them.
+fn policy_with(labels: &[&str], taint: &str) -> Json {
+    let mut p = policy();
+    for v in p["spec"]["variables"].as_array_mut().expect("variables") {
+        match v["name"].as_str() {
+            Some("ownLabels") => v["expression"] = json!(serde_json::to_string(labels).expect("json")),
+            Some("ownTaint") => v["expression"] = json!(format!("'{taint}'")),
+            _ => {}
+        }
+    }
+    p
 }
 
 fn request(user: &str, node: Option<&str>, operation: &str, group: &str, resource: &str) -> Json {
@@ -204,7 +223,7 @@ fn an_agent_may_not_change_other_labels_or_taints_of_its_node() {
         Some(json!([{"key": "x", "effect": "NoSchedule"}])),
     );
     assert!(
-        matches!(node_update(AGENT, Some("n1"), old, tainted), Verdict::Denied(m) if m.contains("taints"))
+        matches!(node_update(AGENT, Some("n1"), old, tainted), Verdict::Denied(m) if m.contains("taint"))
     );
 }
 
@@ -342,4 +361,38 @@ fn lease_writes_outside_the_protocol_are_denied() {
         matches!(&v, Verdict::Denied(m) if m.contains("only its lock's Leases")),
         "{v:?}"
     );
+}
+
+#[test]
+fn configured_labels_and_the_taint_are_allowed_and_nothing_else() {
+    let p = policy_with(&["example.com/patched"], "example.com/reboot-pending");
+    let req = || request(AGENT, Some("n1"), "UPDATE", "", "nodes");
+    let old = node(
+        "n1",
+        base_labels(),
+        false,
+        Some(json!([{"key": "gpu", "effect": "NoSchedule"}])),
+    );
+    let mut new = node(
+        "n1",
+        base_labels(),
+        false,
+        Some(
+            json!([{"key": "gpu", "effect": "NoSchedule"}, {"key": "example.com/reboot-pending", "effect": "PreferNoSchedule"}]),
+        ),
+    );
+    new["metadata"]["labels"]["example.com/patched"] = json!("true");
+    assert_eq!(admit(&p, req(), new.clone(), old.clone()), Verdict::Allowed);
+    assert_eq!(
+        admit(&p, req(), old.clone(), new.clone()),
+        Verdict::Allowed,
+        "and removed again"
+    );
+    // Another taint, or removing the administrator's one, is still refused.
+    let mut other = new.clone();
+    other["spec"]["taints"] = json!([{"key": "example.com/reboot-pending", "effect": "PreferNoSchedule"}]);
+    assert!(matches!(admit(&p, req(), other, old.clone()), Verdict::Denied(m) if m.contains("taint")));
+    let mut label = old.clone();
+    label["metadata"]["labels"]["example.com/other"] = json!("x");
+    assert!(matches!(admit(&p, req(), label, old), Verdict::Denied(m) if m.contains("labels")));
 }

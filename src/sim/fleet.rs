@@ -74,6 +74,13 @@ pub fn agent_config(node: &str) -> AgentConfig {
         failure_backoff: Duration::from_secs(600),
         eviction_retry: Duration::from_millis(200),
         notify: crate::notify::NotifyConfig::default(),
+        blockers: crate::blockers::BlockerConfig {
+            interval: Duration::from_secs(1),
+            ..Default::default()
+        },
+        pre_reboot_labels: Default::default(),
+        post_reboot_labels: Default::default(),
+        prefer_no_schedule_taint: None,
     }
 }
 

@@ -27,6 +27,13 @@ app.kubernetes.io/part-of: kreboot
 system:serviceaccount:{{ .Release.Namespace }}:{{ include "kreboot.serviceAccountName" . }}
 {{- end -}}
 
+{{/* k=v,k2=v2 from a map. */}}
+{{- define "kreboot.labelList" -}}
+{{- $out := list -}}
+{{- range $k, $v := . -}}{{- $out = append $out (printf "%s=%s" $k $v) -}}{{- end -}}
+{{- join "," $out -}}
+{{- end -}}
+
 {{/* Where the directory holding the host's sentinel file is mounted in the container. */}}
 {{- define "kreboot.sentinelMount" -}}
 /host{{ dir .Values.agent.sentinelFile }}

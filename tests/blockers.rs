@@ -1,0 +1,274 @@
+//! Blockers hold a reboot back until they clear: a running pod matching
+//! `--blocking-pod-selector`, and a firing alert in a real Prometheus (Debian's package, started
+//! here on 127.0.0.1 with a rule that fires while a gate metric says so); an alert the filter
+//! excludes never blocks. Also the pre/post-reboot labels and the PreferNoSchedule taint while
+//! a node waits for the lock.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use common::*;
+use k8s_openapi::api::core::v1::Pod;
+use kreboot::{blockers::AlertBlocker, node::ANN_BLOCKED_BY, sim};
+use kube::{Api, api::DeleteParams};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn lock_free(sim: &kreboot::sim::SimCluster) -> bool {
+    lease_holder(sim, "kreboot-lock").is_none()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_pod_holds_the_reboot_until_it_is_gone() {
+    let (sim, fleet) = cluster(1, |c| {
+        c.blockers.pod_selectors = vec!["app=backup".into()];
+    })
+    .await;
+    sim.add_pod(
+        sim::pod("ops", "backup-7", "n0")
+            .labels([("app", "backup")])
+            .build(),
+    );
+    fleet.start_all();
+    fleet.require_reboot("n0");
+    wait_for(LIMIT, "the reboot is recorded as blocked by the pod", || {
+        annotation(&sim, "n0", ANN_BLOCKED_BY).as_deref() == Some("pods: ops/backup-7")
+    })
+    .await;
+    let metrics = fleet.metrics("n0").expect("agent metrics");
+    wait_for(LIMIT, "blocked metric", || {
+        metrics
+            .render()
+            .contains("kreboot_reboot_blocked{node=\"n0\",reason=\"blocking_pods\"} 1")
+    })
+    .await;
+    wait_for(LIMIT, "RebootBlocked event", || {
+        event_reasons(&sim, "n0").iter().any(|r| r == "RebootBlocked")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!unschedulable(&sim, "n0"), "not cordoned while blocked");
+    assert!(lock_free(&sim), "no lock taken while blocked");
+
+    let pods: Api<Pod> = Api::namespaced(sim.client().await, "ops");
+    pods.delete("backup-7", &DeleteParams::default())
+        .await
+        .expect("delete the pod");
+    wait_for(LIMIT, "n0 reboots once the pod is gone", || completed(&sim, "n0")).await;
+    assert_eq!(annotation(&sim, "n0", ANN_BLOCKED_BY), None, "blocked-by cleared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_and_taint_follow_the_cycle() {
+    let (sim, fleet) = cluster(2, |c| {
+        c.pre_reboot_labels = BTreeMap::from([("example.com/reboot".into(), "in-progress".into())]);
+        c.post_reboot_labels = BTreeMap::from([("example.com/patched".into(), "true".into())]);
+        c.prefer_no_schedule_taint = Some("example.com/reboot-pending".into());
+    })
+    .await;
+    // A slow pod on each node keeps the first drain going while the other node waits.
+    for n in names(2) {
+        sim.add_pod(
+            sim::pod("apps", &format!("{n}-slow"), &n)
+                .grace(5)
+                .shutdown_seconds(1.5)
+                .build(),
+        );
+    }
+    let label = |n: &str, k: &str| {
+        sim.node(n)
+            .and_then(|o| o.metadata.labels)
+            .and_then(|l| l.get(k).cloned())
+    };
+    let tainted = |n: &str| {
+        sim.node(n)
+            .and_then(|o| o.spec)
+            .and_then(|s| s.taints)
+            .is_some_and(|t| {
+                t.iter()
+                    .any(|t| t.key == "example.com/reboot-pending" && t.effect == "PreferNoSchedule")
+            })
+    };
+    fleet.start_all();
+    fleet.require_reboot("n0");
+    fleet.require_reboot("n1");
+    wait_for(
+        LIMIT,
+        "one node drains with the pre-reboot label while the other waits tainted",
+        || {
+            let (a, b) = ("n0", "n1");
+            (label(a, "example.com/reboot").is_some() && tainted(b))
+                || (label(b, "example.com/reboot").is_some() && tainted(a))
+        },
+    )
+    .await;
+    wait_for(LIMIT, "both nodes complete", || {
+        names(2).iter().all(|n| completed(&sim, n))
+    })
+    .await;
+    for n in names(2) {
+        assert_eq!(
+            label(&n, "example.com/patched").as_deref(),
+            Some("true"),
+            "{n}: post-reboot label"
+        );
+        assert_eq!(
+            label(&n, "example.com/reboot"),
+            None,
+            "{n}: pre-reboot label removed"
+        );
+        assert!(!tainted(&n), "{n}: taint removed");
+    }
+}
+
+/// Serves `gate_closed 1` or `0` for Prometheus to scrape.
+fn gate_server(closed: Arc<AtomicBool>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 2048];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            let body = format!("gate_closed {}\n", u8::from(closed.load(Ordering::SeqCst)));
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn which(binary: &str) -> PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{binary} not found: install Debian's prometheus package (./scripts/test does)")
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firing_alert_in_real_prometheus_blocks_until_it_stops_and_a_filtered_one_never_does() {
+    let prometheus = which("prometheus");
+    let closed = Arc::new(AtomicBool::new(true));
+    let gate_port = gate_server(closed.clone());
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        "groups:\n  - name: test\n    rules:\n      - alert: MaintenanceFreeze\n        expr: gate_closed == 1\n      - alert: Watchdog\n        expr: vector(1)\n",
+    )
+    .expect("rules");
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: gate\n    static_configs:\n      - targets: ['127.0.0.1:{gate_port}']\n",
+            dir.path().join("rules.yaml").display()
+        ),
+    )
+    .expect("config");
+    let prom_port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let _prom = Killed(
+        Command::new(prometheus)
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus starts"),
+    );
+    let url = format!("http://127.0.0.1:{prom_port}");
+    // Wait until Prometheus fires the gate alert, so the agent meets it.
+    let http = reqwest::Client::new();
+    wait_async(LIMIT, "MaintenanceFreeze fires in Prometheus", || {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            kreboot::blockers::query_alerts(&http, &url).await.is_ok_and(|a| {
+                a.iter().any(|a| {
+                    a.labels.get("alertname").map(String::as_str) == Some("MaintenanceFreeze")
+                        && a.state == "firing"
+                })
+            })
+        }
+    })
+    .await;
+
+    let (sim, fleet) = cluster(1, |c| {
+        c.blockers.prometheus = Some(AlertBlocker {
+            url: url.clone(),
+            filter: Some(regex::Regex::new("^Watchdog$").expect("regex")),
+            match_only: false,
+            firing_only: true,
+        });
+    })
+    .await;
+    fleet.start_all();
+    fleet.require_reboot("n0");
+    wait_for(LIMIT, "blocked by the firing alert (and only by it)", || {
+        annotation(&sim, "n0", ANN_BLOCKED_BY).as_deref() == Some("alerts: MaintenanceFreeze")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !unschedulable(&sim, "n0") && lock_free(&sim),
+        "nothing happens while the alert fires"
+    );
+
+    closed.store(false, Ordering::SeqCst);
+    wait_for(
+        LIMIT,
+        "n0 reboots once the alert stops (Watchdog still firing, filtered)",
+        || completed(&sim, "n0"),
+    )
+    .await;
+}
+
+async fn wait_async<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
