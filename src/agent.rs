@@ -289,8 +289,11 @@ impl Agent {
         }
     }
 
-    fn slots(&self) -> Vec<String> {
-        lock::slot_names(&self.cfg.lock_name, self.cfg.concurrency)
+    /// The slots a node with `labels` competes for under `policy` (lock groups and per-rule
+    /// concurrency have their own).
+    fn slots_for(&self, policy: Option<&Policy>, labels: &crate::policy::Labels) -> Vec<String> {
+        let rule = policy.map(|p| p.rule_for(labels));
+        lock::slot_set(&self.cfg.lock_name, self.cfg.concurrency, rule.as_ref())
     }
 
     fn engage(&self) -> Watches {
@@ -565,14 +568,14 @@ pub fn spawn_sentinel_metrics(metrics: Metrics, mut rx: watch::Receiver<Sentinel
 fn spawn_renewer(agent: Agent, leases: watch::Sender<LeaseState>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let lock = agent.lease_lock();
-        let slots = agent.slots();
         let period = agent.cfg.lock_ttl / 3;
         loop {
             tokio::time::sleep(period).await;
             let held = {
                 let s = leases.borrow();
-                lock::held_slot(&slots, &s.leases, &agent.cfg.node_name)
-                    .and_then(|n| s.leases.get(&n).cloned())
+                // Any of the lock's Leases: the slot set may have changed with the policy.
+                let all: Vec<String> = s.leases.keys().cloned().collect();
+                lock::held_slot(&all, &s.leases, &agent.cfg.node_name).and_then(|n| s.leases.get(&n).cloned())
             };
             if let Some(lease) = held {
                 match lock.renew(&lease, agent.clock.now()).await {
@@ -730,15 +733,16 @@ pub async fn run(
             let sentinel_state = sentinel.borrow_and_update().clone();
             let policy = w.policy.borrow().policy.clone();
             let window_open = policy.as_ref().is_some_and(|p| p.is_open(&view.labels, now));
-            let slots = agent.slots();
+            let slots = agent.slots_for(policy.as_ref(), &view.labels);
             let (leases, seen) = {
                 let s = w.leases.borrow();
                 (s.leases.clone(), s.seen.clone())
             };
-            let held = lock::held_slot(&slots, &leases, &me);
+            // A slot held from before a policy change still counts as held.
+            let held = lock::held_slot(&all_slots(&slots, &leases), &leases, &me);
             // Two holders finishing at once may both hand their slot to this node: keep one,
             // pass any other on at once.
-            if let Some(extra) = slots
+            if let Some(extra) = all_slots(&slots, &leases)
                 .iter()
                 .filter(|n| Some(*n) != held.as_ref())
                 .find(|n| leases.get(*n).and_then(lock::holder) == Some(me.as_str()))
@@ -746,7 +750,7 @@ pub async fn run(
                 && !agent.cfg.dry_run
             {
                 info!(node = %me, lease = %extra.name_any(), "handed a second slot; passing it on");
-                match pass_on(&agent, &w, &slots, extra).await {
+                match pass_on(&agent, &w, extra).await {
                     Ok(()) | Err(StepError::Shutdown) => {}
                     Err(StepError::Stale) => {
                         if wait_briefly(&w, &shutdown).await.is_err() {
@@ -1104,7 +1108,7 @@ pub async fn run(
                                 .notifier
                                 .send(NotifyEvent::Uncordon, &view.recorded.reboot_reason);
                             info!(node = %me, boot_id = %view.boot_id, "reboot completed");
-                            release(&agent, &w, &slots).await
+                            release(&agent, &w).await
                         }
                         Err(e) => Err(node_write_error(e)),
                     }
@@ -1128,12 +1132,12 @@ pub async fn run(
                                 Reason::CycleAborted,
                                 format!("reboot cycle abandoned: {}", reason.label().replace('_', " ")),
                             );
-                            release(&agent, &w, &slots).await
+                            release(&agent, &w).await
                         }
                         Err(e) => Err(node_write_error(e)),
                     }
                 }
-                Action::ReleaseLock => release(&agent, &w, &slots).await,
+                Action::ReleaseLock => release(&agent, &w).await,
             };
             match result {
                 Ok(()) => attempt = 0,
@@ -1192,31 +1196,52 @@ async fn wait_briefly(w: &Watches, shutdown: &CancellationToken) -> Result<(), S
     }
 }
 
-async fn release(agent: &Agent, w: &Watches, slots: &[String]) -> Result<(), StepError> {
+async fn release(agent: &Agent, w: &Watches) -> Result<(), StepError> {
     let held = {
         let s = w.leases.borrow();
-        lock::held_slot(slots, &s.leases, &agent.cfg.node_name).and_then(|n| s.leases.get(&n).cloned())
+        let all: Vec<String> = s.leases.keys().cloned().collect();
+        lock::held_slot(&all, &s.leases, &agent.cfg.node_name).and_then(|n| s.leases.get(&n).cloned())
     };
     let Some(lease) = held else { return Ok(()) };
-    pass_on(agent, w, slots, lease).await
+    pass_on(agent, w, lease).await
+}
+
+/// `slots` and every other Lease of the lock, sorted (the slot set follows the policy; a slot
+/// of an earlier set may still be held).
+fn all_slots(slots: &[String], leases: &BTreeMap<String, Lease>) -> Vec<String> {
+    let mut all: BTreeSet<String> = slots.iter().cloned().collect();
+    all.extend(leases.keys().cloned());
+    all.into_iter().collect()
 }
 
 /// Hands `lease` (held by this node) to the longest waiter, or releases it if nobody waits.
-async fn pass_on(agent: &Agent, w: &Watches, slots: &[String], lease: Lease) -> Result<(), StepError> {
+async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepError> {
     let lock = agent.lease_lock();
     let holders: Vec<String> = {
         let s = w.leases.borrow();
-        slots
-            .iter()
-            .filter_map(|n| s.leases.get(n).and_then(lock::holder).map(str::to_owned))
+        s.leases
+            .values()
+            .filter_map(|l| lock::holder(l).map(str::to_owned))
             .collect()
     };
+    let policy = w.policy.borrow().policy.clone();
+    let slot = lease.name_any();
     let now = agent.clock.now();
     // Hand the slot to the node that has waited longest, if any: one write, no race.
     let waiting = ListParams::default().labels(&format!("{}=true", node::LABEL_WAITING));
     match agent.node_api().list(&waiting).await {
         Ok(list) => {
-            if let Some(next) = node::pick_successor(&list.items, &agent.cfg.node_name, &holders) {
+            // Only a waiter that competes for this very slot (same lock group or rule).
+            let eligible: Vec<Node> = list
+                .items
+                .into_iter()
+                .filter(|n| {
+                    agent
+                        .slots_for(policy.as_ref(), &n.labels().clone())
+                        .contains(&slot)
+                })
+                .collect();
+            if let Some(next) = node::pick_successor(&eligible, &agent.cfg.node_name, &holders) {
                 match lock.hand_off(&lease, &next, now).await {
                     Ok(l) => {
                         info!(node = %agent.cfg.node_name, lease = %l.name_any(), successor = %next, "lock handed over");
@@ -1341,7 +1366,7 @@ async fn run_drain(
                 .await
                 .map_err(node_write_error)?;
             w.set_node(n);
-            release(agent, w, &agent.slots()).await
+            release(agent, w).await
         }
     }
 }

@@ -41,7 +41,55 @@ pub const LOCK_LABEL: &str = "kreboot.io/lock";
 /// of after a whole TTL.
 pub const HANDOFF_SECONDS: i32 = 10;
 
-/// The names of the `concurrency` slots of lock `lock_name`.
+/// The slots a node competes for, given the policy rule that selects it (None: no policy):
+/// with a `lockGroup`, its group's own `concurrency` slots (`{lock}-g-{group}`, …); with only a
+/// rule `concurrency`, the rule's own slots (`{lock}-r-{rule}`, …); otherwise the cluster-wide
+/// `--concurrency` slots.
+pub fn slot_set(
+    lock_name: &str,
+    default_concurrency: u32,
+    rule: Option<&crate::policy::RuleView>,
+) -> Vec<String> {
+    let Some(rule) = rule else {
+        return slot_names(lock_name, default_concurrency);
+    };
+    let concurrency = rule.concurrency.unwrap_or(default_concurrency);
+    match (&rule.lock_group, &rule.name) {
+        // Each group (value of the label) has its own slots: groups progress side by side.
+        (Some(g), _) => slot_names(
+            &format!("{lock_name}-g-{}", name_part(g.value.as_deref().unwrap_or(""))),
+            concurrency,
+        ),
+        // A rule with its own concurrency has its own slots.
+        (None, Some(name)) if rule.concurrency.is_some() => {
+            slot_names(&format!("{lock_name}-r-{}", name_part(name)), concurrency)
+        }
+        _ => slot_names(lock_name, default_concurrency),
+    }
+}
+
+/// A label value or rule name as part of a Lease name: kept when it is already a lowercase DNS
+/// label (readable: `kreboot-lock-g-db`), else a stable hash of it (FNV-1a), so that different
+/// values never share slots. The empty value (nodes without the label) is `none`.
+fn name_part(s: &str) -> String {
+    if s.is_empty() {
+        return "none".to_owned();
+    }
+    let dns = s.len() <= 40
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if dns {
+        return s.to_owned();
+    }
+    let hash = s.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("x{hash:08x}")
+}
+
+/// The slot names `lock_name`, `lock_name-1`, … for `concurrency` slots.
 pub fn slot_names(lock_name: &str, concurrency: u32) -> Vec<String> {
     (0..concurrency.max(1))
         .map(|i| {
@@ -381,6 +429,35 @@ impl LeaseLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_groups_have_their_own_slots() {
+        use crate::policy::{Policy, RuleView};
+        let p = Policy::parse(
+            "rules:\n  - name: pools\n    nodeSelector: {matchExpressions: [{key: pool, operator: Exists}]}\n    concurrency: 1\n    lockGroup: {byLabel: pool}\n  - name: DB_Rule\n    nodeSelector: {matchLabels: {role: db}}\n    concurrency: 2\n",
+        )
+        .unwrap();
+        let labels = |k: &str, v: &str| [(k.to_string(), v.to_string())].into();
+        let rule = |l| -> RuleView { p.rule_for(&l) };
+        let set = |l| slot_set("kreboot-lock", 3, Some(&rule(l)));
+        assert_eq!(set(labels("pool", "a")), ["kreboot-lock-g-a"]);
+        assert_eq!(set(labels("pool", "b")), ["kreboot-lock-g-b"]);
+        assert_ne!(
+            set(labels("pool", "Web_1")),
+            set(labels("pool", "web-1")),
+            "no collision"
+        );
+        assert_eq!(set(labels("role", "db")).len(), 2);
+        assert!(set(labels("role", "db"))[0].starts_with("kreboot-lock-r-x"));
+        assert_eq!(
+            set(labels("other", "x")),
+            ["kreboot-lock", "kreboot-lock-1", "kreboot-lock-2"]
+        );
+        assert_eq!(
+            slot_set("kreboot-lock", 2, None),
+            ["kreboot-lock", "kreboot-lock-1"]
+        );
+    }
 
     fn t(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

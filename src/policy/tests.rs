@@ -465,7 +465,7 @@ rules:
     timezone: UTC
     cron: [{schedule: "0 2 * * *", duration: 2h}]
     concurrency: 2
-    lockGroup: {byLabel: pool, maxConcurrent: 3}
+    lockGroup: {byLabel: pool}
 "#;
 
 #[test]
@@ -488,7 +488,7 @@ fn first_matching_rule_wins_and_the_rest_take_the_default() {
         Some(LockGroupView {
             label: "pool".into(),
             value: Some("web".into()),
-            max_concurrent: Some(3)
+            max_concurrent: None
         })
     );
     assert_eq!(p.rule_for(&frozen).name, None, "DoesNotExist excludes it");
@@ -670,6 +670,12 @@ fn new_fields_errors_name_the_key() {
             "rules: [{name: a, nodeSelector: {}, lockGroup: {byLabel: pool, maxConcurrent: -1}}]",
             "rules[0].lockGroup.maxConcurrent",
             "whole number",
+        ),
+        (
+            // A cap the lock does not enforce is refused, not ignored.
+            "rules: [{name: a, nodeSelector: {}, lockGroup: {byLabel: pool, maxConcurrent: 2}}]",
+            "rules[0].lockGroup.maxConcurrent",
+            "not supported yet",
         ),
         (
             "rules: [{name: a, nodeSelector: {}, timezone: Moon/Base}]",
