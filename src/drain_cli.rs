@@ -263,6 +263,9 @@ pub fn describe(e: &kube::Error) -> String {
             };
             format!("{} ({} {}){hint}", s.message, s.code, s.reason)
         }
+        kube::Error::Service(_) | kube::Error::HyperError(_) => {
+            format!("{e} (is the API server in the kubeconfig reachable?)")
+        }
         other => other.to_string(),
     }
 }

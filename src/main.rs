@@ -212,11 +212,12 @@ fn main() -> ExitCode {
             Command::Policy(args) => kreboot::policy_check::run(&args),
             Command::Drain(args) => {
                 // Progress goes to stderr as plain lines; logs only when something is wrong.
-                init_logging(LogFormat::Text, "warn");
+                // (The client's own error log would repeat the message printed.)
+                init_logging(LogFormat::Text, "warn,kube_client=off");
                 kreboot::drain_cli::run_drain(&args).await
             }
             Command::Uncordon(args) => {
-                init_logging(LogFormat::Text, "warn");
+                init_logging(LogFormat::Text, "warn,kube_client=off");
                 kreboot::drain_cli::run_uncordon(&args).await
             }
             Command::Demo(args) => {

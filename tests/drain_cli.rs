@@ -435,3 +435,22 @@ async fn uncordon_undoes_a_drain_and_refuses_a_node_mid_cycle() {
     }
     assert!(!unschedulable(&sim, "n0"), "bad usage changed nothing");
 }
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\n\
+         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n",
+    )
+    .unwrap();
+    for args in [&["drain", "n1"][..], &["uncordon", "-l", "pool=old"]] {
+        let out = kreboot(&kubeconfig, args).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("reachable"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
