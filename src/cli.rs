@@ -33,6 +33,13 @@ pub enum Command {
     Demo(DemoArgs),
     /// Work with a reboot policy (config.yaml of ConfigMap kreboot-config) offline.
     Policy(PolicyArgs),
+    /// Cordon nodes and drain them one after another through the Eviction API (PDBs
+    /// respected), e.g. an old node pool during a migration. Exit code 0: all drained; 1: a
+    /// drain failed or timed out (that node stays cordoned); 2: bad usage.
+    Drain(DrainArgs),
+    /// Make nodes schedulable again (undoes `kreboot drain`). Refuses a node kreboot's agent is
+    /// in the middle of a reboot cycle on, unless --force.
+    Uncordon(UncordonArgs),
     /// Run a command in the host's namespaces, as the agent runs its reboot command (for
     /// checking a node's set-up; prints the command's output and exits with its code).
     #[command(hide = true)]
@@ -91,6 +98,64 @@ fn parse_instant(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
         .map_err(|e| format!("{e} (example: 2026-11-27T22:30:00Z or 2026-11-27T23:30:00+01:00)"))
 }
 
+/// Output format of `kreboot drain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Readable lines.
+    Text,
+    /// One JSON document on stdout (progress stays on stderr).
+    Json,
+}
+
+/// Which nodes a command works on: names, or a label selector (exactly one of the two).
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct NodeTargets {
+    /// The nodes, by name.
+    #[arg(value_name = "NODE")]
+    pub nodes: Vec<String>,
+    /// A label selector instead of names, passed to the API server as it is (e.g. pool=old or
+    /// 'pool in (a,b),zone!=c').
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+}
+
+/// Flags of `kreboot drain`.
+#[derive(Debug, Clone, Args)]
+pub struct DrainArgs {
+    /// The nodes.
+    #[command(flatten)]
+    pub targets: NodeTargets,
+    /// Upper bound of each node's drain; on expiry the command stops with exit code 1 and the
+    /// node stays cordoned.
+    #[arg(long, default_value = "10m", value_parser = parse_nonzero_duration)]
+    pub timeout: Duration,
+    /// Grace period in seconds given to evicted pods (-1: each pod's own).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(-1..))]
+    pub grace_period: i64,
+    /// Interval between retries of an eviction refused by a PodDisruptionBudget.
+    #[arg(long, default_value = "5s", value_parser = parse_nonzero_duration)]
+    pub eviction_retry: Duration,
+    /// List the nodes and, per node, the pods that would be evicted and those skipped (and
+    /// why); change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Output format (progress always goes to stderr as text).
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+/// Flags of `kreboot uncordon`.
+#[derive(Debug, Clone, Args)]
+pub struct UncordonArgs {
+    /// The nodes.
+    #[command(flatten)]
+    pub targets: NodeTargets,
+    /// Uncordon even a node that kreboot's agent is in the middle of a reboot cycle on.
+    #[arg(long)]
+    pub force: bool,
+}
+
 /// Flags of `kreboot host-exec`.
 #[derive(Debug, Clone, Args)]
 pub struct HostExecArgs {
@@ -116,6 +181,13 @@ pub enum LogFormat {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 30m, 1h30m)"))
+}
+
+fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0".to_owned()),
+        d => Ok(d),
+    }
 }
 
 /// Flags of `kreboot agent`.

@@ -12,6 +12,9 @@
 //! serialises `delete_options` in snake case, which the API server drops, losing the grace
 //! period (see API-NOTES). The client used here must not retry 429 on its own (kreboot builds
 //! its clients with `default_retry = false`), or the timeout would mean nothing.
+//!
+//! [`drain_with_progress`] also reports each step ([`DrainProgress`]) for a display (`kreboot
+//! drain`); [`drain`], the agent's entry point, is the same drain without a display.
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -23,7 +26,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::{Value, json};
-use tokio::time::Instant;
+use tokio::{sync::mpsc::UnboundedSender, time::Instant};
 use tracing::{debug, info, warn};
 
 /// How long to wait before retrying an eviction refused with 429 or a 5xx. Five seconds is what
@@ -109,6 +112,41 @@ pub struct DrainReport {
     pub evicted: usize,
     /// Eviction attempts refused (429/5xx) and retried.
     pub retries: usize,
+}
+
+/// One step of a drain, for a progress display. Pods are `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrainProgress {
+    /// The node's pods were listed: `evict` will be evicted, `wait` (evicted plus already
+    /// terminating) must be gone, `skipped` are left alone.
+    Started {
+        /// The node.
+        node: String,
+        /// Pods to evict.
+        evict: usize,
+        /// Pods waited for.
+        wait: usize,
+        /// Pods left alone (DaemonSet, mirror, finished).
+        skipped: usize,
+    },
+    /// The API server accepted the eviction (or the pod was already gone).
+    Evicted {
+        /// The pod.
+        pod: String,
+    },
+    /// The eviction was refused for now (429: a PodDisruptionBudget; or a 5xx) and is retried
+    /// after the retry interval.
+    Retrying {
+        /// The pod.
+        pod: String,
+        /// The API server's message.
+        message: String,
+    },
+    /// The pod no longer exists.
+    Gone {
+        /// The pod.
+        pod: String,
+    },
 }
 
 /// Why a drain failed.
@@ -202,10 +240,20 @@ async fn evict_until_done(
     on_retry: &(dyn Fn() + Sync),
     last_refusal: &std::sync::Mutex<String>,
     retries: &std::sync::atomic::AtomicUsize,
+    progress: Option<&UnboundedSender<DrainProgress>>,
 ) -> Result<(), DrainError> {
+    let report = |p: DrainProgress| {
+        if let Some(tx) = progress {
+            // A display that went away must not stop the drain.
+            let _ = tx.send(p);
+        }
+    };
     loop {
         match evict_once(client, &pod, cfg.grace_period).await {
-            EvictOutcome::Done => return Ok(()),
+            EvictOutcome::Done => {
+                report(DrainProgress::Evicted { pod: pod_key(&pod) });
+                return Ok(());
+            }
             EvictOutcome::Fatal(message) => {
                 return Err(DrainError::Refused {
                     pod: pod_key(&pod),
@@ -218,6 +266,10 @@ async fn evict_until_done(
                 on_retry();
                 *last_refusal.lock().unwrap_or_else(|e| e.into_inner()) =
                     format!("{}: {message}", pod_key(&pod));
+                report(DrainProgress::Retrying {
+                    pod: pod_key(&pod),
+                    message,
+                });
                 tokio::time::sleep(cfg.eviction_retry).await;
             }
         }
@@ -236,6 +288,25 @@ pub async fn drain(
     cfg: &DrainConfig,
     on_retry: &(dyn Fn() + Sync),
 ) -> Result<DrainReport, DrainError> {
+    drain_with_progress(client, node, cfg, on_retry, None).await
+}
+
+/// [`drain`], reporting each step to `progress` (when given) as it happens.
+///
+/// # Errors
+/// As [`drain`].
+pub async fn drain_with_progress(
+    client: &Client,
+    node: &str,
+    cfg: &DrainConfig,
+    on_retry: &(dyn Fn() + Sync),
+    progress: Option<&UnboundedSender<DrainProgress>>,
+) -> Result<DrainReport, DrainError> {
+    let report = |p: DrainProgress| {
+        if let Some(tx) = progress {
+            let _ = tx.send(p);
+        }
+    };
     let deadline = Instant::now() + cfg.timeout;
     let all: Api<Pod> = Api::all(client.clone());
     let selector = format!("spec.nodeName={node}");
@@ -253,6 +324,12 @@ pub async fn drain(
     let (to_evict, wait_for) = plan(&list.items);
     let mut remaining: BTreeSet<String> = wait_for.iter().map(|p| pod_key(p)).collect();
     info!(node, evict = to_evict.len(), wait = remaining.len(), "draining");
+    report(DrainProgress::Started {
+        node: node.to_owned(),
+        evict: to_evict.len(),
+        wait: remaining.len(),
+        skipped: list.items.len() - remaining.len(),
+    });
     let last_refusal = std::sync::Mutex::new(String::new());
     let retries = std::sync::atomic::AtomicUsize::new(0);
 
@@ -260,7 +337,7 @@ pub async fn drain(
     // higher-ranked-lifetime limitation of async closures in streams).
     let owned: Vec<Pod> = to_evict.iter().map(|p| (*p).clone()).collect();
     let evictions = stream::iter(owned)
-        .map(|pod| evict_until_done(client, pod, cfg, on_retry, &last_refusal, &retries))
+        .map(|pod| evict_until_done(client, pod, cfg, on_retry, &last_refusal, &retries, progress))
         .buffer_unordered(EVICTION_CONCURRENCY)
         .try_collect::<Vec<()>>();
 
@@ -300,11 +377,20 @@ pub async fn drain(
                 }
                 Some(Ok(watcher::Event::InitDone)) => {
                     if let Some(l) = listing.take() {
-                        remaining.retain(|k| l.contains(k));
+                        remaining.retain(|k| {
+                            let there = l.contains(k);
+                            if !there {
+                                report(DrainProgress::Gone { pod: k.clone() });
+                            }
+                            there
+                        });
                     }
                 }
                 Some(Ok(watcher::Event::Delete(p))) => {
-                    remaining.remove(&pod_key(&p));
+                    let key = pod_key(&p);
+                    if remaining.remove(&key) {
+                        report(DrainProgress::Gone { pod: key });
+                    }
                 }
                 Some(Ok(watcher::Event::Apply(_))) => {}
                 Some(Err(e)) => warn!(node, error = %e, "pod watch failed, retrying"),

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod blockers;
 pub mod cli;
 pub mod drain;
+pub mod drain_cli;
 pub mod events;
 pub mod host;
 pub mod lock;

@@ -210,6 +210,16 @@ fn main() -> ExitCode {
             Command::Agent(args) => run_agent(*args).await,
             Command::HostExec(args) => run_host_exec(args).await,
             Command::Policy(args) => kreboot::policy_check::run(&args),
+            Command::Drain(args) => {
+                // Progress goes to stderr as plain lines; logs only when something is wrong.
+                // (The client's own error log would repeat the message printed.)
+                init_logging(LogFormat::Text, "warn,kube_client=off");
+                kreboot::drain_cli::run_drain(&args).await
+            }
+            Command::Uncordon(args) => {
+                init_logging(LogFormat::Text, "warn,kube_client=off");
+                kreboot::drain_cli::run_uncordon(&args).await
+            }
             Command::Demo(args) => {
                 // The demo prints its own progress; agents' logs only when something goes wrong.
                 init_logging(LogFormat::Text, "warn");

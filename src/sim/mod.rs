@@ -161,6 +161,10 @@ pub(crate) struct Shared {
     rebooting: Mutex<std::collections::BTreeSet<String>>,
     /// Faults injected so far (errors, conflicts, dropped watches).
     faults_injected: std::sync::atomic::AtomicU64,
+    /// Serialises evictions: the PDB check and the delete are one step, as the API server's
+    /// update of the PDB status (with its resourceVersion) makes them. Without it two
+    /// concurrent evictions could both see one allowed disruption.
+    evictions: Mutex<()>,
 }
 
 impl Shared {
@@ -307,6 +311,7 @@ impl Shared {
     /// The Eviction subresource: refused with 429 when a PodDisruptionBudget allows no
     /// disruption, otherwise a graceful delete.
     fn evict(self: &Arc<Self>, ns: &str, name: &str, grace: Option<i64>) -> Result<(), StoreError> {
+        let _one_at_a_time = self.evictions.lock().unwrap_or_else(|e| e.into_inner());
         let Some(pod) = self.store.get(Kind::Pod, ns, name) else {
             return Err(StoreError::new(
                 404,
@@ -499,6 +504,7 @@ impl SimCluster {
             events,
             rebooting: Mutex::new(Default::default()),
             faults_injected: Default::default(),
+            evictions: Mutex::default(),
         });
         for ns in ["default", "kube-system"] {
             let _ = shared
