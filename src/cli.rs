@@ -33,6 +33,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Work with a reboot policy (config.yaml of ConfigMap kreboot-config) offline.
     Policy(PolicyArgs),
+    /// Show what kreboot is doing across the cluster: each node's state, the lock, the queue
+    /// and the policy (reads the cluster with your kubeconfig; writes nothing).
+    Status(StatusArgs),
     /// Run a command in the host's namespaces, as the agent runs its reboot command (for
     /// checking a node's set-up; prints the command's output and exits with its code).
     #[command(hide = true)]
@@ -89,6 +92,43 @@ fn parse_instant(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     chrono::DateTime::parse_from_rfc3339(s.trim())
         .map(|t| t.with_timezone(&chrono::Utc))
         .map_err(|e| format!("{e} (example: 2026-11-27T22:30:00Z or 2026-11-27T23:30:00+01:00)"))
+}
+
+/// Flags of `kreboot status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Namespace of the lock Leases and the policy ConfigMap [default: $POD_NAMESPACE, else kreboot].
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "kreboot",
+        hide_env = true,
+        hide_default_value = true
+    )]
+    pub namespace: String,
+    /// Name of the policy ConfigMap (key config.yaml).
+    #[arg(long, default_value = "kreboot-config")]
+    pub config_map: String,
+    /// Name of the lock Lease (slot 0; slot i is <name>-<i>).
+    #[arg(long, default_value = "kreboot-lock")]
+    pub lock_name: String,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// The instant ages and windows are computed from, RFC 3339 (for tests) [default: now].
+    #[arg(long, hide = true, value_parser = parse_instant)]
+    pub now: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Output format of `kreboot status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns, for people.
+    Table,
+    /// JSON, for scripts.
+    Json,
+    /// YAML.
+    Yaml,
 }
 
 /// Flags of `kreboot host-exec`.

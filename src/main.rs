@@ -210,6 +210,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => run_agent(*args).await,
             Command::HostExec(args) => run_host_exec(args).await,
             Command::Policy(args) => kreboot::policy_check::run(&args),
+            Command::Status(args) => kreboot::status::run(&args).await,
             Command::Demo(args) => {
                 // The demo prints its own progress; agents' logs only when something goes wrong.
                 init_logging(LogFormat::Text, "warn");
