@@ -528,7 +528,7 @@ fn window_cell(n: &NodeStatus, now: DateTime<Utc>) -> String {
     match (n.window_open, n.next_window, n.next_window_end) {
         (None, ..) => "-".to_owned(),
         (Some(true), _, None) => "open".to_owned(),
-        (Some(true), _, Some(end)) => format!("open, closes {}", relative(Some(end), now)),
+        (Some(true), _, Some(end)) => format!("open ({} left)", human_duration(end - now)),
         (Some(false), Some(start), _) => relative(Some(start), now),
         (Some(false), None, _) => format!("none within {HORIZON_DAYS}d"),
     }
@@ -551,7 +551,7 @@ fn failure_cell(n: &NodeStatus, now: DateTime<Utc>) -> String {
                 Some(r) => format!("{when}: {r}"),
                 None => when,
             };
-            cell(Some(&text), CELL_MAX)
+            cell(Some(&text), 32)
         }
     }
 }
@@ -579,7 +579,7 @@ pub fn render_table(s: &ClusterStatus) -> String {
                         (true, since) => age(since, now),
                     },
                     cell(n.reason.as_deref(), 28),
-                    cell(n.blocked_by.as_deref(), CELL_MAX),
+                    cell(n.blocked_by.as_deref(), 32),
                     relative(n.last_reboot, now),
                     failure_cell(n, now),
                     cell(n.rule.as_deref(), 20),
@@ -1148,7 +1148,7 @@ rules:
             "{table}"
         );
         let db_line = table.lines().find(|l| l.starts_with("db ")).unwrap();
-        assert!(db_line.ends_with("   db     open, closes in 1h"), "{db_line:?}");
+        assert!(db_line.ends_with("   db     open (1h left)"), "{db_line:?}");
         let web_line = table.lines().find(|l| l.starts_with("web ")).unwrap();
         assert!(web_line.ends_with("   -      in 12h"), "{web_line:?}");
     }
@@ -1196,14 +1196,14 @@ rules:
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(
             lines[0],
-            "NAME           STATE      READY   CORDONED   PENDING   REASON                         BLOCKED BY      LAST REBOOT   LAST FAILURE                               RULE   NEXT WINDOW"
+            "NAME           STATE      READY   CORDONED   PENDING   REASON                         BLOCKED BY      LAST REBOOT   LAST FAILURE                       RULE   NEXT WINDOW"
         );
         assert_eq!(
             lines[5],
-            "pending        pending    True    -          2h13m     linux-image-6.8.0-49-generic   window_closed   -             -                                          -      open"
+            "pending        pending    True    -          2h13m     linux-image-6.8.0-49-generic   window_closed   -             -                                  -      open"
         );
         assert!(
-            lines[3].contains("   5d2h ago      40m ago: drain timed out after 30m: p...   "),
+            lines[3].contains("   5d2h ago      40m ago: drain timed out afte...   "),
             "{}",
             lines[3]
         );
