@@ -458,3 +458,14 @@ async fn status_api_errors_exit_1_with_a_message() {
         run.stderr
     );
 }
+
+#[test]
+fn status_readme_example_is_the_golden_table() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let golden = std::fs::read_to_string(root.join("tests/golden/status.txt")).expect("golden file");
+    assert!(
+        readme.contains(&format!("$ kreboot status\n{golden}```")),
+        "the README's `kreboot status` example differs from tests/golden/status.txt: copy it over"
+    );
+}
