@@ -40,6 +40,9 @@ pub enum Command {
     /// Make nodes schedulable again (undoes `kreboot drain`). Refuses a node kreboot's agent is
     /// in the middle of a reboot cycle on, unless --force.
     Uncordon(UncordonArgs),
+    /// Show what kreboot is doing across the cluster: each node's state, the lock, the queue
+    /// and the policy (reads the cluster with your kubeconfig; writes nothing).
+    Status(StatusArgs),
     /// Run a command in the host's namespaces, as the agent runs its reboot command (for
     /// checking a node's set-up; prints the command's output and exits with its code).
     #[command(hide = true)]
@@ -154,6 +157,43 @@ pub struct UncordonArgs {
     /// Uncordon even a node that kreboot's agent is in the middle of a reboot cycle on.
     #[arg(long)]
     pub force: bool,
+}
+
+/// Flags of `kreboot status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Namespace of the lock Leases and the policy ConfigMap [default: $POD_NAMESPACE, else kreboot].
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "kreboot",
+        hide_env = true,
+        hide_default_value = true
+    )]
+    pub namespace: String,
+    /// Name of the policy ConfigMap (key config.yaml).
+    #[arg(long, default_value = "kreboot-config")]
+    pub config_map: String,
+    /// Name of the lock Lease (slot 0; slot i is <name>-<i>).
+    #[arg(long, default_value = "kreboot-lock")]
+    pub lock_name: String,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = StatusFormat::Table)]
+    pub output: StatusFormat,
+    /// The instant ages and windows are computed from, RFC 3339 (for tests) [default: now].
+    #[arg(long, hide = true, value_parser = parse_instant)]
+    pub now: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Output format of `kreboot status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusFormat {
+    /// Aligned columns, for people.
+    Table,
+    /// JSON, for scripts.
+    Json,
+    /// YAML.
+    Yaml,
 }
 
 /// Flags of `kreboot host-exec`.

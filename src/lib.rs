@@ -21,3 +21,4 @@ pub mod policy_check;
 pub mod reboot;
 pub mod sentinel;
 pub mod sim;
+pub mod status;

@@ -220,6 +220,7 @@ fn main() -> ExitCode {
                 init_logging(LogFormat::Text, "warn,kube_client=off");
                 kreboot::drain_cli::run_uncordon(&args).await
             }
+            Command::Status(args) => kreboot::status::run(&args).await,
             Command::Demo(args) => {
                 // The demo prints its own progress; agents' logs only when something goes wrong.
                 init_logging(LogFormat::Text, "warn");

@@ -587,6 +587,21 @@ impl Policy {
         }
     }
 
+    /// The time zone of the top-level schedule (the nodes that no rule selects).
+    pub fn zone(&self) -> Zone {
+        self.default.zone
+    }
+
+    /// Whether the top-level schedule (the nodes that no rule selects) allows a reboot at `now`.
+    pub fn top_level_is_open(&self, now: DateTime<Utc>) -> bool {
+        self.default.is_open(now)
+    }
+
+    /// How many `rules` the policy has.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
     /// Whether a node with `labels` may reboot at `now`.
     pub fn is_open(&self, labels: &Labels, now: DateTime<Utc>) -> bool {
         self.schedule_for(labels).is_open(now)
