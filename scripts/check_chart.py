@@ -40,6 +40,7 @@ ALL_FEATURES = {
               "postRebootNodeLabels": {"example.com/patched": "true"},
               "preferNoScheduleTaint": "example.com/reboot-pending"},
     "imagePullSecrets": [{"name": "registry"}],
+    "notifications": {"existingSecret": "kreboot-notify", "drainTemplate": "Draining {node}: {reason}"},
     "podAnnotations": {"example.com/a": "b"},
     "podLabels": {"team": "platform"},
     "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
