@@ -10,6 +10,7 @@ pub mod cli;
 pub mod drain;
 pub mod events;
 pub mod host;
+pub mod kubelet_sim;
 pub mod lock;
 pub mod metrics;
 pub mod node;
