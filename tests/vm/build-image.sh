@@ -130,9 +130,19 @@ UNIT
 
 chroot "$root" systemctl enable systemd-networkd.service systemd-networkd-wait-online.service \
   vmtest-sentinel.service kreboot-kubelet-sim.service kreboot-agent.service >/dev/null 2>&1
-# Nothing else the test does not need: no login prompt on the console, no timers.
-chroot "$root" systemctl mask serial-getty@ttyS0.service getty@tty1.service apt-daily.timer \
-  apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer >/dev/null 2>&1 || true
+# Nothing the test does not need: no login prompts, no timers, no drivers for hardware the VM
+# lacks (every boot is emulated instruction by instruction).
+chroot "$root" systemctl mask serial-getty@ttyS0.service getty@tty1.service getty-static.service \
+  apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer \
+  >/dev/null 2>&1 || true
+printf 'blacklist %s\n' kvm kvm_amd kvm_intel cfg80211 floppy pcspkr joydev evdev \
+  >"$root/etc/modprobe.d/vmtest.conf"
+kver=$(ls "$root/lib/modules" | sort -V | tail -1)
+for d in sound drivers/gpu drivers/media drivers/net/wireless drivers/infiniband drivers/staging \
+  drivers/bluetooth drivers/iio drivers/hid drivers/usb net/wireless net/bluetooth; do
+  rm -rf "$root/lib/modules/$kver/kernel/$d"
+done
+chroot "$root" depmod -a "$kver"
 
 kernel=$(ls "$root"/boot/vmlinuz-* | sort -V | tail -1)
 initrd=$(ls "$root"/boot/initrd.img-* | sort -V | tail -1)
