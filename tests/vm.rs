@@ -30,6 +30,27 @@ use kreboot::{
 };
 
 const NODE: &str = "kreboot-vm";
+
+/// `certificate-authority-data` of the guest's kubeconfig: a self-signed certificate whose key
+/// was thrown away. The API server is plain HTTP, so it never verifies anything; but kube-rs
+/// builds its TLS set-up even for an http:// server, and without a CA in the kubeconfig it asks
+/// the system's trust store, which the agent's empty root does not have (in a cluster the
+/// in-cluster configuration always brings the ServiceAccount's CA).
+const UNUSED_CA_B64: &str = concat!(
+    "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUI1ekNDQVkyZ0F3SUJBZ0lVRDZJMGxpc1NMZEdy",
+    "bVlqNzB3eUJlNTVvc2JVd0NnWUlLb1pJemowRUF3SXcKU0RGR01FUUdBMVVFQXd3OWEzSmxZbTl2ZEMx",
+    "MmJTMTBaWE4wTFdOaElDaHVaWFpsY2lCMWMyVmtPaUIwYUdVZwpRVkJKSUhObGNuWmxjaUJwY3lCd2JH",
+    "RnBiaUJJVkZSUUtUQWdGdzB5TmpFeE1qVXdNVFEyTXpSYUdBOHlNVEkyCk1URXdNVEF4TkRZek5Gb3dT",
+    "REZHTUVRR0ExVUVBd3c5YTNKbFltOXZkQzEyYlMxMFpYTjBMV05oSUNodVpYWmwKY2lCMWMyVmtPaUIw",
+    "YUdVZ1FWQkpJSE5sY25abGNpQnBjeUJ3YkdGcGJpQklWRlJRS1RCWk1CTUdCeXFHU000OQpBZ0VHQ0Nx",
+    "R1NNNDlBd0VIQTBJQUJNQzNIaVhFcWxJdkVRVjhiNXJVOWhWaU9VOUlabkUrd0kxVlE5blBlRGtyCmli",
+    "NWhhS1FaeXhZN3FsaXl0RnhKUnI0MFBtSHJ2czJUYm9BNzRaU09iNEtqVXpCUk1CMEdBMVVkRGdRV0JC",
+    "UTkKa2JOQkJRNUF3WWpSaFBycmRjOGQ5dHU5dWpBZkJnTlZIU01FR0RBV2dCUTlrYk5CQlE1QXdZalJo",
+    "UHJyZGM4ZAo5dHU5dWpBUEJnTlZIUk1CQWY4RUJUQURBUUgvTUFvR0NDcUdTTTQ5QkFNQ0EwZ0FNRVVD",
+    "SVFDa2l3UnR3TUk0Clo2Z1QyYzk1aTE2Tk42N1d5RzYrajhiaVdjY2d5eHVFbkFJZ1cxcHA1L24wQlhr",
+    "Z0loN2hEeVdCMllOTjFFdXAKdGRRQ2hqUTVKR0VmRVU4PQotLS0tLUVORCBDRVJUSUZJQ0FURS0tLS0t",
+    "Cg==",
+);
 const BUILD_SCRIPT: &str = include_str!("vm/build-image.sh");
 
 fn manifest_dir() -> PathBuf {
@@ -254,13 +275,23 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
         "copying the image",
         Duration::from_secs(120),
     );
-    // The binary goes into the agent's empty root; kubelet-sim runs the same file.
+    // The binary goes into the agent's empty root (kubelet-sim runs the same file), and the
+    // kubeconfig (API server at the guestfwd address) replaces the image's.
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: sim\n  cluster:\n    server: http://10.0.2.100:6443\n    certificate-authority-data: {UNUSED_CA_B64}\ncontexts:\n- name: sim\n  context:\n    cluster: sim\n    user: sim\ncurrent-context: sim\nusers:\n- name: sim\n  user: {{}}\n"
+        ),
+    )
+    .unwrap();
     let cmds = dir.join("debugfs.cmds");
     std::fs::write(
         &cmds,
         format!(
-            "cd /opt/kreboot-root\nwrite {} kreboot\nsif kreboot mode 0100755\n",
-            kreboot.display()
+            "cd /opt/kreboot-root\nwrite {} kreboot\nsif kreboot mode 0100755\ncd /etc/kreboot\nrm kubeconfig\nwrite {} kubeconfig\n",
+            kreboot.display(),
+            kubeconfig.display()
         ),
     )
     .unwrap();
