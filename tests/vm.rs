@@ -327,13 +327,14 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
     }
     let fake_boot_id = boot_id(&sim);
 
-    // Every guest connection to 10.0.2.100:6443 gets its own relay to the simulator; when
-    // either side ends, both do.
+    // Every guest connection to 10.0.2.100:6443 gets its own relay to the simulator (qemu runs
+    // it with the connection on stdin/stdout); when either side ends, both do. A background
+    // job's stdin is /dev/null unless redirected: hence fd 4.
     let relay = dir.join("relay.sh");
     std::fs::write(
         &relay,
         format!(
-            "exec 3<>/dev/tcp/127.0.0.1/{port} || exit 1\ncat <&3 & r=$!\ncat >&3 & w=$!\nwait -n\nkill $r $w 2>/dev/null\n"
+            "exec 3<>/dev/tcp/127.0.0.1/{port} 4<&0 || exit 1\ncat <&3 & r=$!\ncat <&4 >&3 & w=$!\nwait -n\nkill $r $w 2>/dev/null\n"
         ),
     )
     .unwrap();
