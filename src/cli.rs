@@ -47,6 +47,24 @@ pub enum Command {
     /// checking a node's set-up; prints the command's output and exits with its code).
     #[command(hide = true)]
     HostExec(HostExecArgs),
+    /// Play the kubelet's part on a machine without one: report this machine's boot id and
+    /// Ready=True in the Node's status, then exit (for the end-to-end VM test).
+    #[command(hide = true)]
+    KubeletSim(KubeletSimArgs),
+}
+
+/// Flags of `kreboot kubelet-sim`.
+#[derive(Debug, Clone, Args)]
+pub struct KubeletSimArgs {
+    /// The Node whose status is reported.
+    #[arg(long, env = "KREBOOT_NODE_NAME")]
+    pub node_name: String,
+    /// Give up when the API server has not accepted the status within this long.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Pause between attempts.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub retry_interval: Duration,
 }
 
 /// `kreboot policy ...`.

@@ -12,6 +12,7 @@ pub mod drain;
 pub mod drain_cli;
 pub mod events;
 pub mod host;
+pub mod kubelet_sim;
 pub mod lock;
 pub mod metrics;
 pub mod node;

@@ -209,6 +209,16 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Agent(args) => run_agent(*args).await,
             Command::HostExec(args) => run_host_exec(args).await,
+            Command::KubeletSim(args) => match kreboot::kubelet_sim::run(&args).await {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kubelet-sim failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
             Command::Policy(args) => kreboot::policy_check::run(&args),
             Command::Drain(args) => {
                 // Progress goes to stderr as plain lines; logs only when something is wrong.

@@ -92,9 +92,15 @@ pub struct SignalRebooter {
     pub pid: i32,
 }
 
-/// SIGRTMIN+5, the signal systemd's PID 1 treats as "reboot".
+/// SIGRTMIN+5 as systemd numbers it: signal 39, which its PID 1 treats as "reboot".
+///
+/// systemd is built against glibc, whose SIGRTMIN is 34 (the kernel's 32 plus two signals glibc
+/// keeps for itself). musl keeps three, so `libc::SIGRTMIN() + 5` in the static musl binary is
+/// 40: systemd's SIGRTMIN+6, "kexec" (found by tests/vm.rs: the guest went down through
+/// systemd-kexec.service, and only rebooted because no kexec kernel was loaded).
 pub fn reboot_signal() -> i32 {
-    libc::SIGRTMIN() + 5
+    const GLIBC_SIGRTMIN: i32 = 34;
+    GLIBC_SIGRTMIN + 5
 }
 
 impl Rebooter for SignalRebooter {
@@ -156,6 +162,11 @@ mod tests {
             exec: own(),
         };
         r.reboot().await.unwrap();
+    }
+
+    #[test]
+    fn the_reboot_signal_is_systemds_whatever_the_libc() {
+        assert_eq!(reboot_signal(), 39);
     }
 
     #[tokio::test]

@@ -1,0 +1,538 @@
+//! End to end on a real Linux VM: kreboot reboots a Debian guest through systemd, and the guest
+//! comes back.
+//!
+//! The guest (qemu under software emulation, Debian bookworm built by `tests/vm/build-image.sh`
+//! and cached under `target/vm/`) runs the static musl kreboot the way the DaemonSet runs it: in
+//! its own mount namespace whose root holds nothing but the binary (systemd `RootDirectory=`),
+//! the kubeconfig and the host's /var/run read-only, with PID 1 visible. `systemctl` cannot be
+//! reached from there: the reboot only works through `setns` into PID 1's namespaces (method
+//! `command`), or SIGRTMIN+5 to PID 1 (method `signal`). `kreboot kubelet-sim` plays the
+//! kubelet in the guest: it reports the guest's real boot id and Ready on every boot.
+//!
+//! The API server is a [`SimCluster`] in this process on 127.0.0.1. qemu's user network runs
+//! with `restrict=on`: the guest reaches nothing but one `guestfwd` rule, 10.0.2.100:6443, whose
+//! connections qemu hands to a relay (bash's /dev/tcp) to the simulator's port.
+//!
+//! Skipped, loudly, when not root or when qemu-system-x86_64 or debootstrap is missing
+//! (scripts/test installs them).
+
+use std::{
+    collections::BTreeMap,
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use kreboot::{
+    node::{ANN_LAST_REBOOT, ANN_PHASE, PREFIX},
+    sim::{self, SimCluster, SimConfig},
+};
+
+const NODE: &str = "kreboot-vm";
+
+/// `certificate-authority-data` of the guest's kubeconfig: a self-signed certificate whose key
+/// was thrown away. The API server is plain HTTP, so it never verifies anything; but kube-rs
+/// builds its TLS set-up even for an http:// server, and without a CA in the kubeconfig it asks
+/// the system's trust store, which the agent's empty root does not have (in a cluster the
+/// in-cluster configuration always brings the ServiceAccount's CA).
+const UNUSED_CA_B64: &str = concat!(
+    "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUI1ekNDQVkyZ0F3SUJBZ0lVRDZJMGxpc1NMZEdy",
+    "bVlqNzB3eUJlNTVvc2JVd0NnWUlLb1pJemowRUF3SXcKU0RGR01FUUdBMVVFQXd3OWEzSmxZbTl2ZEMx",
+    "MmJTMTBaWE4wTFdOaElDaHVaWFpsY2lCMWMyVmtPaUIwYUdVZwpRVkJKSUhObGNuWmxjaUJwY3lCd2JH",
+    "RnBiaUJJVkZSUUtUQWdGdzB5TmpFeE1qVXdNVFEyTXpSYUdBOHlNVEkyCk1URXdNVEF4TkRZek5Gb3dT",
+    "REZHTUVRR0ExVUVBd3c5YTNKbFltOXZkQzEyYlMxMFpYTjBMV05oSUNodVpYWmwKY2lCMWMyVmtPaUIw",
+    "YUdVZ1FWQkpJSE5sY25abGNpQnBjeUJ3YkdGcGJpQklWRlJRS1RCWk1CTUdCeXFHU000OQpBZ0VHQ0Nx",
+    "R1NNNDlBd0VIQTBJQUJNQzNIaVhFcWxJdkVRVjhiNXJVOWhWaU9VOUlabkUrd0kxVlE5blBlRGtyCmli",
+    "NWhhS1FaeXhZN3FsaXl0RnhKUnI0MFBtSHJ2czJUYm9BNzRaU09iNEtqVXpCUk1CMEdBMVVkRGdRV0JC",
+    "UTkKa2JOQkJRNUF3WWpSaFBycmRjOGQ5dHU5dWpBZkJnTlZIU01FR0RBV2dCUTlrYk5CQlE1QXdZalJo",
+    "UHJyZGM4ZAo5dHU5dWpBUEJnTlZIUk1CQWY4RUJUQURBUUgvTUFvR0NDcUdTTTQ5QkFNQ0EwZ0FNRVVD",
+    "SVFDa2l3UnR3TUk0Clo2Z1QyYzk1aTE2Tk42N1d5RzYrajhiaVdjY2d5eHVFbkFJZ1cxcHA1L24wQlhr",
+    "Z0loN2hEeVdCMllOTjFFdXAKdGRRQ2hqUTVKR0VmRVU4PQotLS0tLUVORCBDRVJUSUZJQ0FURS0tLS0t",
+    "Cg==",
+);
+const BUILD_SCRIPT: &str = include_str!("vm/build-image.sh");
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Prints a skip message nobody can miss (the test then returns: nextest has no "skipped").
+fn skip(why: &str) {
+    let bar = "!".repeat(78);
+    eprintln!("\n{bar}\n!! SKIPPED: the VM test did not run: {why}\n{bar}\n");
+}
+
+fn found(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .any(|d| d.join(program).is_file())
+    })
+}
+
+/// Runs a command to completion within `limit`, killing it on expiry; panics on failure.
+fn run(cmd: &mut Command, what: &str, limit: Duration) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what}: still running after {limit:?}, killed:\n{}",
+                std::fs::read_to_string(&out_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+    assert!(status.success(), "{what} failed ({status}):\n{output}");
+    output
+}
+
+/// FNV-1a: a hash that is the same on every machine and toolchain (the image cache key).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// True when the ELF file asks for no program interpreter (a static or static-pie binary).
+fn elf_is_static(path: &Path) -> bool {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .unwrap();
+    assert_eq!(&bytes[..4], b"\x7fELF", "{path:?} is not ELF");
+    assert_eq!(bytes[4], 2, "{path:?} is not a 64-bit ELF");
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap()) as usize;
+    let (phoff, phentsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
+    // PT_INTERP = 3: the dynamic loader a dynamically linked program needs.
+    !(0..phnum).any(|i| u32::from_le_bytes(bytes[phoff + i * phentsize..][..4].try_into().unwrap()) == 3)
+}
+
+/// The static kreboot, built (or found up to date, e.g. after scripts/test built it) in the
+/// worktree's own target/.
+fn static_kreboot() -> PathBuf {
+    let root = manifest_dir();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let started = Instant::now();
+    run(
+        Command::new(cargo)
+            .current_dir(&root)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_BUILD_TARGET_DIR")
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "--target",
+                "x86_64-unknown-linux-musl",
+                "--bin",
+                "kreboot",
+                "--target-dir",
+            ])
+            .arg(root.join("target")),
+        "cargo build (static musl kreboot)",
+        Duration::from_secs(30 * 60),
+    );
+    let bin = root.join("target/x86_64-unknown-linux-musl/release/kreboot");
+    assert!(elf_is_static(&bin), "{bin:?} needs a dynamic loader: not static");
+    eprintln!(
+        "[vm] static kreboot {bin:?} ({} KiB), built or checked in {:.1?}",
+        std::fs::metadata(&bin).unwrap().len() / 1024,
+        started.elapsed()
+    );
+    bin
+}
+
+/// The cached image directory (disk.ext4, vmlinuz, initrd.img), built when missing.
+fn image() -> PathBuf {
+    let dir = manifest_dir()
+        .join("target/vm")
+        .join(format!("image-{:016x}", fnv1a(BUILD_SCRIPT.as_bytes())));
+    if dir.join("disk.ext4").is_file() {
+        eprintln!("[vm] image: cached {dir:?}");
+        return dir;
+    }
+    let started = Instant::now();
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    let out = run(
+        Command::new("bash")
+            .arg(manifest_dir().join("tests/vm/build-image.sh"))
+            .arg(&dir),
+        "tests/vm/build-image.sh",
+        Duration::from_secs(20 * 60),
+    );
+    eprintln!("[vm] {}", out.trim());
+    eprintln!("[vm] phase image build: {:.1?}", started.elapsed());
+    dir
+}
+
+/// A running qemu; killed by its PID when dropped (end of test, timeout, panic).
+struct Vm {
+    child: Child,
+    console: PathBuf,
+}
+
+impl Vm {
+    fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+        eprintln!("[vm] qemu (pid {pid}) stopped");
+    }
+}
+
+/// The boot ids the guest printed on its console, in order.
+fn console_boot_ids(console: &str) -> Vec<String> {
+    console
+        .lines()
+        .filter_map(|l| l.split("VMTEST: boot_id=").nth(1))
+        .map(|s| s.trim().to_owned())
+        .filter(|s| s.len() == 36)
+        .collect()
+}
+
+fn lock_holder(sim: &SimCluster) -> Option<String> {
+    sim.lease("kube-system", "kreboot-lock")
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|h| !h.is_empty())
+}
+
+fn boot_id(sim: &SimCluster) -> String {
+    sim.node(NODE)
+        .and_then(|n| n.status)
+        .and_then(|s| s.node_info)
+        .map(|i| i.boot_id)
+        .unwrap_or_default()
+}
+
+fn annotations(sim: &SimCluster) -> BTreeMap<String, String> {
+    sim.node(NODE)
+        .and_then(|n| n.metadata.annotations)
+        .unwrap_or_default()
+}
+
+fn cordoned(sim: &SimCluster) -> bool {
+    sim.node(NODE)
+        .and_then(|n| n.spec)
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
+}
+
+/// Polls `cond` every 100 ms until it holds; panics with the console's tail after `limit`.
+async fn wait_for(vm: &Vm, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > limit {
+            let console = vm.console();
+            let tail: Vec<&str> = console.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "timed out after {limit:?} waiting for: {what}\n--- console (last 60 lines) ---\n{}",
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    start.elapsed()
+}
+
+/// One full cycle in a fresh copy of the image with `method` (command or signal).
+async fn cycle(image: &Path, kreboot: &Path, method: &str) {
+    let total = Instant::now();
+    let dir = manifest_dir().join("target/vm").join(format!("run-{method}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.ext4");
+    run(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(image.join("disk.ext4"))
+            .arg(&disk),
+        "copying the image",
+        Duration::from_secs(120),
+    );
+    // The binary goes into the agent's empty root (kubelet-sim runs the same file), and the
+    // kubeconfig (API server at the guestfwd address) replaces the image's.
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: sim\n  cluster:\n    server: http://10.0.2.100:6443\n    certificate-authority-data: {UNUSED_CA_B64}\ncontexts:\n- name: sim\n  context:\n    cluster: sim\n    user: sim\ncurrent-context: sim\nusers:\n- name: sim\n  user: {{}}\n"
+        ),
+    )
+    .unwrap();
+    let cmds = dir.join("debugfs.cmds");
+    std::fs::write(
+        &cmds,
+        format!(
+            "cd /opt/kreboot-root\nwrite {} kreboot\nsif kreboot mode 0100755\ncd /etc/kreboot\nrm kubeconfig\nwrite {} kubeconfig\n",
+            kreboot.display(),
+            kubeconfig.display()
+        ),
+    )
+    .unwrap();
+    run(
+        Command::new("debugfs").arg("-w").arg("-f").arg(&cmds).arg(&disk),
+        "debugfs (writing kreboot into the image)",
+        Duration::from_secs(60),
+    );
+    let stat = run(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg("stat /opt/kreboot-root/kreboot")
+            .arg(&disk),
+        "debugfs stat",
+        Duration::from_secs(60),
+    );
+    let size = std::fs::metadata(kreboot).unwrap().len();
+    assert!(
+        stat.contains(&format!("Size: {size}")) && stat.contains("Mode:  0755"),
+        "kreboot not written into the image:\n{stat}"
+    );
+
+    let sim = SimCluster::start(SimConfig::default()).await.unwrap();
+    let port = sim.url().rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    sim.add_node(NODE, BTreeMap::new());
+    for name in ["web", "db"] {
+        sim.add_pod(
+            sim::pod("apps", name, NODE)
+                .grace(2)
+                .shutdown_seconds(0.2)
+                .build(),
+        );
+    }
+    let fake_boot_id = boot_id(&sim);
+
+    // Every guest connection to 10.0.2.100:6443 gets its own relay to the simulator (qemu runs
+    // it with the connection on stdin/stdout); when either side ends, both do. A background
+    // job's stdin is /dev/null unless redirected: hence fd 4.
+    let relay = dir.join("relay.sh");
+    std::fs::write(
+        &relay,
+        format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{port} 4<&0 || exit 1\ncat <&3 & r=$!\ncat <&4 >&3 & w=$!\nwait -n\nkill $r $w 2>/dev/null\n"
+        ),
+    )
+    .unwrap();
+    let console = dir.join("console.log");
+    let qemu_log = std::fs::File::create(dir.join("qemu.log")).unwrap();
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "512", "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .arg("-kernel")
+        .arg(image.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(image.join("initrd.img"))
+        .arg("-append")
+        .arg(format!(
+            "root=/dev/vda rw console=ttyS0 fsck.mode=skip systemd.setenv=KREBOOT_REBOOT_METHOD={method}"
+        ))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", disk.display()))
+        .arg("-netdev")
+        .arg(format!(
+            "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:6443-cmd:/bin/bash {}",
+            relay.display()
+        ))
+        .args(["-device", "virtio-net-pci,netdev=n0"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .stdin(Stdio::null())
+        .stdout(qemu_log.try_clone().unwrap())
+        .stderr(qemu_log)
+        .spawn()
+        .expect("qemu starts");
+    let vm = Vm { child, console };
+    eprintln!(
+        "[vm:{method}] qemu pid {} (console: {:?})",
+        vm.child.id(),
+        vm.console
+    );
+
+    // First boot: kubelet-sim reports the guest's real boot id.
+    let t = wait_for(
+        &vm,
+        "first boot: kubelet-sim reports the boot id",
+        Duration::from_secs(300),
+        || {
+            let b = boot_id(&sim);
+            b != fake_boot_id && console_boot_ids(&vm.console()).first() == Some(&b)
+        },
+    )
+    .await;
+    let boot1 = boot_id(&sim);
+    eprintln!("[vm:{method}] phase first boot: {t:.1?} (boot id {boot1})");
+
+    // The cycle: lease, cordon, evictions, then the recorded reboot.
+    let (mut lease_at, mut cordon_at, mut evicted_at) = (None, None, None);
+    let started = Instant::now();
+    let t = wait_for(
+        &vm,
+        "lease, cordon, drain and phase=rebooting",
+        Duration::from_secs(180),
+        || {
+            if lease_at.is_none() && lock_holder(&sim).as_deref() == Some(NODE) {
+                lease_at = Some(started.elapsed());
+            }
+            if cordon_at.is_none() && cordoned(&sim) {
+                cordon_at = Some(started.elapsed());
+            }
+            if evicted_at.is_none() && sim.pods_on(NODE).is_empty() {
+                evicted_at = Some(started.elapsed());
+            }
+            annotations(&sim).get(ANN_PHASE).map(String::as_str) == Some("rebooting")
+        },
+    )
+    .await;
+    eprintln!(
+        "[vm:{method}] phase cycle (sentinel seen -> reboot requested): {t:.1?} (lease at {lease_at:.1?}, cordoned at {cordon_at:.1?}, pods evicted at {evicted_at:.1?})"
+    );
+    assert_eq!(
+        lock_holder(&sim).as_deref(),
+        Some(NODE),
+        "lease held while rebooting"
+    );
+    assert!(cordoned(&sim), "cordoned while rebooting");
+    assert!(sim.pods_on(NODE).is_empty(), "pods evicted before the reboot");
+    assert_eq!(
+        annotations(&sim).get(kreboot::node::ANN_PRE_REBOOT_BOOT_ID),
+        Some(&boot1),
+        "the boot id before the reboot is recorded"
+    );
+
+    // The reboot: systemd takes the machine down, the kernel restarts it.
+    let t = wait_for(
+        &vm,
+        "the guest kernel restarting",
+        Duration::from_secs(180),
+        || vm.console().contains("reboot: Restarting system"),
+    )
+    .await;
+    eprintln!("[vm:{method}] phase reboot (requested -> kernel restart): {t:.1?}");
+
+    // Second boot: a new boot id, reported by kubelet-sim.
+    let t = wait_for(
+        &vm,
+        "second boot: a new boot id reported",
+        Duration::from_secs(300),
+        || {
+            let b = boot_id(&sim);
+            b != boot1 && console_boot_ids(&vm.console()).get(1) == Some(&b)
+        },
+    )
+    .await;
+    let boot2 = boot_id(&sim);
+    eprintln!("[vm:{method}] phase second boot: {t:.1?} (boot id {boot2})");
+
+    // kreboot, started again by systemd, sees the new boot id: uncordon, clear, release.
+    let t = wait_for(
+        &vm,
+        "uncordon, annotations cleared, lease released",
+        Duration::from_secs(180),
+        || {
+            let ann = annotations(&sim);
+            ann.contains_key(ANN_LAST_REBOOT)
+                && !ann.contains_key(ANN_PHASE)
+                && !cordoned(&sim)
+                && lock_holder(&sim).is_none()
+        },
+    )
+    .await;
+    eprintln!("[vm:{method}] phase uncordon (boot id seen -> lease free): {t:.1?}");
+
+    // Everything, from the simulator.
+    assert_ne!(boot1, boot2, "the boot id changed");
+    assert_ne!(boot1, fake_boot_id);
+    assert!(!cordoned(&sim), "uncordoned");
+    assert_eq!(lock_holder(&sim), None, "lease free");
+    assert!(sim.pods_on(NODE).is_empty(), "the evicted pods stay gone");
+    let ours: Vec<String> = annotations(&sim)
+        .into_keys()
+        .filter(|k| k.starts_with(PREFIX))
+        .collect();
+    assert_eq!(ours, [ANN_LAST_REBOOT], "only the last-reboot record is left");
+    let labels = sim.node(NODE).unwrap().metadata.labels.unwrap_or_default();
+    assert!(
+        !labels.keys().any(|k| k.starts_with(PREFIX)),
+        "kreboot's labels removed: {labels:?}"
+    );
+
+    // And from the console: two boots, the sentinel only on the first, systemd's reboot path.
+    let console = vm.console();
+    let ids = console_boot_ids(&console);
+    assert_eq!(ids, [boot1.clone(), boot2.clone()], "two boots on the console");
+    for needle in [
+        "VMTEST: first boot, sentinel created",
+        "VMTEST: later boot, no sentinel",
+        "kreboot agent started",
+        "reboot: Restarting system",
+    ] {
+        assert!(console.contains(needle), "console lacks {needle:?}");
+    }
+    assert!(
+        console.contains("System Reboot"),
+        "console lacks systemd's reboot (systemd-reboot.service)"
+    );
+    assert!(
+        !console.contains("kexec"),
+        "systemd was asked for kexec, not a reboot (the wrong signal number?)"
+    );
+    assert_eq!(
+        console.matches("Linux version").count(),
+        2,
+        "exactly two kernels booted"
+    );
+    drop(vm);
+    sim.shutdown().await;
+    eprintln!("[vm:{method}] cycle passed in {:.1?}", total.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_vm_is_rebooted_through_systemd_and_comes_back() {
+    if !nix::unistd::Uid::effective().is_root() {
+        skip("not root (building the image needs debootstrap and chroot)");
+        return;
+    }
+    for program in ["qemu-system-x86_64", "debootstrap"] {
+        if !found(program) {
+            skip(&format!("{program} not found (scripts/test installs it)"));
+            return;
+        }
+    }
+    for program in ["mkfs.ext4", "debugfs"] {
+        assert!(found(program), "{program} not found: install e2fsprogs");
+    }
+    // The two long builds of a cold cache run side by side.
+    let (kreboot, image) = std::thread::scope(|s| {
+        let image = s.spawn(image);
+        let kreboot = static_kreboot();
+        let image = image.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+        (kreboot, image)
+    });
+    cycle(&image, &kreboot, "command").await;
+    cycle(&image, &kreboot, "signal").await;
+}
