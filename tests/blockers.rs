@@ -10,8 +10,7 @@ use std::{
     collections::BTreeMap,
     io::Write,
     net::TcpListener,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -153,24 +152,6 @@ fn gate_server(closed: Arc<AtomicBool>) -> u16 {
     port
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn which(binary: &str) -> PathBuf {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join(binary))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{binary} not found: install Debian's prometheus package (./scripts/test does)")
-        })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firing_alert_in_real_prometheus_blocks_until_it_stops_and_a_filtered_one_never_does() {
     let prometheus = which("prometheus");
@@ -190,11 +171,7 @@ async fn a_firing_alert_in_real_prometheus_blocks_until_it_stops_and_a_filtered_
         ),
     )
     .expect("config");
-    let prom_port = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let prom_port = free_port();
     let _prom = Killed(
         Command::new(prometheus)
             .arg(format!(

@@ -7,31 +7,15 @@
 use std::{
     collections::BTreeMap,
     io::Write,
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
+mod common;
+
+use common::{Killed, free_port, which};
 use kreboot::sim::{SimCluster, SimConfig};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("address")
-        .port()
-}
-
-/// Kills the process when the test ends, pass or fail.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn short_rules() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chart-check/kreboot-rules-short.yaml");
@@ -188,13 +172,4 @@ async fn prometheus_fires_reboot_pending_too_long_from_a_real_scrape() {
         q.contains("window_closed"),
         "blocked reason visible in Prometheus: {q}"
     );
-}
-
-fn which(binary: &str) -> PathBuf {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join(binary))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{binary} not found: install Debian's prometheus package (./scripts/test does)")
-        })
 }

@@ -192,3 +192,32 @@ pub fn event_reasons(sim: &SimCluster, node: &str) -> Vec<String> {
         .filter_map(|e| e.get("reason").and_then(|r| r.as_str()).map(str::to_owned))
         .collect()
 }
+
+/// A free port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// A child process killed when the test ends, pass or fail.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The path of `binary` on PATH; panics naming the package that brings it.
+pub fn which(binary: &str) -> std::path::PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{binary} not found: install Debian's prometheus package (./scripts/test does)")
+        })
+}
