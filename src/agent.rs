@@ -56,6 +56,8 @@ pub const REBOOT_WAIT: Duration = Duration::from_secs(300);
 
 /// How long a lock holder may go without its holder label before a waiter watches its Node on
 /// its own (a kreboot holder labels its Node in the cordon write, right after taking the lock).
+/// Not for a holder that *left* the watch of labelled holders: that one is watched at once (see
+/// [`Labelled::Left`]).
 const UNLABELLED_GRACE: Duration = Duration::from_secs(2);
 
 /// Upper bound of the random delay before trying a free lock slot (see the AcquireLock arm).
@@ -152,7 +154,8 @@ struct NodeState {
 
 /// Resource versions are opaque strings; in practice (etcd and the simulator) they are
 /// integers. Keep the newer of two versions of an object, so that our own write's response and
-/// the watch's (possibly older) event never move the cache backwards.
+/// the watch's (possibly older) event never move the cache backwards. When either version is
+/// not an integer (or is missing), nothing can be compared: the incoming one is taken.
 fn newer(current: Option<&str>, incoming: Option<&str>) -> bool {
     match (
         current.and_then(|c| c.parse::<u64>().ok()),
@@ -163,6 +166,22 @@ fn newer(current: Option<&str>, incoming: Option<&str>) -> bool {
     }
 }
 
+/// What the shared watch of labelled lock holders knows of one Node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Labelled {
+    /// The Node carries the lock-holder label; its state.
+    Holding(lock::HolderNode),
+    /// The Node carried the label and then left the watch (DELETED, or gone from a relist).
+    /// That is *not* "Node deleted": when an object stops matching a label selector, the API
+    /// server sends DELETED carrying the previous object, label included (watch cache,
+    /// `convertToWatchEvent`), so a holder that ends its cycle and drops its label looks exactly
+    /// like a deleted one. Reading it as deleted made every waiter race for the slot the holder
+    /// is about to hand over (conflicting Lease writes; the winner not the longest waiter). Such
+    /// a holder, while a Lease still names it, gets its own watch by name at once, which tells
+    /// a real deletion (a ghost lock, freed within a round trip) from a dropped label.
+    Left,
+}
+
 /// The watches an engaged agent runs; dropped (and their tasks aborted) when it disengages.
 struct Watches {
     node: watch::Sender<NodeState>,
@@ -170,8 +189,9 @@ struct Watches {
     policy: watch::Sender<PolicyState>,
     /// What is known of unlabelled lock holders' Nodes (one watch each).
     holder_nodes: watch::Sender<BTreeMap<String, lock::HolderNode>>,
-    /// What is known of the Nodes labelled as lock holders (one shared watch).
-    labelled_holders: watch::Sender<BTreeMap<String, lock::HolderNode>>,
+    /// What is known of the Nodes labelled as lock holders (one shared watch), and which left
+    /// that watch.
+    labelled_holders: watch::Sender<BTreeMap<String, Labelled>>,
     /// Since when each unlabelled holder has been seen without its label.
     unlabelled_since: BTreeMap<String, Instant>,
     holder_tasks: BTreeMap<String, JoinHandle<()>>,
@@ -212,31 +232,50 @@ impl Watches {
         self.leases.send_modify(|s| s.put(l, now));
     }
 
-    /// What is known of holder `h`'s Node: from the watch of labelled holders, else from a
-    /// watch of that one Node.
+    /// What is known of holder `h`'s Node: from the watch of labelled holders while it carries
+    /// the label, else from a watch of that one Node (Unknown until that watch has listed it:
+    /// a holder that left the labelled watch is never taken for gone on that alone).
     fn holder_node(&self, h: &str) -> lock::HolderNode {
-        self.labelled_holders
-            .borrow()
-            .get(h)
-            .or(self.holder_nodes.borrow().get(h))
-            .copied()
-            .unwrap_or(lock::HolderNode::Unknown)
+        match self.labelled_holders.borrow().get(h) {
+            Some(Labelled::Holding(state)) => *state,
+            Some(Labelled::Left) | None => self
+                .holder_nodes
+                .borrow()
+                .get(h)
+                .copied()
+                .unwrap_or(lock::HolderNode::Unknown),
+        }
     }
 
     /// Makes sure every lock holder's Node is watched, to free a ghost lock at once. kreboot
     /// holders label their Node while they hold (`kreboot.io/lock-holder`), and every engaged
-    /// agent watches those labelled Nodes with one shared watch; only a holder that stays
-    /// unlabelled for [`UNLABELLED_GRACE`] (another tool's lease, or a holder that crashed
-    /// between taking the lock and cordoning) gets a watch of its own. So a hand-over costs the
-    /// waiters no requests at all. Returns when to look again, if a grace period is running.
+    /// agent watches those labelled Nodes with one shared watch. A holder gets a watch of its
+    /// own (by name, which sees a real deletion) when it left the labelled watch (at once: it
+    /// was deleted, or it dropped its label at the end of its cycle, see [`Labelled::Left`]),
+    /// or when it stays unlabelled for [`UNLABELLED_GRACE`] (another tool's lease, or a holder
+    /// that crashed between taking the lock and cordoning). Returns when to look again, if a
+    /// grace period is running.
     fn watch_holders(&mut self, client: &Client, holders: &[String]) -> Option<Instant> {
+        // Forget the Nodes that left the labelled watch and no Lease names any more. Nothing
+        // decides on them, so the waiters are not woken for it (`false`: no notification; the
+        // change is kept).
+        self.labelled_holders.send_if_modified(|m| {
+            m.retain(|h, l| *l != Labelled::Left || holders.contains(h));
+            false
+        });
         let labelled = self.labelled_holders.borrow().clone();
+        let holding = |h: &String| matches!(labelled.get(h), Some(Labelled::Holding(_)));
         let now = Instant::now();
         self.unlabelled_since
-            .retain(|h, _| holders.contains(h) && !labelled.contains_key(h));
+            .retain(|h, _| holders.contains(h) && !holding(h));
         let mut next_look = None;
         let mut need_own_watch = Vec::new();
-        for h in holders.iter().filter(|h| !labelled.contains_key(*h)) {
+        for h in holders.iter().filter(|h| !holding(h)) {
+            if labelled.get(h) == Some(&Labelled::Left) {
+                // No grace: if it was deleted, its slot is free now.
+                need_own_watch.push(h.clone());
+                continue;
+            }
             let since = *self.unlabelled_since.entry(h.clone()).or_insert(now);
             if now >= since + UNLABELLED_GRACE {
                 need_own_watch.push(h.clone());
@@ -302,41 +341,42 @@ impl Agent {
         let (policy_tx, _) = watch::channel(PolicyState::default());
         let mut tasks = Vec::new();
         let (holders_tx, _) = watch::channel(BTreeMap::new());
-        let (labelled_tx, _) = watch::channel(BTreeMap::new());
+        let (labelled_tx, _) = watch::channel(BTreeMap::<String, Labelled>::new());
 
-        // Nodes labelled as lock holders: their cycle state, and whether they still exist.
+        // Nodes labelled as lock holders: their cycle state while they carry the label.
         let api = self.node_api();
         let tx = labelled_tx.clone();
         tasks.push(tokio::spawn(async move {
             let selector = format!("{}=true", node::LABEL_HOLDER);
             let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
             futures::pin_mut!(stream);
-            let state = holder_state;
+            let holding = |n: &Node| Labelled::Holding(holder_state(n));
             let mut listing = BTreeMap::new();
             while let Some(ev) = stream.next().await {
                 match ev {
                     Ok(watcher::Event::Init) => listing.clear(),
                     Ok(watcher::Event::InitApply(n)) => {
-                        listing.insert(n.name_any(), state(&n));
+                        listing.insert(n.name_any(), holding(&n));
                     }
-                    Ok(watcher::Event::InitDone) => {
-                        tx.send_replace(std::mem::take(&mut listing));
-                    }
+                    Ok(watcher::Event::InitDone) => tx.send_modify(|m| {
+                        // A Node labelled before and missing from the new list left the watch
+                        // while it was down: deleted or unlabelled, as a DELETED event.
+                        let mut fresh = std::mem::take(&mut listing);
+                        for name in m.keys() {
+                            fresh.entry(name.clone()).or_insert(Labelled::Left);
+                        }
+                        *m = fresh;
+                    }),
                     Ok(watcher::Event::Apply(n)) => {
-                        let st = state(&n);
+                        let st = holding(&n);
                         tx.send_if_modified(|m| m.insert(n.name_any(), st) != Some(st));
                     }
                     Ok(watcher::Event::Delete(n)) => {
-                        // A Node that lost the label is still there (it stopped holding); one
-                        // that still carries it was deleted.
-                        let still_labelled =
-                            n.labels().get(node::LABEL_HOLDER).map(String::as_str) == Some("true");
-                        let st = if still_labelled {
-                            lock::HolderNode::Gone
-                        } else {
-                            state(&n)
-                        };
-                        tx.send_if_modified(|m| m.insert(n.name_any(), st) != Some(st));
+                        // Deleted, or merely no longer labelled: the event cannot tell (it
+                        // carries the last labelled state either way). See `Labelled::Left`.
+                        tx.send_if_modified(|m| {
+                            m.insert(n.name_any(), Labelled::Left) != Some(Labelled::Left)
+                        });
                     }
                     Err(e) => debug!(error = %e, "watch of lock holders' Nodes failed; retrying"),
                 }
@@ -599,7 +639,7 @@ struct Changes {
     leases: watch::Receiver<LeaseState>,
     policy: watch::Receiver<PolicyState>,
     holders: watch::Receiver<BTreeMap<String, lock::HolderNode>>,
-    labelled: watch::Receiver<BTreeMap<String, lock::HolderNode>>,
+    labelled: watch::Receiver<BTreeMap<String, Labelled>>,
 }
 
 impl Changes {
@@ -1440,6 +1480,16 @@ mod tests {
             newer(Some("opaque"), Some("other")),
             "non-numeric versions: take the incoming one"
         );
+        // resourceVersions are opaque strings: whenever either is not an integer, the
+        // incoming version wins (never a parse error, never a stuck cache).
+        assert!(newer(Some("7"), Some("a1b2")));
+        assert!(newer(Some("a1b2"), Some("3")));
+        assert!(newer(Some(""), Some("3")));
+        assert!(
+            newer(Some("18446744073709551616"), Some("1")),
+            "beyond u64: opaque"
+        );
+        assert!(newer(Some("5"), None));
     }
 
     #[test]

@@ -296,6 +296,13 @@ pub struct AgentArgs {
     /// it is watched).
     #[arg(long, env = "KREBOOT_CHECK_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub check_interval: Duration,
+    /// How often the sentinel file is scanned when inotify cannot be used (its instances or
+    /// watches used up: EMFILE, ENOSPC), until inotify works again.
+    #[arg(long, env = "KREBOOT_SENTINEL_POLL_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub sentinel_poll_interval: Duration,
+    /// How often a polling sentinel watch tries inotify again (for tests).
+    #[arg(long, hide = true, env = "KREBOOT_SENTINEL_INOTIFY_RETRY", default_value = "5m", value_parser = parse_duration)]
+    pub sentinel_inotify_retry: Duration,
     /// Run host commands inside PID 1's namespaces (false: in the agent's own namespaces).
     #[arg(long, env = "KREBOOT_HOST_NAMESPACES", default_value_t = true, action = ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true")]
@@ -554,6 +561,12 @@ impl AgentArgs {
         };
         if self.check_interval < Duration::from_secs(1) {
             problems.push("--check-interval must be at least 1s".to_owned());
+        }
+        if self.sentinel_poll_interval < Duration::from_secs(1) {
+            problems.push("--sentinel-poll-interval must be at least 1s".to_owned());
+        }
+        if self.sentinel_inotify_retry < Duration::from_secs(1) {
+            problems.push("--sentinel-inotify-retry must be at least 1s".to_owned());
         }
         let metrics_addr = if self.metrics_addr == "off" {
             None

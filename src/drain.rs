@@ -2,11 +2,15 @@
 //!
 //! Like `kubectl drain`: DaemonSet-owned pods (their controller would recreate them at once),
 //! mirror pods (the kubelet owns them) and finished pods are skipped; every other pod is evicted
-//! concurrently. A 429 (a PDB forbids the disruption now) or a transient 5xx is retried at a
-//! fixed interval; a 404 means the pod is already gone. The drain then waits, through a watch of
-//! the node's pods, until every evicted pod is gone. The whole drain is bounded by
-//! `--drain-timeout`: on expiry it fails and the caller decides (uncordon and release, or force
-//! the reboot).
+//! concurrently. A 429 (a PDB forbids the disruption now), a 409 (the budget's status changed
+//! under the API server's check) or a transient 5xx is retried at a fixed interval; a 404 means
+//! the pod is already gone. A pod that more than one PodDisruptionBudget selects cannot be
+//! evicted at all (the API server answers 500 saying so): that fails the drain at once, with
+//! the reason, instead of retrying until the timeout. The drain then waits, through a watch of
+//! the node's pods, until every evicted pod is gone — by name *and* uid, as `kubectl drain`
+//! does: a StatefulSet's replacement has the evicted pod's name but is another pod. The whole
+//! drain is bounded by `--drain-timeout`: on expiry it fails and the caller decides (uncordon
+//! and release, or force the reboot).
 //!
 //! The Eviction body is posted as a real `policy/v1` `Eviction` object: kube-rs 5's `evict`
 //! serialises `delete_options` in snake case, which the API server drops, losing the grace
@@ -196,6 +200,16 @@ fn pod_key(pod: &Pod) -> String {
     format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
 }
 
+/// One pod instance: `namespace/name` and uid. A pod recreated under the same name (a
+/// StatefulSet's) has a new uid: it is not the pod that was evicted.
+fn pod_instance(pod: &Pod) -> (String, String) {
+    (pod_key(pod), pod.uid().unwrap_or_default())
+}
+
+/// The API server's answer to an eviction of a pod that two or more PodDisruptionBudgets select
+/// (a 500, `pkg/registry/core/pod/storage/eviction.go`); retrying cannot help.
+const MULTIPLE_BUDGETS: &str = "more than one PodDisruptionBudget";
+
 /// The `policy/v1` Eviction body for `pod`.
 pub fn eviction_body(pod: &Pod, grace_period: Option<i64>) -> Value {
     let mut body = json!({
@@ -224,7 +238,18 @@ async fn evict_once(client: &Client, pod: &Pod, grace: Option<i64>) -> EvictOutc
     {
         Ok(_) => EvictOutcome::Done,
         Err(kube::Error::Api(s)) if s.code == 404 => EvictOutcome::Done,
-        Err(kube::Error::Api(s)) if s.code == 429 || s.code >= 500 => EvictOutcome::Retry(s.message.clone()),
+        // Overlapping budgets: only an operator can fix that. Said plainly, at once.
+        Err(kube::Error::Api(s)) if s.code == 500 && s.message.contains(MULTIPLE_BUDGETS) => {
+            EvictOutcome::Fatal(format!(
+                "{} ({}); make at most one PodDisruptionBudget select the pod",
+                s.message, s.code
+            ))
+        }
+        // 409: the eviction lost a race (the budget's status was updated meanwhile); the pod
+        // is still there. Not done: try again.
+        Err(kube::Error::Api(s)) if s.code == 429 || s.code == 409 || s.code >= 500 => {
+            EvictOutcome::Retry(s.message.clone())
+        }
         Err(kube::Error::Api(s)) => EvictOutcome::Fatal(format!("{} ({})", s.message, s.code)),
         // Transport errors (connection reset, timeout) are transient.
         Err(e) => EvictOutcome::Retry(e.to_string()),
@@ -322,7 +347,8 @@ pub async fn drain_with_progress(
             source,
         })?;
     let (to_evict, wait_for) = plan(&list.items);
-    let mut remaining: BTreeSet<String> = wait_for.iter().map(|p| pod_key(p)).collect();
+    // By name and uid: see `pod_instance`.
+    let mut remaining: BTreeSet<(String, String)> = wait_for.iter().map(|p| pod_instance(p)).collect();
     info!(node, evict = to_evict.len(), wait = remaining.len(), "draining");
     report(DrainProgress::Started {
         node: node.to_owned(),
@@ -362,34 +388,37 @@ pub async fn drain_with_progress(
     }
 
     // Wait for the pods to be gone, through a watch (no polling): the watcher's initial list
-    // tells which of them still exist, and Delete events strike them off.
+    // tells which of them still exist (the same name with another uid is another pod), and
+    // Delete events strike them off.
     let wait = async {
         let stream = watcher(all.clone(), watcher::Config::default().fields(&selector)).default_backoff();
         futures::pin_mut!(stream);
-        let mut listing: Option<BTreeSet<String>> = None;
+        let mut listing: Option<BTreeSet<(String, String)>> = None;
         while !remaining.is_empty() {
             match stream.next().await {
                 Some(Ok(watcher::Event::Init)) => listing = Some(BTreeSet::new()),
                 Some(Ok(watcher::Event::InitApply(p))) => {
                     if let Some(l) = listing.as_mut() {
-                        l.insert(pod_key(&p));
+                        l.insert(pod_instance(&p));
                     }
                 }
                 Some(Ok(watcher::Event::InitDone)) => {
                     if let Some(l) = listing.take() {
-                        remaining.retain(|k| {
-                            let there = l.contains(k);
+                        remaining.retain(|instance| {
+                            let there = l.contains(instance);
                             if !there {
-                                report(DrainProgress::Gone { pod: k.clone() });
+                                report(DrainProgress::Gone {
+                                    pod: instance.0.clone(),
+                                });
                             }
                             there
                         });
                     }
                 }
                 Some(Ok(watcher::Event::Delete(p))) => {
-                    let key = pod_key(&p);
-                    if remaining.remove(&key) {
-                        report(DrainProgress::Gone { pod: key });
+                    let instance = pod_instance(&p);
+                    if remaining.remove(&instance) {
+                        report(DrainProgress::Gone { pod: instance.0 });
                     }
                 }
                 Some(Ok(watcher::Event::Apply(_))) => {}

@@ -42,6 +42,8 @@ pub enum Reason {
     CycleAborted,
     /// The policy ConfigMap was rejected.
     ConfigInvalid,
+    /// The sentinel cannot be watched with inotify and is polled instead.
+    SentinelPolling,
 }
 
 impl Reason {
@@ -60,13 +62,18 @@ impl Reason {
             Reason::RebootCompleted => "RebootCompleted",
             Reason::CycleAborted => "CycleAborted",
             Reason::ConfigInvalid => "ConfigInvalid",
+            Reason::SentinelPolling => "SentinelPolling",
         }
     }
 
     fn warning(self) -> bool {
         matches!(
             self,
-            Reason::DrainFailed | Reason::RebootFailed | Reason::CycleAborted | Reason::ConfigInvalid
+            Reason::DrainFailed
+                | Reason::RebootFailed
+                | Reason::CycleAborted
+                | Reason::ConfigInvalid
+                | Reason::SentinelPolling
         )
     }
 }

@@ -5,7 +5,8 @@
 //! its holder stopped renewing for longer than the lease duration, or when its holder Node no
 //! longer exists (kured's "ghost lock"). Every take-over is a replace carrying the
 //! resourceVersion the decision was made on, so of several racing nodes exactly one wins and the
-//! others get 409 Conflict.
+//! others get 409 Conflict; a Lease without one is never written (the API server refuses an
+//! unconditional Lease update, and it would not be safe), nor a duration under one second.
 //!
 //! Expiry never trusts another machine's clock alone: a lease counts as expired only when this
 //! agent has seen no new version of it for the lease duration (on its own clock, as client-go's
@@ -270,6 +271,14 @@ pub enum LockError {
         /// The Lease.
         lease: String,
     },
+    /// The Lease as this node knows it carries no `metadata.resourceVersion`, so a replace of
+    /// it would be unconditional (and the API server refuses those for Leases: 422). Nothing
+    /// was sent; re-read the Lease.
+    #[error("lease {lease} has no resourceVersion; not writing it")]
+    Unversioned {
+        /// The Lease.
+        lease: String,
+    },
     /// The API call failed; retry with back-off.
     #[error("failed to write lease {lease}: {source}")]
     Api {
@@ -317,10 +326,34 @@ fn from_jiff(t: &k8s_openapi::jiff::Timestamp) -> Option<DateTime<Utc>> {
 }
 
 impl LeaseLock {
+    /// `spec.leaseDurationSeconds` for `ttl`: whole seconds, at least 1 (the API server refuses
+    /// a duration that is not positive; `--lock-ttl` is at least 10 s anyway).
+    fn duration_seconds(&self) -> i32 {
+        i32::try_from(self.ttl.num_seconds()).unwrap_or(i32::MAX).max(1)
+    }
+
+    /// Replaces `lease` (named `name`) only if it carries the resourceVersion the decision was
+    /// made on: the write is then conditional (409 when someone else wrote first), and the API
+    /// server refuses a Lease update without one anyway.
+    async fn replace_versioned(&self, name: &str, lease: &Lease) -> Result<Lease, LockError> {
+        if lease
+            .metadata
+            .resource_version
+            .as_deref()
+            .is_none_or(str::is_empty)
+        {
+            return Err(LockError::Unversioned { lease: name.into() });
+        }
+        self.api
+            .replace(name, &PostParams::default(), lease)
+            .await
+            .map_err(|e| LockError::from_kube(name, e))
+    }
+
     fn spec(&self, holder: Option<&str>, acquire: Option<DateTime<Utc>>, now: DateTime<Utc>) -> LeaseSpec {
         LeaseSpec {
             holder_identity: holder.map(str::to_owned),
-            lease_duration_seconds: Some(i32::try_from(self.ttl.num_seconds()).unwrap_or(i32::MAX)),
+            lease_duration_seconds: Some(self.duration_seconds()),
             acquire_time: acquire.map(micro),
             renew_time: holder.map(|_| micro(now)),
             ..LeaseSpec::default()
@@ -342,7 +375,7 @@ impl LeaseLock {
             Some(lease) => {
                 let mut lease = lease.clone();
                 lease.spec = Some(spec);
-                self.api.replace(name, &PostParams::default(), &lease).await
+                return self.replace_versioned(name, &lease).await;
             }
             None => {
                 let lease = Lease {
@@ -372,17 +405,13 @@ impl LeaseLock {
             .and_then(|s| s.acquire_time.as_ref())
             .and_then(|t| from_jiff(&t.0));
         lease.spec = Some(self.spec(Some(&self.identity), acquire.or(Some(now)), now));
-        self.api
-            .replace(&name, &PostParams::default(), &lease)
-            .await
-            .map_err(|e| LockError::from_kube(&name, e))
+        self.replace_versioned(&name, &lease).await
     }
 
     /// Whether `lease` (held by this node) still carries a hand-off duration rather than the
     /// full TTL, i.e. must be claimed before the cycle goes on.
     pub fn needs_claim(&self, lease: &Lease) -> bool {
-        lease.spec.as_ref().and_then(|s| s.lease_duration_seconds)
-            != Some(i32::try_from(self.ttl.num_seconds()).unwrap_or(i32::MAX))
+        lease.spec.as_ref().and_then(|s| s.lease_duration_seconds) != Some(self.duration_seconds())
     }
 
     /// Hands slot `lease`, held by this node, straight to `successor` (one write instead of a
@@ -401,10 +430,7 @@ impl LeaseLock {
         let mut spec = self.spec(Some(successor), Some(now), now);
         spec.lease_duration_seconds = Some(HANDOFF_SECONDS);
         lease.spec = Some(spec);
-        self.api
-            .replace(&name, &PostParams::default(), &lease)
-            .await
-            .map_err(|e| LockError::from_kube(&name, e))
+        self.replace_versioned(&name, &lease).await
     }
 
     /// Releases slot `lease` if (and only if) this node still holds it in that version.
@@ -418,11 +444,7 @@ impl LeaseLock {
         let name = lease.name_any();
         let mut lease = lease.clone();
         lease.spec = Some(self.spec(None, None, now));
-        self.api
-            .replace(&name, &PostParams::default(), &lease)
-            .await
-            .map(Some)
-            .map_err(|e| LockError::from_kube(&name, e))
+        self.replace_versioned(&name, &lease).await.map(Some)
     }
 }
 

@@ -93,10 +93,15 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
     let os = host::read_os_release(&exec.host_root());
     let kernel = host::running_kernel();
     info!(os = %os.id, version = %os.version_id, family = ?os.family, %kernel, "host");
-    let sentinel = match SentinelWatch::start(cfg.sentinel_file.clone()) {
+    // Never stops the agent for want of inotify: it polls instead (see `sentinel`).
+    let watch_options = sentinel::WatchOptions {
+        poll_interval: args.sentinel_poll_interval,
+        inotify_retry: args.sentinel_inotify_retry,
+    };
+    let sentinel = match SentinelWatch::start_with(cfg.sentinel_file.clone(), watch_options) {
         Ok(s) => s,
         Err(e) => {
-            error!(error = %e, "cannot watch the sentinel");
+            error!(error = %e, "cannot start the sentinel watch thread");
             return ExitCode::FAILURE;
         }
     };
@@ -105,13 +110,14 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
     let metrics = Metrics::new(&cfg.node_name);
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = cfg.metrics_addr {
-        match metrics::serve(addr, metrics.clone(), ready_rx, shutdown.clone()).await {
-            Ok(bound) => info!(addr = %bound, "serving metrics"),
-            Err(e) => {
-                error!(addr = %addr, error = %e, "cannot serve metrics");
-                return ExitCode::FAILURE;
-            }
-        }
+        metrics::serve_or_retry(
+            addr,
+            metrics.clone(),
+            ready_rx,
+            shutdown.clone(),
+            metrics::SERVE_RETRY,
+        )
+        .await;
     }
     metrics
         .node_info
@@ -127,20 +133,19 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
             interval: cfg.check_interval,
         },
     );
-    let notifier = match Notifier::start(&cfg.notify, &cfg.node_name, metrics.clone()) {
-        Ok(n) => n,
-        Err(e) => {
-            error!(error = %e, "cannot set up notifications");
-            return ExitCode::FAILURE;
-        }
-    };
+    let notifier = Notifier::start(&cfg.notify, &cfg.node_name, metrics.clone()).unwrap_or_else(|e| {
+        error!(error = %e, "cannot set up notifications; working on without them");
+        Notifier::disabled()
+    });
     if notifier.enabled() {
         let targets: Vec<String> = cfg.notify.targets.iter().map(|t| t.redacted()).collect();
         info!(?targets, "sending notifications");
     }
+    let events = Events::start(client.clone(), &cfg.node_name, std::env::var("POD_NAME").ok());
+    let _sentinel_mode = sentinel::spawn_mode_reporter(sentinel.mode(), metrics.clone(), events.clone());
     let agent = Agent {
         notifier: notifier.clone(),
-        events: Events::start(client.clone(), &cfg.node_name, std::env::var("POD_NAME").ok()),
+        events,
         rebooter: reboot::rebooter(cfg.reboot_method, cfg.reboot_command.clone(), exec),
         cfg,
         client,

@@ -15,6 +15,9 @@ use tokio::sync::watch;
 /// Lifecycle states reported by `kreboot_state`.
 pub const STATES: &[&str] = &["idle", "pending", "waiting_for_lock", "draining", "rebooting"];
 
+/// Ways of watching the sentinel reported by `kreboot_sentinel_watch_mode`.
+pub const SENTINEL_WATCH_MODES: &[&str] = &["inotify", "poll"];
+
 /// All metrics of one agent.
 #[derive(Clone)]
 pub struct Metrics {
@@ -58,6 +61,8 @@ pub struct Metrics {
     pub required_reason: IntGaugeVec,
     /// Operator notifications by target kind and result (`sent`, `failed`, `dropped`).
     pub notifications: IntCounterVec,
+    /// 1 for the way the sentinel is watched ([`SENTINEL_WATCH_MODES`]).
+    pub sentinel_watch_mode: IntGaugeVec,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -195,6 +200,12 @@ impl Metrics {
                 "Operator notifications (--notify-url) by target kind and result (sent, failed, dropped).",
                 &["target_kind", "result"],
             ),
+            sentinel_watch_mode: gauge(
+                &r,
+                "kreboot_sentinel_watch_mode",
+                "1 for the way the sentinel file is watched: inotify, or poll (inotify unavailable).",
+                &["node", "mode"],
+            ),
             registry: r,
         };
         m.build_info
@@ -234,6 +245,15 @@ impl Metrics {
             self.blocked
                 .with_label_values(&[self.node.as_str(), r])
                 .set(i64::from(Some(r) == reason));
+        }
+    }
+
+    /// Sets `kreboot_sentinel_watch_mode` to `mode` (one of [`SENTINEL_WATCH_MODES`]).
+    pub fn set_sentinel_watch_mode(&self, mode: &str) {
+        for m in SENTINEL_WATCH_MODES {
+            self.sentinel_watch_mode
+                .with_label_values(&[self.node.as_str(), m])
+                .set(i64::from(*m == mode));
         }
     }
 
@@ -308,6 +328,44 @@ pub async fn serve(
     Ok(local)
 }
 
+/// How often [`serve_or_retry`] tries again to bind the metrics address.
+pub const SERVE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves like [`serve`], but a metrics address that cannot be bound does not stop the agent:
+/// the failure is logged and binding is tried again every `retry` in the background until it
+/// works or `shutdown` is cancelled. (The liveness probe, on the same port, decides whether the
+/// pod is restarted meanwhile.)
+pub async fn serve_or_retry(
+    addr: SocketAddr,
+    metrics: Metrics,
+    ready: watch::Receiver<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
+    retry: std::time::Duration,
+) {
+    match serve(addr, metrics.clone(), ready.clone(), shutdown.clone()).await {
+        Ok(bound) => tracing::info!(addr = %bound, "serving metrics"),
+        Err(e) => {
+            tracing::error!(addr = %addr, error = %e, retry_in = ?retry,
+                "cannot serve metrics; working on without them and trying again");
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(retry) => {}
+                    }
+                    match serve(addr, metrics.clone(), ready.clone(), shutdown.clone()).await {
+                        Ok(bound) => {
+                            tracing::info!(addr = %bound, "serving metrics");
+                            return;
+                        }
+                        Err(e) => tracing::debug!(addr = %addr, error = %e, "still cannot serve metrics"),
+                    }
+                }
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,6 +396,26 @@ mod tests {
             m.render()
                 .contains("kreboot_notifications_total{result=\"sent\",target_kind=\"slack\"} 1"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn sentinel_watch_mode_is_one_of_two() {
+        let m = Metrics::new("n1");
+        m.set_sentinel_watch_mode("poll");
+        let text = m.render();
+        assert!(
+            text.contains("kreboot_sentinel_watch_mode{mode=\"poll\",node=\"n1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kreboot_sentinel_watch_mode{mode=\"inotify\",node=\"n1\"} 0"),
+            "{text}"
+        );
+        m.set_sentinel_watch_mode("inotify");
+        assert!(
+            m.render()
+                .contains("kreboot_sentinel_watch_mode{mode=\"inotify\",node=\"n1\"} 1")
         );
     }
 }

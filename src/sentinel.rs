@@ -1,10 +1,19 @@
-//! Reboot-required detection from the sentinel file, watched with inotify (`notify`).
+//! Reboot-required detection from the sentinel file, watched with inotify (`notify`), or polled
+//! where inotify cannot be used.
 //!
-//! There is no polling period: the watch is on the sentinel's directory (or, while that does
-//! not exist yet, on its nearest existing ancestor, re-armed deeper as directories appear), so a
-//! file created, removed, re-created or renamed into place is seen within milliseconds. The
-//! packages listed in `<sentinel>.pkgs` (Ubuntu's `reboot-required.pkgs`) are the reason,
-//! bounded so that a long list cannot bloat a label, an annotation or an Event.
+//! There is no polling period while inotify works: the watch is on the sentinel's directory (or,
+//! while that does not exist yet, on its nearest existing ancestor, re-armed deeper as
+//! directories appear), so a file created, removed, re-created or renamed into place is seen
+//! within milliseconds. The packages listed in `<sentinel>.pkgs` (Ubuntu's
+//! `reboot-required.pkgs`) are the reason, bounded so that a long list cannot bloat a label, an
+//! annotation or an Event.
+//!
+//! Where inotify refuses (EMFILE: the uid's `fs.inotify.max_user_instances` used up; ENOSPC:
+//! its `fs.inotify.max_user_watches`; ENOSYS), or the filesystem delivers no events (noticed
+//! when the file differs from what was last reported and no event explains it), the same
+//! directories are scanned by `notify`'s `PollWatcher` every poll interval instead, and inotify
+//! is tried again every few minutes ([`WatchOptions`]). The agent never stops for this; the
+//! mode is reported ([`SentinelWatch::mode`], [`spawn_mode_reporter`]).
 //!
 //! `notify` delivers events on its own thread, and re-arming a watch from inside its event
 //! handler would deadlock the inotify loop; a small thread of ours receives a nudge per event,
@@ -13,11 +22,12 @@
 use std::{
     path::{Path, PathBuf},
     sync::mpsc,
+    time::{Duration, Instant},
 };
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// At most this many package names are reported.
 pub const MAX_PACKAGES: usize = 20;
@@ -246,87 +256,469 @@ pub fn combine(file: watch::Receiver<SentinelState>, checks: ExtraChecks) -> wat
     rx
 }
 
+/// Default of `--sentinel-poll-interval`: how often a polling watch scans the sentinel's
+/// directory.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(10);
+/// Default of the hidden `--sentinel-inotify-retry`: how often a polling watch tries inotify
+/// again.
+pub const DEFAULT_INOTIFY_RETRY: Duration = Duration::from_secs(300);
+/// How long a change that inotify did not report is given for its event to arrive before the
+/// watch concludes that the filesystem delivers none.
+const EVENT_GRACE: Duration = Duration::from_secs(1);
+/// How often an idle watch thread with nothing to wait for checks that it is still wanted.
+const IDLE_WAKE: Duration = Duration::from_secs(60);
+
+/// How the sentinel is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchMode {
+    /// inotify: a change is seen within milliseconds.
+    Inotify,
+    /// `notify`'s `PollWatcher`: a change is seen within the poll interval.
+    Poll,
+}
+
+impl WatchMode {
+    /// The `mode` label of `kreboot_sentinel_watch_mode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchMode::Inotify => "inotify",
+            WatchMode::Poll => "poll",
+        }
+    }
+}
+
+/// The watch mode, as the watch thread reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModeState {
+    /// The current mode.
+    pub mode: WatchMode,
+    /// How many times the watch has fallen back to polling (each is one WARN line and one Event).
+    pub fallbacks: u64,
+    /// Why it fell back the last time (kept after a return to inotify).
+    pub last_fallback: Option<String>,
+}
+
+/// Timings of the watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchOptions {
+    /// How often a polling watch scans (`--sentinel-poll-interval`). A watch on inotify also
+    /// compares the file with what it last reported this often: a difference that no event
+    /// explains means the filesystem delivers no events, and the watch polls from then on.
+    pub poll_interval: Duration,
+    /// How often a polling watch tries inotify again (hidden `--sentinel-inotify-retry`).
+    pub inotify_retry: Duration,
+}
+
+impl Default for WatchOptions {
+    fn default() -> WatchOptions {
+        WatchOptions {
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            inotify_retry: DEFAULT_INOTIFY_RETRY,
+        }
+    }
+}
+
+/// Why inotify cannot be used: the errno, the sysctl that helps, in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The errno's name (`EMFILE`, `ENOSPC`, `ENOSYS`, ...), or `no-events`.
+    pub errno: String,
+    /// The sysctl to raise, when raising one helps.
+    pub sysctl: Option<&'static str>,
+    /// What happened.
+    pub detail: String,
+    /// Whether trying inotify again later can help.
+    pub retry: bool,
+}
+
+impl Refusal {
+    /// Classifies an error of `inotify_init1` or `inotify_add_watch` (through `notify`).
+    pub fn from_error(e: &notify::Error) -> Refusal {
+        let raw = match &e.kind {
+            // `notify` reports ENOSPC from inotify_add_watch as this kind, without the errno.
+            notify::ErrorKind::MaxFilesWatch => Some(libc::ENOSPC),
+            notify::ErrorKind::Io(io) => io.raw_os_error(),
+            _ => None,
+        };
+        let (sysctl, what) = match raw {
+            Some(libc::EMFILE) => (
+                Some("fs.inotify.max_user_instances"),
+                "the inotify instances of the agent's uid are used up (or the process's open-file limit is reached)",
+            ),
+            Some(libc::ENOSPC) => (
+                Some("fs.inotify.max_user_watches"),
+                "the inotify watches of the agent's uid are used up",
+            ),
+            Some(libc::ENOSYS) => (None, "the kernel has no inotify"),
+            _ => (None, "inotify refused the watch"),
+        };
+        Refusal {
+            errno: raw.map_or_else(
+                || "unknown".to_owned(),
+                |n| format!("{:?}", nix::errno::Errno::from_raw(n)),
+            ),
+            sysctl,
+            detail: format!("{what}: {e}"),
+            retry: true,
+        }
+    }
+
+    /// The sentinel changed and inotify reported nothing: its filesystem delivers no events
+    /// (a network filesystem, `/proc`). Trying again would not help.
+    fn no_events() -> Refusal {
+        Refusal {
+            errno: "no-events".into(),
+            sysctl: None,
+            detail: "the sentinel changed and inotify reported nothing: its filesystem delivers no events"
+                .into(),
+            retry: false,
+        }
+    }
+
+    fn no_ancestor() -> Refusal {
+        Refusal {
+            errno: "none".into(),
+            sysctl: None,
+            detail: "no existing directory above the sentinel to watch".into(),
+            retry: true,
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.errno, self.detail)?;
+        if let Some(sysctl) = self.sysctl {
+            write!(f, "; raise the sysctl {sysctl}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a failed watch means only that the directory vanished between the look and the watch.
+fn vanished(e: &notify::Error) -> bool {
+    match &e.kind {
+        notify::ErrorKind::PathNotFound => true,
+        notify::ErrorKind::Io(io) => io.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+/// The watcher in use (held for as long as it is to watch: dropping it stops it).
+enum Active {
+    Inotify {
+        _watcher: notify::RecommendedWatcher,
+    },
+    /// `None` only if the poll watcher could not be created (then retries are all there is).
+    Poll {
+        _watcher: Option<notify::PollWatcher>,
+    },
+}
+
+/// The watch thread's state.
+struct Worker {
+    path: PathBuf,
+    opts: WatchOptions,
+    nudge_tx: mpsc::Sender<()>,
+    nudge_rx: mpsc::Receiver<()>,
+    state: watch::Sender<SentinelState>,
+    mode: watch::Sender<ModeState>,
+    active: Active,
+    armed: Armed,
+    /// When a polling watch next tries inotify (`None`: on inotify, or never).
+    next_retry: Option<Instant>,
+}
+
+impl Worker {
+    /// A fresh inotify instance watching `target` (and its parent).
+    fn inotify(&self, target: &Path) -> notify::Result<(notify::RecommendedWatcher, Armed)> {
+        let mut watcher = new_watcher(self.nudge_tx.clone())?;
+        let mut armed = Armed::default();
+        armed.arm(&mut watcher, target)?;
+        Ok((watcher, armed))
+    }
+
+    /// A `PollWatcher` scanning `target` (and its parent) every poll interval.
+    fn poll(&self, target: Option<&Path>) -> (Option<notify::PollWatcher>, Armed) {
+        let tx = self.nudge_tx.clone();
+        let handler = move |res: notify::Result<notify::Event>| {
+            if let Err(e) = &res {
+                debug!(error = %e, "sentinel poll error");
+            }
+            let _ = tx.send(());
+        };
+        let config = notify::Config::default().with_poll_interval(self.opts.poll_interval);
+        let mut armed = Armed::default();
+        match notify::PollWatcher::new(handler, config) {
+            Ok(mut w) => {
+                if let Some(t) = target
+                    && let Err(e) = armed.arm(&mut w, t)
+                {
+                    warn!(dir = %t.display(), error = %e, "cannot poll the sentinel's directory");
+                }
+                (Some(w), armed)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot create the sentinel's poll watcher");
+                (None, armed)
+            }
+        }
+    }
+
+    /// Re-reads the sentinel and publishes a change.
+    fn publish(&self) {
+        let now = read_state(&self.path);
+        self.state.send_if_modified(|s| {
+            let changed = *s != now;
+            *s = now;
+            changed
+        });
+    }
+
+    /// Switches to polling: one WARN line, and the mode channel counts the fall-back (the
+    /// reporter turns that into the gauge and one Event).
+    fn fall_back(&mut self, why: &Refusal) {
+        let target = watch_target(&self.path);
+        let (watcher, armed) = self.poll(target.as_deref());
+        self.active = Active::Poll { _watcher: watcher };
+        self.armed = armed;
+        self.next_retry = why.retry.then(|| Instant::now() + self.opts.inotify_retry);
+        let interval = humantime::format_duration(self.opts.poll_interval).to_string();
+        let retry = if why.retry {
+            format!(
+                "trying inotify again every {}",
+                humantime::format_duration(self.opts.inotify_retry)
+            )
+        } else {
+            "not trying inotify again until the agent restarts".to_owned()
+        };
+        let sysctl = why.sysctl.unwrap_or("-");
+        warn!(
+            path = %self.path.display(),
+            errno = %why.errno,
+            sysctl,
+            poll_interval = %interval,
+            "cannot watch the sentinel with inotify ({why}); polling it every {interval} instead, {retry}"
+        );
+        let note = format!("{why}; polling the sentinel every {interval}, {retry}");
+        self.mode.send_modify(|m| {
+            m.mode = WatchMode::Poll;
+            m.fallbacks += 1;
+            m.last_fallback = Some(note);
+        });
+        // The poll watcher's first scan is its baseline: read now what changed before it.
+        self.publish();
+    }
+
+    /// A polling watch tries inotify again.
+    fn retry_inotify(&mut self) {
+        let tried = watch_target(&self.path)
+            .ok_or_else(|| notify::Error::generic("no existing directory above the sentinel"))
+            .and_then(|t| self.inotify(&t));
+        match tried {
+            Ok((watcher, armed)) => {
+                self.active = Active::Inotify { _watcher: watcher };
+                self.armed = armed;
+                self.next_retry = None;
+                info!(path = %self.path.display(), "inotify works again: the sentinel is watched with inotify");
+                self.mode.send_modify(|m| m.mode = WatchMode::Inotify);
+                // Look again at once: a change between the last scan and the new watch.
+                let _ = self.nudge_tx.send(());
+            }
+            Err(e) => {
+                debug!(error = %e, "inotify is still unavailable; polling on");
+                self.next_retry = Some(Instant::now() + self.opts.inotify_retry);
+            }
+        }
+    }
+
+    /// Re-arms until the target is stable: a directory created between our look and the new
+    /// watch would otherwise go unnoticed (its event came before the watch existed), so look
+    /// again after every re-arm.
+    fn rearm(&mut self) {
+        let mut failures = 0u32;
+        while let Some(now) = watch_target(&self.path).filter(|now| !self.armed.is_current(now)) {
+            if matches!(self.active, Active::Poll { .. }) {
+                let (watcher, armed) = self.poll(Some(&now));
+                self.active = Active::Poll { _watcher: watcher };
+                self.armed = armed;
+                continue;
+            }
+            // A fresh inotify instance each time: `notify` forgets a removed directory's watch
+            // by path when it processes the removal, which can come after, and cancel, a new
+            // watch of a re-created directory.
+            match self.inotify(&now) {
+                Ok((watcher, armed)) => {
+                    self.active = Active::Inotify { _watcher: watcher };
+                    self.armed = armed;
+                    failures = 0;
+                    debug!(dir = %now.display(), "sentinel watch re-armed");
+                }
+                Err(e) if vanished(&e) => {
+                    // The directory vanished between the look and the watch: look again
+                    // shortly (the ancestor above it is then the target).
+                    failures += 1;
+                    if failures % 100 == 1 {
+                        warn!(dir = %now.display(), error = %e, "cannot re-arm the sentinel watch; retrying");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => self.fall_back(&Refusal::from_error(&e)),
+            }
+        }
+    }
+
+    /// Handles a burst of nudges.
+    fn changed(&mut self) {
+        // Coalesce a burst of events into one re-read.
+        while self.nudge_rx.try_recv().is_ok() {}
+        self.rearm();
+        self.publish();
+    }
+
+    /// On inotify, every poll interval: the file must say what was last reported, or inotify
+    /// missed the change.
+    fn audit(&mut self) {
+        if read_state(&self.path) == *self.state.borrow() {
+            return;
+        }
+        // Its event may be on its way.
+        match self.nudge_rx.recv_timeout(EVENT_GRACE) {
+            Ok(()) => self.changed(),
+            Err(_) => self.fall_back(&Refusal::no_events()),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let timeout = match self.active {
+                Active::Inotify { .. } => self.opts.poll_interval,
+                Active::Poll { .. } => self
+                    .next_retry
+                    .map_or(IDLE_WAKE, |t| t.saturating_duration_since(Instant::now())),
+            };
+            match self.nudge_rx.recv_timeout(timeout) {
+                Ok(()) => self.changed(),
+                Err(mpsc::RecvTimeoutError::Timeout) => match self.active {
+                    Active::Inotify { .. } => self.audit(),
+                    Active::Poll { .. } => {
+                        if self.next_retry.is_some_and(|t| t <= Instant::now()) {
+                            self.retry_inotify();
+                        }
+                    }
+                },
+                // Cannot happen while `self` holds a sender.
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            if self.state.is_closed() {
+                return;
+            }
+        }
+    }
+}
+
 /// A running watch of one sentinel file.
 pub struct SentinelWatch {
     rx: watch::Receiver<SentinelState>,
+    mode: watch::Receiver<ModeState>,
 }
 
 impl SentinelWatch {
-    /// Starts watching `path`.
+    /// Starts watching `path` with the default timings (see [`SentinelWatch::start_with`]).
     ///
     /// # Errors
-    /// [`SentinelError`] when inotify refuses or nothing above the path exists.
+    /// [`SentinelError`] only when the watch thread cannot be started.
     pub fn start(path: PathBuf) -> Result<SentinelWatch, SentinelError> {
+        SentinelWatch::start_with(path, WatchOptions::default())
+    }
+
+    /// Starts watching `path`: with inotify where it works; where it does not (EMFILE, ENOSPC,
+    /// ENOSYS, a filesystem that delivers no events) by polling every `opts.poll_interval`,
+    /// trying inotify again every `opts.inotify_retry`. [`SentinelWatch::mode`] tells which.
+    ///
+    /// # Errors
+    /// [`SentinelError`] only when the watch thread cannot be started.
+    pub fn start_with(path: PathBuf, opts: WatchOptions) -> Result<SentinelWatch, SentinelError> {
         let path = if path.is_absolute() {
             path
         } else {
             std::env::current_dir().map(|d| d.join(&path)).unwrap_or(path)
         };
         let (nudge_tx, nudge_rx) = mpsc::channel::<()>();
-        let mut watcher = new_watcher(nudge_tx.clone()).map_err(|source| SentinelError::Watch {
-            path: path.clone(),
-            source,
-        })?;
-        let first = watch_target(&path).ok_or_else(|| SentinelError::NoAncestor { path: path.clone() })?;
-        let mut armed = Armed::default();
-        armed
-            .arm(&mut watcher, &first)
-            .map_err(|source| SentinelError::Watch {
-                path: first.clone(),
-                source,
-            })?;
-        let (tx, rx) = watch::channel(read_state(&path));
+        let (state, rx) = watch::channel(read_state(&path));
+        let (mode, mode_rx) = watch::channel(ModeState {
+            mode: WatchMode::Inotify,
+            fallbacks: 0,
+            last_fallback: None,
+        });
+        let mut worker = Worker {
+            path,
+            opts,
+            nudge_tx,
+            nudge_rx,
+            state,
+            mode,
+            active: Active::Poll { _watcher: None },
+            armed: Armed::default(),
+            next_retry: None,
+        };
+        match watch_target(&worker.path).map(|t| worker.inotify(&t)) {
+            Some(Ok((watcher, armed))) => {
+                worker.active = Active::Inotify { _watcher: watcher };
+                worker.armed = armed;
+            }
+            Some(Err(e)) => worker.fall_back(&Refusal::from_error(&e)),
+            None => worker.fall_back(&Refusal::no_ancestor()),
+        }
+        // A first look from the thread: a directory or file that appeared between the state
+        // read above and the watch.
+        let _ = worker.nudge_tx.send(());
         std::thread::Builder::new()
             .name("sentinel".into())
-            .spawn(move || {
-                let mut failures = 0u32;
-                while nudge_rx.recv().is_ok() {
-                    // Coalesce a burst of events into one re-read.
-                    while nudge_rx.try_recv().is_ok() {}
-                    // Re-arm until the target is stable: a directory created between our look
-                    // and the new watch would otherwise go unnoticed (its event came before the
-                    // watch existed), so look again after every re-arm.
-                    while let Some(now) = watch_target(&path).filter(|now| !armed.is_current(now)) {
-                        // A fresh inotify instance each time: `notify` forgets a removed
-                        // directory's watch by path when it processes the removal, which can
-                        // come after, and cancel, a new watch of a re-created directory.
-                        let fresh = new_watcher(nudge_tx.clone())
-                            .and_then(|mut w| armed.arm(&mut w, &now).map(|()| w));
-                        if let Err(e) = fresh.map(|w| watcher = w) {
-                            // Usually the directory vanished between the look and the watch:
-                            // look again shortly (the ancestor above it is then the target).
-                            failures += 1;
-                            if failures % 100 == 1 {
-                                warn!(dir = %now.display(), error = %e, "cannot re-arm the sentinel watch; retrying");
-                            }
-                            std::thread::sleep(std::time::Duration::from_millis(10));
-                            continue;
-                        }
-                        failures = 0;
-                        debug!(dir = %now.display(), "sentinel watch re-armed");
-                    }
-                    let state = read_state(&path);
-                    tx.send_if_modified(|s| {
-                        let changed = *s != state;
-                        *s = state;
-                        changed
-                    });
-                    if tx.is_closed() {
-                        return;
-                    }
-                }
-            })
+            .spawn(move || worker.run())
             .map_err(|e| SentinelError::Watch {
                 path: PathBuf::new(),
                 source: notify::Error::io(e),
             })?;
-        Ok(SentinelWatch { rx })
+        Ok(SentinelWatch { rx, mode: mode_rx })
     }
 
     /// A receiver of the current state and every change.
     pub fn receiver(&self) -> watch::Receiver<SentinelState> {
         self.rx.clone()
     }
+
+    /// A receiver of the watch mode and every change of it.
+    pub fn mode(&self) -> watch::Receiver<ModeState> {
+        self.mode.clone()
+    }
+}
+
+/// Keeps `kreboot_sentinel_watch_mode` in step with the watch, and records one Event
+/// (`SentinelPolling`) on the Node for each fall-back to polling.
+pub fn spawn_mode_reporter(
+    mut rx: watch::Receiver<ModeState>,
+    metrics: crate::metrics::Metrics,
+    events: crate::events::Events,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut reported = 0u64;
+        loop {
+            let m = rx.borrow_and_update().clone();
+            metrics.set_sentinel_watch_mode(m.mode.as_str());
+            if m.fallbacks > reported {
+                reported = m.fallbacks;
+                let why = m.last_fallback.unwrap_or_default();
+                events.node(
+                    crate::events::Reason::SentinelPolling,
+                    format!("The sentinel cannot be watched with inotify ({why})."),
+                );
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -355,6 +747,40 @@ mod tests {
         assert!(p.iter().map(String::len).sum::<usize>() < MAX_PACKAGE_BYTES + 20);
         assert_eq!(bound_packages("a\n\n b \n"), vec!["a", "b"]);
         assert!(bound_packages("").is_empty());
+    }
+
+    #[test]
+    fn refusals_name_the_errno_and_the_sysctl() {
+        let emfile = Refusal::from_error(&notify::Error::io(std::io::Error::from_raw_os_error(
+            libc::EMFILE,
+        )));
+        assert_eq!(emfile.errno, "EMFILE");
+        assert_eq!(emfile.sysctl, Some("fs.inotify.max_user_instances"));
+        assert!(emfile.retry);
+        assert!(
+            emfile
+                .to_string()
+                .ends_with("raise the sysctl fs.inotify.max_user_instances"),
+            "{emfile}"
+        );
+        // `notify` turns ENOSPC from inotify_add_watch into its own kind, without the errno.
+        let enospc = Refusal::from_error(&notify::Error::new(notify::ErrorKind::MaxFilesWatch));
+        assert_eq!(enospc.errno, "ENOSPC");
+        assert_eq!(enospc.sysctl, Some("fs.inotify.max_user_watches"));
+        let enosys = Refusal::from_error(&notify::Error::io(std::io::Error::from_raw_os_error(
+            libc::ENOSYS,
+        )));
+        assert_eq!((enosys.errno.as_str(), enosys.sysctl), ("ENOSYS", None));
+        let other = Refusal::from_error(&notify::Error::io(std::io::Error::from_raw_os_error(
+            libc::EACCES,
+        )));
+        assert_eq!((other.errno.as_str(), other.sysctl), ("EACCES", None));
+        assert!(
+            !Refusal::no_events().retry,
+            "a filesystem without events stays without"
+        );
+        assert!(vanished(&notify::Error::path_not_found()));
+        assert!(!vanished(&notify::Error::new(notify::ErrorKind::MaxFilesWatch)));
     }
 
     #[test]

@@ -314,7 +314,16 @@ async fn validation_the_real_server_does() {
         .await
         .unwrap_err();
     assert!(matches!(err, kube::Error::Api(ref s) if s.code == 422), "{err}");
-    // An Event about a Node outside default/kube-system is rejected.
+    // An Event about a Node outside default/kube-system is rejected (in a namespace that
+    // exists: one that does not is a 404 before any validation).
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "apps"}})).unwrap(),
+        )
+        .await
+        .unwrap();
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "apps");
     let ev: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({
         "metadata": {"name": "e"}, "eventTime": "2026-11-24T18:00:00.000000Z", "reason": "Test",

@@ -4,11 +4,15 @@
 //! benchmarks run against this server. kreboot talks to it only through kube-rs over HTTP,
 //! exactly as to a real cluster. It keeps the semantics kreboot depends on: resourceVersions and
 //! 409 conflicts, status subresources, list with selectors and pagination, watches with
-//! bookmarks and 410 Gone, the Eviction subresource answering 429 when a PodDisruptionBudget
-//! forbids the disruption, Leases (MicroTime validated), ConfigMaps, Events (those about Nodes
-//! only in `default`/`kube-system`). Simulated kubelets terminate pods after their grace period
-//! and reboot nodes (NotReady, pods gone, back Ready with a new bootID). Faults (errors,
-//! latency, conflicts, dropped watches) can be injected, and requests are counted by verb.
+//! bookmarks and 410 Gone (an object that stops matching a watch's selectors leaves it as
+//! DELETED carrying its previous state, as the real watch cache sends it), the Eviction
+//! subresource answering 429 when a PodDisruptionBudget forbids the disruption and 500 when two
+//! budgets select the pod, Leases (MicroTime validated, updates only with a resourceVersion, a
+//! positive duration), ConfigMaps, Events (those about Nodes only in `default`/`kube-system`),
+//! no creates in a namespace that does not exist (404). Simulated kubelets terminate pods after
+//! their grace period and reboot nodes (NotReady, pods gone, back Ready with a new bootID).
+//! Faults (errors, latency, conflicts, dropped watches) can be injected, and requests are
+//! counted by verb and by refusal code.
 //!
 //! Nothing in the agent's code path uses this module.
 
@@ -105,6 +109,9 @@ pub struct RequestCounts {
     pub by_verb: BTreeMap<String, u64>,
     /// `verb resource`, e.g. `patch nodes`.
     pub by_verb_resource: BTreeMap<String, u64>,
+    /// Requests answered with an error, by `verb resource code`, e.g. `update leases 409`
+    /// (injected faults included).
+    pub refusals: BTreeMap<String, u64>,
 }
 
 impl RequestCounts {
@@ -119,6 +126,14 @@ impl RequestCounts {
             .iter()
             .map(|v| self.by_verb.get(*v).copied().unwrap_or(0))
             .sum()
+    }
+
+    /// Requests of `verb resource` (e.g. `update leases`) answered with `code`.
+    pub fn refused(&self, verb_resource: &str, code: u16) -> u64 {
+        self.refusals
+            .get(&format!("{verb_resource} {code}"))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -157,6 +172,8 @@ pub(crate) struct Shared {
     counts: Mutex<RequestCounts>,
     accesses: Mutex<std::collections::BTreeSet<Access>>,
     faults: Mutex<(Faults, StdRng)>,
+    /// Extra latency of one kind of request, by `verb resource` (e.g. `list nodes`).
+    slow: Mutex<BTreeMap<String, Duration>>,
     events: broadcast::Sender<SimEvent>,
     rebooting: Mutex<std::collections::BTreeSet<String>>,
     /// Faults injected so far (errors, conflicts, dropped watches).
@@ -183,12 +200,24 @@ impl Shared {
             .or_default() += 1;
     }
 
+    fn count_refusal(&self, verb: &str, resource: &str, code: u16) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        *c.refusals.entry(format!("{verb} {resource} {code}")).or_default() += 1;
+    }
+
     fn scaled(&self, d: Duration) -> Duration {
         d.mul_f64(self.config.time_scale.max(0.0))
     }
 
     /// Applies latency and may answer with an injected error.
-    async fn inject_fault(&self, verb: &str) -> Option<axum::response::Response> {
+    async fn inject_fault(&self, verb: &str, resource: &str) -> Option<axum::response::Response> {
+        let slow = self
+            .slow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&format!("{verb} {resource}"))
+            .copied()
+            .unwrap_or_default();
         let (delay, fail) = {
             let mut g = self.faults.lock().unwrap_or_else(|e| e.into_inner());
             let (f, rng) = &mut *g;
@@ -205,7 +234,7 @@ impl Shared {
             } else {
                 None
             };
-            (f.latency + jitter, fail)
+            (f.latency + jitter + slow, fail)
         };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -309,7 +338,9 @@ impl Shared {
     }
 
     /// The Eviction subresource: refused with 429 when a PodDisruptionBudget allows no
-    /// disruption, otherwise a graceful delete.
+    /// disruption, with 500 when more than one PodDisruptionBudget selects the pod (as
+    /// kube-apiserver's `pkg/registry/core/pod/storage/eviction.go`), otherwise a graceful
+    /// delete.
     fn evict(self: &Arc<Self>, ns: &str, name: &str, grace: Option<i64>) -> Result<(), StoreError> {
         let _one_at_a_time = self.evictions.lock().unwrap_or_else(|e| e.into_inner());
         let Some(pod) = self.store.get(Kind::Pod, ns, name) else {
@@ -324,14 +355,19 @@ impl Shared {
         }
         let labels = select::labels_of(&pod);
         let (pdbs, _) = self.store.list(Kind::Pdb, Some(ns));
+        let pdbs: Vec<Arc<Value>> = pdbs.into_iter().filter(|p| pdb_selects(p, &labels)).collect();
+        if pdbs.len() > 1 {
+            return Err(StoreError::new(
+                500,
+                "",
+                "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+            ));
+        }
         let (pods, _) = self.store.list(Kind::Pod, Some(ns));
-        for pdb in pdbs {
-            if !pdb_selects(&pdb, &labels) {
-                continue;
-            }
+        if let Some(pdb) = pdbs.first() {
             let matching: Vec<&Arc<Value>> = pods
                 .iter()
-                .filter(|p| pdb_selects(&pdb, &select::labels_of(p)))
+                .filter(|p| pdb_selects(pdb, &select::labels_of(p)))
                 .collect();
             let healthy = matching.iter().filter(|p| healthy(p)).count() as i64;
             let expected = matching.len() as i64;
@@ -498,6 +534,7 @@ impl SimCluster {
         let shared = Arc::new(Shared {
             store: Store::new(config.history_size),
             faults: Mutex::new((Faults::default(), StdRng::seed_from_u64(config.seed))),
+            slow: Mutex::default(),
             config,
             counts: Mutex::new(RequestCounts::default()),
             accesses: Mutex::default(),
@@ -581,7 +618,19 @@ impl SimCluster {
         let _ = self.shared.store.create(Kind::Node, "", node);
     }
 
-    /// Adds a pod (Running and Ready unless its status says otherwise).
+    /// Creates namespace `ns` unless it exists (the API server refuses objects in a namespace
+    /// that does not exist; the helpers below create theirs on the way).
+    pub fn ensure_namespace(&self, ns: &str) {
+        if self.shared.store.get(Kind::Namespace, "", ns).is_none() {
+            let _ = self
+                .shared
+                .store
+                .create(Kind::Namespace, "", json!({"metadata": {"name": ns}}));
+        }
+    }
+
+    /// Adds a pod (Running and Ready unless its status says otherwise), creating its namespace
+    /// if needed.
     pub fn add_pod(&self, pod: Pod) {
         let mut v = serde_json::to_value(&pod).unwrap_or_else(|_| json!({}));
         if v.pointer("/status/phase").is_none() {
@@ -591,10 +640,11 @@ impl SimCluster {
             });
         }
         let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        self.ensure_namespace(&ns);
         let _ = self.shared.store.create(Kind::Pod, &ns, v);
     }
 
-    /// Adds a PodDisruptionBudget.
+    /// Adds a PodDisruptionBudget, creating its namespace if needed.
     pub fn add_pdb(
         &self,
         ns: &str,
@@ -610,6 +660,7 @@ impl SimCluster {
         if let Some(m) = max_unavailable {
             spec["maxUnavailable"] = json!(m);
         }
+        self.ensure_namespace(ns);
         let _ = self.shared.store.create(
             Kind::Pdb,
             ns,
@@ -679,8 +730,9 @@ impl SimCluster {
             .collect()
     }
 
-    /// Creates or replaces a ConfigMap.
+    /// Creates or replaces a ConfigMap (creating its namespace if needed).
     pub fn configmap_put(&self, ns: &str, name: &str, data: BTreeMap<String, String>) {
+        self.ensure_namespace(ns);
         let store = &self.shared.store;
         let updated = store.update(Kind::ConfigMap, ns, name, |old| {
             let mut c = old.clone();
@@ -743,6 +795,17 @@ impl SimCluster {
     /// Starts counting from zero.
     pub fn reset_request_counts(&self) {
         *self.shared.counts.lock().unwrap_or_else(|e| e.into_inner()) = RequestCounts::default();
+    }
+
+    /// Adds `delay` to every request of `verb_resource` (e.g. `list nodes`), or removes the
+    /// delay (`Duration::ZERO`). For tests that need one kind of request to be slow.
+    pub fn set_slow(&self, verb_resource: &str, delay: Duration) {
+        let mut slow = self.shared.slow.lock().unwrap_or_else(|e| e.into_inner());
+        if delay.is_zero() {
+            slow.remove(verb_resource);
+        } else {
+            slow.insert(verb_resource.to_owned(), delay);
+        }
     }
 
     /// Sets the injected faults.

@@ -172,8 +172,34 @@ pub async fn handle(
         namespace: ns.clone(),
     });
 
+    let resp = serve(
+        &sim, verb, kind, ns, name, sub, &method, &uri, &headers, &q, &body,
+    )
+    .await;
+    let code = resp.status().as_u16();
+    if code >= 400 {
+        sim.count_refusal(verb, plural, code);
+    }
+    resp
+}
+
+/// Answers one request to an object path (after routing and counting).
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    sim: &Arc<Shared>,
+    verb: &'static str,
+    kind: Kind,
+    ns: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    body: &Bytes,
+) -> Response {
     // Fault injection (never on the Rust control API, which does not pass through here).
-    if let Some(resp) = sim.inject_fault(verb).await {
+    if let Some(resp) = sim.inject_fault(verb, kind.info().2).await {
         return resp;
     }
 
@@ -181,9 +207,9 @@ pub async fn handle(
     match (method.clone(), name, sub.as_deref()) {
         (Method::GET, None, None) => {
             if verb == "watch" {
-                watch(sim, kind, ns, &q)
+                watch(sim.clone(), kind, ns, q)
             } else {
-                list(&sim, kind, ns.as_deref(), &q)
+                list(sim, kind, ns.as_deref(), q)
             }
         }
         (Method::GET, Some(name), None | Some("status")) => match sim.store.get(kind, &ns_str, &name) {
@@ -195,9 +221,18 @@ pub async fn handle(
             )),
         },
         (Method::POST, None, None) => {
-            let Ok(obj) = serde_json::from_slice::<Value>(&body) else {
+            let Ok(obj) = serde_json::from_slice::<Value>(body) else {
                 return bad("the request body is not JSON");
             };
+            // The NamespaceLifecycle admission plugin (which runs before validation): no
+            // object is created in a namespace that does not exist.
+            if kind.info().4 && sim.store.get(Kind::Namespace, "", &ns_str).is_none() {
+                return err(&StoreError::new(
+                    404,
+                    "NotFound",
+                    format!("namespaces \"{ns_str}\" not found"),
+                ));
+            }
             if let Err(e) = validate(kind, &ns_str, &obj) {
                 return err(&e);
             }
@@ -207,7 +242,7 @@ pub async fn handle(
             }
         }
         (Method::POST, Some(name), Some("eviction")) if kind == Kind::Pod => {
-            let grace = serde_json::from_slice::<Value>(&body).ok().and_then(|b| {
+            let grace = serde_json::from_slice::<Value>(body).ok().and_then(|b| {
                 b.pointer("/deleteOptions/gracePeriodSeconds")
                     .and_then(Value::as_i64)
             });
@@ -217,14 +252,15 @@ pub async fn handle(
             }
         }
         (Method::PUT, Some(name), sub @ (None | Some("status"))) => {
-            let Ok(obj) = serde_json::from_slice::<Value>(&body) else {
+            let Ok(obj) = serde_json::from_slice::<Value>(body) else {
                 return bad("the request body is not JSON");
             };
-            if let Err(e) = validate(kind, &ns_str, &obj) {
-                return err(&e);
-            }
             let status_only = sub.is_some();
+            // As the API server: 404 for a missing object first, then the resourceVersion
+            // requirement, then the object's validation.
             match sim.store.update(kind, &ns_str, &name, |old| {
+                require_version(kind, &name, &obj)?;
+                validate(kind, &ns_str, &obj)?;
                 Ok(split_status(kind, old, obj, status_only))
             }) {
                 Ok(o) => respond(200, &o),
@@ -244,7 +280,7 @@ pub async fn handle(
                 if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
                     m.remove("resourceVersion");
                 }
-                apply_patch(&mut new, &ctype, &body)?;
+                apply_patch(&mut new, &ctype, body)?;
                 validate(kind, &ns_str, &new)?;
                 Ok(split_status(kind, old, new, status_only))
             });
@@ -254,7 +290,7 @@ pub async fn handle(
             }
         }
         (Method::DELETE, Some(name), None) => {
-            let grace = serde_json::from_slice::<Value>(&body)
+            let grace = serde_json::from_slice::<Value>(body)
                 .ok()
                 .and_then(|b| b.get("gracePeriodSeconds").and_then(Value::as_i64))
                 .or_else(|| q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
@@ -350,10 +386,46 @@ fn micro_time_ok(v: &Value) -> bool {
     digits.len() == 6 && chrono::DateTime::parse_from_rfc3339(s).is_ok()
 }
 
+/// An update (PUT) of a kind whose strategy refuses unconditional updates must carry
+/// `metadata.resourceVersion`: the API server answers 422 otherwise (Leases:
+/// `AllowUnconditionalUpdate` is false in `pkg/registry/coordination/lease/strategy.go`).
+fn require_version(kind: Kind, name: &str, obj: &Value) -> Result<(), StoreError> {
+    let given = obj
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .is_some_and(|v| !v.is_empty() && v != "0");
+    if kind == Kind::Lease && !given {
+        return Err(StoreError::new(
+            422,
+            "Invalid",
+            format!(
+                "Lease.coordination.k8s.io \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0: must be specified for an update"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Validation the real API server performs and kreboot could get wrong.
 fn validate(kind: Kind, ns: &str, obj: &Value) -> Result<(), StoreError> {
     match kind {
         Kind::Lease => {
+            if let Some(d) = obj.pointer("/spec/leaseDurationSeconds")
+                && d.as_i64().is_none_or(|d| d <= 0)
+                && !d.is_null()
+            {
+                let name = obj
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                return Err(StoreError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "Lease.coordination.k8s.io \"{name}\" is invalid: spec.leaseDurationSeconds: Invalid value: {d}: must be greater than 0"
+                    ),
+                ));
+            }
             for f in ["acquireTime", "renewTime"] {
                 if let Some(v) = obj.pointer(&format!("/spec/{f}"))
                     && !micro_time_ok(v)
@@ -487,10 +559,14 @@ fn watch(sim: Arc<Shared>, kind: Kind, ns: Option<String>, q: &HashMap<String, S
             *last = c.rv;
             let now = matches(&c.object);
             let before = c.old.as_ref().map(|o| matches(o));
-            match (c.type_, before, now) {
-                ("MODIFIED", Some(true), false) => Some(("DELETED", c.object.clone())),
-                ("MODIFIED", Some(false), true) => Some(("ADDED", c.object.clone())),
-                (_, _, true) => Some((c.type_, c.object.clone())),
+            match (c.type_, before, c.old.as_ref(), now) {
+                // An object that stops matching the selectors leaves the watch as DELETED
+                // carrying its *previous* state (the one that still matched, labels and all)
+                // with the change's resourceVersion, as kube-apiserver's watch cache does
+                // (`convertToWatchEvent`): a client cannot tell it from a real deletion.
+                ("MODIFIED", Some(true), Some(old), false) => Some(("DELETED", left_watch(old, c.rv))),
+                ("MODIFIED", Some(false), _, true) => Some(("ADDED", c.object.clone())),
+                (_, _, _, true) => Some((c.type_, c.object.clone())),
                 _ => None,
             }
         };
@@ -547,6 +623,16 @@ fn watch(sim: Arc<Shared>, kind: Kind, ns: Option<String>, q: &HashMap<String, S
         .header("content-type", "application/json")
         .body(Body::from_stream(body_rx))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `old` (an object's state before a change) with the change's resourceVersion: what a watch
+/// sends as DELETED when the change makes the object stop matching its selectors.
+fn left_watch(old: &Value, rv: u64) -> Arc<Value> {
+    let mut o = old.clone();
+    if o.get("metadata").is_some_and(Value::is_object) {
+        o["metadata"]["resourceVersion"] = json!(rv.to_string());
+    }
+    Arc::new(o)
 }
 
 #[cfg(test)]

@@ -103,7 +103,9 @@ pub struct Change {
     pub type_: &'static str,
     /// The object after the change (before, for DELETED).
     pub object: Arc<Value>,
-    /// The object before the change (MODIFIED only), for selector transitions.
+    /// The object before the change (MODIFIED only), for selector transitions: a watch sends
+    /// it (with the new resourceVersion) as DELETED when the change makes the object stop
+    /// matching.
     pub old: Option<Arc<Value>>,
     /// The resourceVersion of the change.
     pub rv: u64,

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod backend;
+pub mod real;
+
 use std::{
     collections::BTreeMap,
     sync::{
@@ -150,7 +153,12 @@ pub struct OutMonitor {
 impl OutMonitor {
     /// Starts watching.
     pub async fn start(sim: &SimCluster) -> OutMonitor {
-        let api: Api<Node> = Api::all(sim.client().await);
+        OutMonitor::watch(sim.client().await)
+    }
+
+    /// Starts watching the Nodes of any cluster through `client`.
+    pub fn watch(client: kube::Client) -> OutMonitor {
+        let api: Api<Node> = Api::all(client);
         let max = Arc::new(AtomicUsize::new(0));
         let m = max.clone();
         let task = tokio::spawn(async move {

@@ -1,0 +1,464 @@
+//! A real Kubernetes control plane for the tests: etcd, kube-apiserver, kube-controller-manager
+//! and KWOK (the kubelets), compiled from their Go modules by `scripts/k8s-components` and
+//! started here on loopback.
+//!
+//! - etcd keeps its data on tmpfs (`/dev/shm`) without fsync: a control plane starts in seconds,
+//!   so each test gets its own.
+//! - kube-apiserver serves TLS on 127.0.0.1 with a CA made here, authenticates static tokens
+//!   (one admin in `system:masters`) and ServiceAccount tokens, authorises through RBAC, runs the
+//!   default admission plugins (ValidatingAdmissionPolicy included) and writes an audit log of
+//!   every request (who, verb, URI, code), so a test can count exactly what an agent did.
+//! - kube-controller-manager runs the disruption controller (real PDB status, so evictions are
+//!   allowed or refused by the real rules) and the ValidatingAdmissionPolicy type checker.
+//! - KWOK plays every kubelet: Nodes Ready, bound pods Running and Ready, terminating pods
+//!   deleted.
+//!
+//! Every process is stopped by PID when the [`ControlPlane`] is dropped, also while a test
+//! panics, and dies with the test process (parent-death signal) if that is killed. The
+//! components' logs stay under `target/real-k8s/` when a test failed, and are removed otherwise.
+
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The admin's bearer token (user `kreboot-test-admin`, group `system:masters`).
+pub const ADMIN_TOKEN: &str = "kreboot-test-admin-token";
+
+/// The directory holding kube-apiserver, kube-controller-manager, kubectl, etcd and kwok:
+/// `$KREBOOT_K8S_BIN`, or what `scripts/k8s-components` builds (once; cached by version).
+///
+/// # Panics
+/// When the components cannot be had: a test that needs them must fail, never skip.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("KREBOOT_K8S_BIN") {
+        return PathBuf::from(dir);
+    }
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/k8s-components");
+        let out = Command::new(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} failed: the real control plane cannot be built",
+            script.display()
+        );
+        PathBuf::from(
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or(""),
+        )
+    })
+    .clone()
+}
+
+/// A component binary, e.g. `kubectl`.
+pub fn tool(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing (scripts/k8s-components builds it)",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// Options of a control plane.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Run KWOK as the kubelet of every Node.
+    pub kwok: bool,
+    /// Extra static tokens: (token, user, uid, groups).
+    pub tokens: Vec<(String, String, String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            kwok: true,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// A running control plane (see the module doc).
+pub struct ControlPlane {
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// Working directory: certificates, keys, kubeconfigs, logs, audit log.
+    pub dir: PathBuf,
+    /// The CA that signed the serving certificate (PEM), for kubeconfigs.
+    pub ca_pem: String,
+    etcd_dir: PathBuf,
+    children: Vec<(&'static str, Child)>,
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Spawns a component with its output in `log`; it gets SIGKILL if the test process dies.
+fn spawn(bin: &Path, args: &[String], log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("component log file");
+    let err = out.try_clone().expect("log file handle");
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: the closure only calls prctl(2), which is async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()))
+}
+
+impl ControlPlane {
+    /// Starts etcd, kube-apiserver (waits for `/readyz`), kube-controller-manager and, if
+    /// asked, KWOK.
+    ///
+    /// # Panics
+    /// When a component is missing or does not become ready in time (its log is kept).
+    pub async fn start(opts: Options) -> ControlPlane {
+        let bin = bin_dir();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/real-k8s");
+        std::fs::create_dir_all(&root).expect("target/real-k8s");
+        let dir = tempfile::Builder::new()
+            .prefix("cp-")
+            .tempdir_in(&root)
+            .expect("control plane directory")
+            .keep();
+        let etcd_dir = tempfile::Builder::new()
+            .prefix("kreboot-etcd-")
+            .tempdir_in(if Path::new("/dev/shm").is_dir() {
+                "/dev/shm"
+            } else {
+                "/tmp"
+            })
+            .expect("etcd data directory")
+            .keep();
+        let mut cp = ControlPlane {
+            url: String::new(),
+            dir: dir.clone(),
+            ca_pem: String::new(),
+            etcd_dir: etcd_dir.clone(),
+            children: Vec::new(),
+        };
+
+        // A CA and a serving certificate for 127.0.0.1; one key for ServiceAccount tokens.
+        let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
+        run_ok(
+            Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=kreboot-test-ca",
+                    "-keyout",
+                    &d("ca.key"),
+                    "-out",
+                    &d("ca.crt"),
+                ])
+                .stderr(Stdio::piped()),
+        );
+        run_ok(
+            Command::new("openssl")
+                .args([
+                    "req",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                    "-keyout",
+                    &d("serving.key"),
+                    "-out",
+                    &d("serving.csr"),
+                ])
+                .stderr(Stdio::piped()),
+        );
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        )
+        .expect("san.ext");
+        run_ok(
+            Command::new("openssl")
+                .args([
+                    "x509",
+                    "-req",
+                    "-in",
+                    &d("serving.csr"),
+                    "-CA",
+                    &d("ca.crt"),
+                    "-CAkey",
+                    &d("ca.key"),
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &d("san.ext"),
+                    "-out",
+                    &d("serving.crt"),
+                ])
+                .stderr(Stdio::piped()),
+        );
+        run_ok(
+            Command::new("openssl")
+                .args([
+                    "genpkey",
+                    "-algorithm",
+                    "EC",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-out",
+                    &d("sa.key"),
+                ])
+                .stderr(Stdio::piped()),
+        );
+        run_ok(
+            Command::new("openssl")
+                .args(["pkey", "-in", &d("sa.key"), "-pubout", "-out", &d("sa.pub")])
+                .stderr(Stdio::piped()),
+        );
+        cp.ca_pem = std::fs::read_to_string(dir.join("ca.crt")).expect("ca.crt");
+
+        let mut tokens = format!("{ADMIN_TOKEN},kreboot-test-admin,kreboot-test-admin,system:masters\n");
+        for (token, user, uid, groups) in &opts.tokens {
+            tokens.push_str(&format!("{token},{user},{uid},\"{groups}\"\n"));
+        }
+        std::fs::write(dir.join("tokens.csv"), tokens).expect("tokens.csv");
+        std::fs::write(
+            dir.join("audit-policy.yaml"),
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+        )
+        .expect("audit policy");
+
+        // etcd.
+        let client_port = free_port();
+        let peer_port = free_port();
+        let etcd_url = format!("http://127.0.0.1:{client_port}");
+        let etcd_args = vec![
+            format!("--data-dir={}", etcd_dir.display()),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+            format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"),
+            "--unsafe-no-fsync".into(),
+            "--log-level=warn".into(),
+        ];
+        let child = spawn(&bin.join("etcd"), &etcd_args, &dir.join("etcd.log"));
+        cp.children.push(("etcd", child));
+
+        // kube-apiserver.
+        let port = free_port();
+        cp.url = format!("https://127.0.0.1:{port}");
+        let api_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={port}"),
+            format!("--tls-cert-file={}", d("serving.crt")),
+            format!("--tls-private-key-file={}", d("serving.key")),
+            format!("--cert-dir={}", d("certs")),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!("--service-account-key-file={}", d("sa.pub")),
+            format!("--service-account-signing-key-file={}", d("sa.key")),
+            format!("--token-auth-file={}", d("tokens.csv")),
+            "--authorization-mode=RBAC".into(),
+            "--allow-privileged=true".into(),
+            // No ServiceAccount controller runs (pods name their ServiceAccount themselves), and
+            // no node-lifecycle controller would lift the not-ready taint of new Nodes.
+            "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition".into(),
+            "--endpoint-reconciler-type=none".into(),
+            format!("--audit-policy-file={}", d("audit-policy.yaml")),
+            format!("--audit-log-path={}", d("audit.log")),
+            "--audit-log-mode=blocking".into(),
+            "--v=1".into(),
+        ];
+        let child = spawn(
+            &bin.join("kube-apiserver"),
+            &api_args,
+            &dir.join("kube-apiserver.log"),
+        );
+        cp.children.push(("kube-apiserver", child));
+        cp.wait_ready().await;
+
+        let admin = cp.write_kubeconfig("admin", ADMIN_TOKEN);
+        let kcm_args = vec![
+            format!("--kubeconfig={}", admin.display()),
+            "--controllers=disruption,validatingadmissionpolicy-status-controller".into(),
+            "--leader-elect=false".into(),
+            "--secure-port=0".into(),
+            "--v=1".into(),
+        ];
+        let child = spawn(
+            &bin.join("kube-controller-manager"),
+            &kcm_args,
+            &dir.join("kube-controller-manager.log"),
+        );
+        cp.children.push(("kube-controller-manager", child));
+        if opts.kwok {
+            let kwok_args = vec![
+                format!("--kubeconfig={}", admin.display()),
+                "--manage-all-nodes=true".into(),
+                format!("--config={}", bin.join("kwok-stages.yaml").display()),
+                "--node-lease-duration-seconds=0".into(),
+                format!("--server-address=127.0.0.1:{}", free_port()),
+            ];
+            let child = spawn(&bin.join("kwok"), &kwok_args, &dir.join("kwok.log"));
+            cp.children.push(("kwok", child));
+        }
+        cp
+    }
+
+    async fn wait_ready(&mut self) {
+        let client = self.admin_client();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let req = http::Request::get("/readyz").body(Vec::new()).expect("request");
+            if client.request_text(req).await.is_ok() {
+                return;
+            }
+            for (name, child) in &mut self.children {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "{name} exited during start-up ({status}); its log is in {}",
+                        self.dir.display()
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-apiserver not ready after 60 s; logs in {}",
+                self.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A kubeconfig for `token` at `dir/kubeconfig-<name>` (for kreboot, kubectl, a test).
+    pub fn write_kubeconfig(&self, name: &str, token: &str) -> PathBuf {
+        use base64::Engine as _;
+        let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
+        let path = self.dir.join(format!("kubeconfig-{name}"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: real\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\ncontexts:\n- name: real\n  context:\n    cluster: real\n    user: {name}\ncurrent-context: real\nusers:\n- name: {name}\n  user:\n    token: {token}\n",
+                self.url
+            ),
+        )
+        .expect("kubeconfig");
+        path
+    }
+
+    /// A kube-rs configuration for `token` (no client-side retries, as kreboot's own).
+    pub fn config(&self, token: &str) -> kube::Config {
+        let mut c = kube::Config::new(self.url.parse().expect("server URL"));
+        c.root_cert = Some(vec![pem_der(&self.ca_pem)]);
+        c.auth_info.token = Some(token.to_string().into());
+        c.default_retry = false;
+        c
+    }
+
+    /// A client with the admin's token.
+    pub fn admin_client(&self) -> kube::Client {
+        kube::Client::try_from(self.config(ADMIN_TOKEN)).expect("admin client")
+    }
+
+    /// A client with `token`.
+    pub fn client(&self, token: &str) -> kube::Client {
+        kube::Client::try_from(self.config(token)).expect("client")
+    }
+
+    /// The audit log: one JSON object per request.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// kube-apiserver's own `/metrics` (Prometheus text).
+    pub async fn metrics(&self) -> String {
+        let req = http::Request::get("/metrics").body(Vec::new()).expect("request");
+        self.admin_client()
+            .request_text(req)
+            .await
+            .expect("kube-apiserver /metrics")
+    }
+
+    /// The log of a component (`etcd`, `kube-apiserver`, `kube-controller-manager`, `kwok`).
+    pub fn log(&self, component: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{component}.log"))).unwrap_or_default()
+    }
+}
+
+/// The DER bytes of the first certificate of a PEM text.
+fn pem_der(pem: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("CA certificate PEM")
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // Stop in reverse order: the kubelets and controllers first, etcd last.
+        for (_, child) in self.children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.etcd_dir);
+        if std::thread::panicking() {
+            eprintln!(
+                "real control plane: the components' logs and the audit log are kept in {}",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
