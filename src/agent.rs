@@ -56,9 +56,14 @@ pub const REBOOT_WAIT: Duration = Duration::from_secs(300);
 
 /// How long a lock holder may go without its holder label before a waiter watches its Node on
 /// its own (a kreboot holder labels its Node in the cordon write, right after taking the lock).
-/// Not for a holder that *left* the watch of labelled holders: that one is watched at once (see
+/// Not for a holder that *left* the watch of labelled holders: that one waits [`LEFT_GRACE`] (see
 /// [`Labelled::Left`]).
 const UNLABELLED_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a holder that left the labelled watch may stay named by a Lease before a waiter
+/// watches its Node by name: longer than the hand-over write that follows the label's removal,
+/// short enough that a deleted holder's slot is freed within about a second.
+const LEFT_GRACE: Duration = Duration::from_millis(500);
 
 /// Upper bound of the random delay before trying a free lock slot (see the AcquireLock arm).
 const FREE_SLOT_JITTER_MS: u64 = 200;
@@ -177,8 +182,8 @@ enum Labelled {
     /// `convertToWatchEvent`), so a holder that ends its cycle and drops its label looks exactly
     /// like a deleted one. Reading it as deleted made every waiter race for the slot the holder
     /// is about to hand over (conflicting Lease writes; the winner not the longest waiter). Such
-    /// a holder, while a Lease still names it, gets its own watch by name at once, which tells
-    /// a real deletion (a ghost lock, freed within a round trip) from a dropped label.
+    /// a holder, while a Lease still names it, gets its own watch by name after [`LEFT_GRACE`],
+    /// which tells a real deletion (a ghost lock, freed within a second) from a dropped label.
     Left,
 }
 
@@ -250,8 +255,9 @@ impl Watches {
     /// Makes sure every lock holder's Node is watched, to free a ghost lock at once. kreboot
     /// holders label their Node while they hold (`kreboot.io/lock-holder`), and every engaged
     /// agent watches those labelled Nodes with one shared watch. A holder gets a watch of its
-    /// own (by name, which sees a real deletion) when it left the labelled watch (at once: it
-    /// was deleted, or it dropped its label at the end of its cycle, see [`Labelled::Left`]),
+    /// own (by name, which sees a real deletion) when it left the labelled watch and a Lease
+    /// still names it after [`LEFT_GRACE`] (it was deleted, or it dropped its label at the end of
+    /// its cycle and has not handed over yet, see [`Labelled::Left`]),
     /// or when it stays unlabelled for [`UNLABELLED_GRACE`] (another tool's lease, or a holder
     /// that crashed between taking the lock and cordoning). Returns when to look again, if a
     /// grace period is running.
@@ -271,16 +277,21 @@ impl Watches {
         let mut next_look = None;
         let mut need_own_watch = Vec::new();
         for h in holders.iter().filter(|h| !holding(h)) {
-            if labelled.get(h) == Some(&Labelled::Left) {
-                // No grace: if it was deleted, its slot is free now.
-                need_own_watch.push(h.clone());
-                continue;
-            }
+            // A holder that left the labelled watch gets only a short grace: a holder ending its
+            // cycle hands its slot over in its next write, and the Lease then names another
+            // node (no watch needed; without the grace every waiter would list and watch the
+            // old holder at each hand-over); a deleted one is found within the grace.
+            let grace = if labelled.get(h) == Some(&Labelled::Left) {
+                LEFT_GRACE
+            } else {
+                UNLABELLED_GRACE
+            };
             let since = *self.unlabelled_since.entry(h.clone()).or_insert(now);
-            if now >= since + UNLABELLED_GRACE {
+            if now >= since + grace {
                 need_own_watch.push(h.clone());
             } else {
-                next_look = Some(since + UNLABELLED_GRACE);
+                let at = since + grace;
+                next_look = Some(next_look.map_or(at, |n: Instant| n.min(at)));
             }
         }
         let holders = need_own_watch;

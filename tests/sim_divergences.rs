@@ -360,14 +360,14 @@ async fn the_agent_reports_a_pod_under_two_budgets_as_a_failed_drain() {
     })
     .await;
     assert!(!unschedulable(&sim, "n0"), "uncordoned");
-    let explained = sim.events().iter().any(|e| {
-        e.to_string().contains("DrainFailed") && e.to_string().contains("more than one PodDisruptionBudget")
-    });
-    assert!(
-        explained,
-        "a DrainFailed event names the cause: {:?}",
-        sim.events()
-    );
+    // Events are written beside the cycle's steps, not before them: wait for it.
+    wait_for(LIMIT, "a DrainFailed event naming the cause", || {
+        sim.events().iter().any(|e| {
+            e.to_string().contains("DrainFailed")
+                && e.to_string().contains("more than one PodDisruptionBudget")
+        })
+    })
+    .await;
 }
 
 #[tokio::test]
