@@ -71,6 +71,52 @@ const FREE_SLOT_JITTER_MS: u64 = 200;
 /// Longest pause between retries of a failed API call.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How often a node whose preflight was refused checks again while a reboot is pending.
+pub const HOST_ACCESS_RECHECK: Duration = Duration::from_secs(60);
+
+/// The preflight's last outcome: reported once when it starts failing (Event, ERROR log), the
+/// metric kept current on every check.
+#[derive(Default)]
+struct HostAccess {
+    refused: Option<String>,
+}
+
+impl HostAccess {
+    /// Runs the rebooter's preflight (no side effects) and reports a change. True when the
+    /// reboot can reach the host.
+    fn check(&mut self, agent: &Agent) -> bool {
+        let me = &agent.cfg.node_name;
+        match agent.rebooter.preflight() {
+            Ok(()) => {
+                agent.metrics.set(&agent.metrics.host_access_ok, 1);
+                if self.refused.take().is_some() {
+                    info!(node = %me, "preflight: the host can be reached again");
+                }
+                true
+            }
+            Err(message) => {
+                agent.metrics.set(&agent.metrics.host_access_ok, 0);
+                if self.refused.is_none() {
+                    agent.events.node(
+                        Reason::HostAccessDenied,
+                        format!("{message}; the node will not be cordoned or drained until this is fixed"),
+                    );
+                }
+                if self.refused.as_deref() != Some(message.as_str()) {
+                    error!(
+                        node = %me,
+                        error = %message,
+                        recheck_in = ?HOST_ACCESS_RECHECK,
+                        "preflight: the reboot cannot reach the host; the node will not be cordoned or drained"
+                    );
+                }
+                self.refused = Some(message);
+                false
+            }
+        }
+    }
+}
+
 /// A wall clock that can be skewed (the chaos test gives some agents a wrong clock).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Clock {
@@ -726,6 +772,10 @@ pub async fn run(
     let me = agent.cfg.node_name.clone();
     let _sentinel_metrics = AbortOnDrop(spawn_sentinel_metrics(agent.metrics.clone(), sentinel.clone()));
     let mut attempt = 0u32;
+    // The preflight at start-up: a pod that cannot reboot its node says so at once, long before
+    // a reboot is needed (it runs again right before every step that disrupts the node).
+    let mut host_access = HostAccess::default();
+    host_access.check(&agent);
 
     // Disengaged: wait for the sentinel unless the cluster records work for this node.
     'outer: loop {
@@ -828,8 +878,18 @@ pub async fn run(
                     .unwrap_or(chrono::Duration::zero()),
                 failure_backoff: chrono::Duration::from_std(agent.cfg.failure_backoff)
                     .unwrap_or(chrono::Duration::zero()),
+                host_access_ok: true,
             };
             let mut action = node::decide(&obs);
+            if matches!(
+                action,
+                Action::AcquireLock | Action::Cordon | Action::Drain | Action::Reboot
+            ) && !host_access.check(&agent)
+            {
+                // Right before a lock slot is taken or the node is touched: the preflight.
+                obs.host_access_ok = false;
+                action = node::decide(&obs);
+            }
             if agent.cfg.blockers.any()
                 && matches!(
                     action,
@@ -865,8 +925,10 @@ pub async fn run(
                 } => obs.blocked_by.clone(),
                 Action::Wait {
                     reason:
-                        r
-                        @ (WaitReason::WindowClosed | WaitReason::RebootLoopBackoff | WaitReason::FailureBackoff),
+                        r @ (WaitReason::WindowClosed
+                        | WaitReason::RebootLoopBackoff
+                        | WaitReason::FailureBackoff
+                        | WaitReason::HostAccess),
                     ..
                 } => Some(r.label().to_owned()),
                 _ => None,
@@ -996,8 +1058,12 @@ pub async fn run(
                     });
                     let next_window = policy.as_ref().and_then(|p| p.next_transition(&view.labels, now));
                     // A blocked node looks at its blockers again after the interval.
-                    let recheck =
-                        (reason == WaitReason::Blocked).then(|| Instant::now() + agent.cfg.blockers.interval);
+                    let recheck = match reason {
+                        WaitReason::Blocked => Some(Instant::now() + agent.cfg.blockers.interval),
+                        // A refused preflight is tried again on a back-off.
+                        WaitReason::HostAccess => Some(Instant::now() + HOST_ACCESS_RECHECK),
+                        _ => None,
+                    };
                     let deadline = [until, next_window]
                         .into_iter()
                         .flatten()
@@ -1129,7 +1195,7 @@ pub async fn run(
                     }
                 }
                 Action::Drain => run_drain(&agent, &w, &view, &shutdown).await,
-                Action::Reboot => run_reboot(&agent, &view, policy.as_ref(), &shutdown).await,
+                Action::Reboot => run_reboot(&agent, &w, &view, policy.as_ref(), &shutdown).await,
                 Action::Complete => {
                     match agent
                         .patch_node(&node::with_label_changes(
@@ -1167,6 +1233,7 @@ pub async fn run(
                 Action::Abort(reason) => {
                     let end = match reason {
                         node::AbortReason::LockLost => CycleEnd::Failed("lock lost"),
+                        node::AbortReason::HostAccess => CycleEnd::Failed("host_access"),
                         _ => CycleEnd::Abandoned,
                     };
                     let patch = node::with_label_changes(
@@ -1424,6 +1491,7 @@ async fn run_drain(
 
 async fn run_reboot(
     agent: &Agent,
+    w: &Watches,
     view: &node::NodeView,
     policy: Option<&Policy>,
     shutdown: &CancellationToken,
@@ -1465,14 +1533,31 @@ async fn run_reboot(
             }
         }
         Err(e) => {
+            // The request was refused: the host is not going down. The documented failure
+            // path, as for a failed drain: uncordon (if kreboot cordoned), record the failure
+            // (it starts --failure-backoff), release the lock. Never hold the lock and the
+            // drained node while retrying.
             agent.metrics.fail("reboot", "command_failed");
-            agent.events.node(Reason::RebootFailed, e.to_string());
+            error!(node = %me, error = %e, "reboot failed; uncordoning and releasing the lock");
+            agent.events.node(
+                Reason::RebootFailed,
+                format!("{e}; node uncordoned (if kreboot cordoned it) and lock released"),
+            );
             agent.notifier.send_detail(
                 NotifyEvent::RebootFailed,
                 &view.recorded.reboot_reason,
                 Some(&e.to_string()),
             );
-            Err(StepError::Api(e.to_string()))
+            let n = agent
+                .patch_node(&node::with_label_changes(
+                    node::end_cycle_patch(view, CycleEnd::Failed("reboot_failed"), agent.clock.now()),
+                    &BTreeMap::new(),
+                    agent.cfg.pre_reboot_labels.keys(),
+                ))
+                .await
+                .map_err(node_write_error)?;
+            w.set_node(n);
+            release(agent, w).await
         }
     }
 }

@@ -44,6 +44,9 @@ pub enum Reason {
     ConfigInvalid,
     /// The sentinel cannot be watched with inotify and is polled instead.
     SentinelPolling,
+    /// The preflight failed: the agent cannot reach the host to reboot it (its namespaces or
+    /// PID 1's signal refused), so it does not take the node out of service.
+    HostAccessDenied,
 }
 
 impl Reason {
@@ -63,6 +66,7 @@ impl Reason {
             Reason::CycleAborted => "CycleAborted",
             Reason::ConfigInvalid => "ConfigInvalid",
             Reason::SentinelPolling => "SentinelPolling",
+            Reason::HostAccessDenied => "HostAccessDenied",
         }
     }
 
@@ -74,6 +78,7 @@ impl Reason {
                 | Reason::CycleAborted
                 | Reason::ConfigInvalid
                 | Reason::SentinelPolling
+                | Reason::HostAccessDenied
         )
     }
 }

@@ -16,6 +16,12 @@
 //! - `CAP_SYS_CHROOT`: joining a mount namespace changes the root directory.
 //!
 //! With `--host-namespaces=false` commands run in the agent's own namespaces.
+//!
+//! Capabilities are not all: a Linux security module may refuse what they allow. Under a
+//! container runtime's default AppArmor profile the open of `/proc/1/ns/*` (a ptrace read of the
+//! unconfined PID 1) fails with EACCES although CAP_SYS_PTRACE is held. [`denied_hint`] says
+//! which module refused, from the process's own label ([`read_own_lsm_label`]), and the chart
+//! value that fixes it; [`HostExec::check_access`] is the agent's side-effect-free preflight.
 
 use std::{
     fs::File,
@@ -60,8 +66,9 @@ pub enum HostError {
         /// The pid.
         pid: i32,
     },
-    /// A namespace file could not be opened (usually a missing CAP_SYS_PTRACE).
-    #[error("cannot open the {ns} namespace of process {pid}: {source} (needs CAP_SYS_PTRACE)")]
+    /// A namespace file could not be opened: a missing CAP_SYS_PTRACE, or a Linux security
+    /// module (AppArmor, SELinux) that refuses the ptrace-read of the target.
+    #[error("cannot open the {ns} namespace of process {pid}: {source} ({hint})")]
     OpenNamespace {
         /// The pid.
         pid: i32,
@@ -70,6 +77,8 @@ pub enum HostError {
         /// Cause.
         #[source]
         source: std::io::Error,
+        /// What refused it and how to fix it ([`denied_hint`]).
+        hint: String,
     },
     /// `setns` was refused.
     #[error(
@@ -143,15 +152,28 @@ impl HostExec {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             return Err(HostError::NoSuchProcess { pid });
         }
-        let mut fds: Vec<(OwnedFd, CloneFlags)> = Vec::new();
-        for (ns, flag) in NAMESPACES {
-            let file = File::open(format!("/proc/{pid}/ns/{ns}"))
-                .map_err(|source| HostError::OpenNamespace { pid, ns, source })?;
-            fds.push((OwnedFd::from(file), flag));
-        }
+        let fds = open_namespaces(pid)?;
         cmd.env_clear().env("PATH", HOST_PATH).env("LANG", "C.UTF-8");
         enter_namespaces(&mut cmd, fds);
         Ok(cmd)
+    }
+
+    /// Proves, without side effects, that a host command could enter the target's namespaces:
+    /// opens `/proc/<pid>/ns/{ipc,uts,net,pid,mnt}` (the ptrace-read that a missing
+    /// CAP_SYS_PTRACE or an LSM refuses) and closes them again; no `setns`, nothing run.
+    /// Without `host_namespaces` there is nothing to check.
+    ///
+    /// # Errors
+    /// [`HostError::NoSuchProcess`] or [`HostError::OpenNamespace`] (naming what refused).
+    pub fn check_access(&self) -> Result<(), HostError> {
+        if !self.host_namespaces {
+            return Ok(());
+        }
+        let pid = self.host_pid;
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(HostError::NoSuchProcess { pid });
+        }
+        open_namespaces(pid).map(drop)
     }
 
     /// Runs `argv` to completion within `timeout`, capturing its output.
@@ -187,6 +209,177 @@ impl HostExec {
                 stderr: cut(&out.stderr),
             }),
         }
+    }
+}
+
+/// Opens the namespace files of `pid` in [`NAMESPACES`] order.
+fn open_namespaces(pid: i32) -> Result<Vec<(OwnedFd, CloneFlags)>, HostError> {
+    let mut fds = Vec::new();
+    for (ns, flag) in NAMESPACES {
+        let file = File::open(format!("/proc/{pid}/ns/{ns}")).map_err(|source| {
+            let hint = denied_hint(
+                Access::Namespaces,
+                &source,
+                has_capability(CAP_SYS_PTRACE),
+                read_own_lsm_label().as_ref(),
+            );
+            HostError::OpenNamespace {
+                pid,
+                ns,
+                source,
+                hint,
+            }
+        })?;
+        fds.push((OwnedFd::from(file), flag));
+    }
+    Ok(fds)
+}
+
+/// `CAP_SYS_PTRACE`'s bit in the capability sets.
+pub const CAP_SYS_PTRACE: u32 = 19;
+/// `CAP_KILL`'s bit.
+pub const CAP_KILL: u32 = 5;
+
+/// Whether this process's effective capability set holds `cap` (from `/proc/self/status`);
+/// false when it cannot be read.
+pub fn has_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_cap_eff(&s))
+        .is_some_and(|eff| eff & (1u64 << cap) != 0)
+}
+
+/// The `CapEff:` mask of a `/proc/PID/status` text.
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// The Linux security module label a process runs under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LsmLabel {
+    /// An AppArmor profile and mode, e.g. `cri-containerd.apparmor.d (enforce)`, or `unconfined`.
+    AppArmor(String),
+    /// An SELinux context, e.g. `system_u:system_r:container_t:s0:c12,c34`.
+    SeLinux(String),
+}
+
+impl LsmLabel {
+    /// Whether the label confines the process (AppArmor: a profile other than `unconfined`, in
+    /// enforce mode; SELinux: a type other than the unconfined `spc_t`, `unconfined_t`, …).
+    pub fn confining(&self) -> bool {
+        match self {
+            LsmLabel::AppArmor(l) => {
+                l != "unconfined" && !l.ends_with("(complain)") && !l.ends_with("(unconfined)")
+            }
+            LsmLabel::SeLinux(c) => !matches!(
+                c.split(':').nth(2),
+                Some("spc_t" | "unconfined_t" | "kernel_t" | "init_t" | "super_t")
+            ),
+        }
+    }
+}
+
+/// Classifies the label texts of `/proc/PID/attr/apparmor/current` (present on kernels with LSM
+/// stacking) and `/proc/PID/attr/current` (the first "display" module's label).
+pub fn classify_lsm_label(apparmor_current: Option<&str>, current: Option<&str>) -> Option<LsmLabel> {
+    let clean = |s: &str| {
+        s.trim_matches(|c: char| c == '\0' || c.is_whitespace())
+            .to_owned()
+    };
+    let apparmor = apparmor_current.map(clean).filter(|s| !s.is_empty());
+    let current = current.map(clean).filter(|s| !s.is_empty());
+    let selinux = current.as_ref().filter(|c| {
+        let parts: Vec<&str> = c.split(':').collect();
+        parts.len() >= 4 && parts[2].ends_with("_t")
+    });
+    match (apparmor, selinux) {
+        (Some(a), _) if a != "unconfined" => Some(LsmLabel::AppArmor(a)),
+        (_, Some(c)) => Some(LsmLabel::SeLinux(c.clone())),
+        (Some(a), None) => Some(LsmLabel::AppArmor(a)),
+        (None, None) => current
+            .filter(|c| c == "unconfined" || c.ends_with(')'))
+            .map(LsmLabel::AppArmor),
+    }
+}
+
+/// This process's LSM label, when the kernel exposes one.
+pub fn read_own_lsm_label() -> Option<LsmLabel> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    classify_lsm_label(
+        read("/proc/self/attr/apparmor/current").as_deref(),
+        read("/proc/self/attr/current").as_deref(),
+    )
+}
+
+/// What access to the host's process was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Opening `/proc/PID/ns/*` (a ptrace-read: CAP_SYS_PTRACE).
+    Namespaces,
+    /// Signalling PID 1 (same uid, i.e. root, or CAP_KILL).
+    Signal,
+}
+
+/// Explains why an access to the host's process failed and what fixes it: when the errno is
+/// EACCES/EPERM although the permission is held (`permission_held`: CAP_SYS_PTRACE for
+/// namespaces; uid 0 or CAP_KILL for a signal), it was a Linux security module, named here
+/// from the process's own `label`, with the chart value that lifts it.
+pub fn denied_hint(
+    access: Access,
+    error: &std::io::Error,
+    permission_held: bool,
+    label: Option<&LsmLabel>,
+) -> String {
+    let needs = match access {
+        Access::Namespaces => "needs CAP_SYS_PTRACE",
+        Access::Signal => "needs to run as root (uid 0) or CAP_KILL",
+    };
+    let refused = matches!(error.raw_os_error(), Some(libc::EACCES | libc::EPERM));
+    if !refused {
+        return needs.to_owned();
+    }
+    if !permission_held {
+        return match access {
+            Access::Namespaces => "needs CAP_SYS_PTRACE, which this process does not hold".to_owned(),
+            Access::Signal => {
+                "needs to run as root (uid 0) or CAP_KILL, which this process does not".to_owned()
+            }
+        };
+    }
+    let (held, what) = match access {
+        Access::Namespaces => (
+            "CAP_SYS_PTRACE is held",
+            "reading PID 1's namespaces (a ptrace read)",
+        ),
+        Access::Signal => ("the agent runs as root", "signalling PID 1"),
+    };
+    match label {
+        Some(l @ LsmLabel::AppArmor(profile)) if l.confining() => format!(
+            "{held}, so AppArmor refused it: this process runs under the profile \"{profile}\", \
+             and a container runtime's default profile allows ptrace and signals only within \
+             that profile, not to the unconfined PID 1; give the agent \
+             securityContext.appArmorProfile type Unconfined (the chart value \
+             agent.appArmorProfile, its default)"
+        ),
+        Some(l @ LsmLabel::SeLinux(context)) if l.confining() => format!(
+            "{held}, so SELinux refused it: this process runs as \"{context}\", a container type \
+             not allowed {what}; give the agent an SELinux type that is, e.g. spc_t (the chart \
+             value agent.seLinuxOptions: {{type: spc_t}})"
+        ),
+        other => format!(
+            "{held} and the process is not confined by AppArmor or SELinux ({}): another Linux \
+             security module, or a user namespace (hostUsers: false), refused {what}",
+            other.map_or_else(
+                || "no label".to_owned(),
+                |l| match l {
+                    LsmLabel::AppArmor(p) => format!("AppArmor \"{p}\""),
+                    LsmLabel::SeLinux(c) => format!("SELinux \"{c}\""),
+                }
+            )
+        ),
     }
 }
 
@@ -334,6 +527,106 @@ mod tests {
             Some("6.8.0-51-generic")
         );
         assert_eq!(newer_kernel_installed(dir.path(), "6.8.0-51-generic"), None);
+    }
+
+    #[test]
+    fn lsm_labels_are_classified() {
+        let aa = classify_lsm_label(Some("cri-containerd.apparmor.d (enforce)\n"), Some("ignored"));
+        assert_eq!(
+            aa,
+            Some(LsmLabel::AppArmor("cri-containerd.apparmor.d (enforce)".into()))
+        );
+        assert!(aa.unwrap().confining());
+        // Older kernels: only attr/current, with AppArmor's "profile (mode)" form.
+        let aa = classify_lsm_label(None, Some("docker-default (enforce)\0"));
+        assert_eq!(aa, Some(LsmLabel::AppArmor("docker-default (enforce)".into())));
+        let un = classify_lsm_label(Some("unconfined"), Some("unconfined")).unwrap();
+        assert!(!un.confining());
+        let se = classify_lsm_label(None, Some("system_u:system_r:container_t:s0:c12,c34")).unwrap();
+        assert!(matches!(se, LsmLabel::SeLinux(_)) && se.confining());
+        // Stacked: AppArmor unconfined, SELinux the display module.
+        let se = classify_lsm_label(Some("unconfined"), Some("system_u:system_r:spc_t:s0")).unwrap();
+        assert_eq!(se, LsmLabel::SeLinux("system_u:system_r:spc_t:s0".into()));
+        assert!(!se.confining());
+        assert_eq!(classify_lsm_label(None, None), None);
+        assert_eq!(
+            parse_cap_eff("Name:\tx\nCapEff:\t00000000a80c25fb\n"),
+            Some(0xa80c_25fb)
+        );
+    }
+
+    #[test]
+    fn a_refusal_names_the_security_module_and_the_chart_value() {
+        let eacces = std::io::Error::from_raw_os_error(libc::EACCES);
+        let eperm = std::io::Error::from_raw_os_error(libc::EPERM);
+        let aa = LsmLabel::AppArmor("cri-containerd.apparmor.d (enforce)".into());
+        let text = denied_hint(Access::Namespaces, &eacces, true, Some(&aa));
+        assert_eq!(
+            text,
+            "CAP_SYS_PTRACE is held, so AppArmor refused it: this process runs under the profile \
+             \"cri-containerd.apparmor.d (enforce)\", and a container runtime's default profile \
+             allows ptrace and signals only within that profile, not to the unconfined PID 1; give \
+             the agent securityContext.appArmorProfile type Unconfined (the chart value \
+             agent.appArmorProfile, its default)"
+        );
+        let text = denied_hint(Access::Signal, &eperm, true, Some(&aa));
+        assert!(
+            text.starts_with("the agent runs as root, so AppArmor refused it"),
+            "{text}"
+        );
+        let se = LsmLabel::SeLinux("system_u:system_r:container_t:s0:c1,c2".into());
+        let text = denied_hint(Access::Namespaces, &eacces, true, Some(&se));
+        assert!(
+            text.contains("SELinux refused it")
+                && text.contains("container_t")
+                && text.contains("agent.seLinuxOptions: {type: spc_t}"),
+            "{text}"
+        );
+        // Without the capability the capability is to blame, whatever the label.
+        let text = denied_hint(Access::Namespaces, &eacces, false, Some(&aa));
+        assert_eq!(text, "needs CAP_SYS_PTRACE, which this process does not hold");
+        let text = denied_hint(Access::Signal, &eperm, false, None);
+        assert!(text.contains("uid 0") && text.contains("CAP_KILL"), "{text}");
+        // Held, but nothing confines: say so rather than blame the capability.
+        let text = denied_hint(
+            Access::Namespaces,
+            &eacces,
+            true,
+            Some(&LsmLabel::AppArmor("unconfined".into())),
+        );
+        assert!(
+            text.contains("not confined by AppArmor or SELinux") && text.contains("user namespace"),
+            "{text}"
+        );
+        // Not a refusal: the plain requirement.
+        let enoent = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(
+            denied_hint(Access::Namespaces, &enoent, true, Some(&aa)),
+            "needs CAP_SYS_PTRACE"
+        );
+    }
+
+    #[test]
+    fn access_check_opens_without_entering() {
+        let own = HostExec {
+            host_namespaces: false,
+            host_pid: i32::MAX - 1,
+        };
+        own.check_access()
+            .expect("nothing to check without host namespaces");
+        let me = HostExec {
+            host_namespaces: true,
+            host_pid: std::process::id() as i32,
+        };
+        me.check_access().expect("a process may open its own namespaces");
+        let gone = HostExec {
+            host_namespaces: true,
+            host_pid: i32::MAX - 1,
+        };
+        assert!(matches!(
+            gone.check_access(),
+            Err(HostError::NoSuchProcess { .. })
+        ));
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub notifications: IntCounterVec,
     /// 1 for the way the sentinel is watched ([`SENTINEL_WATCH_MODES`]).
     pub sentinel_watch_mode: IntGaugeVec,
+    /// 1 when the last preflight proved the reboot can reach the host, 0 when refused.
+    pub host_access_ok: IntGaugeVec,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -200,6 +202,12 @@ impl Metrics {
                 "Operator notifications (--notify-url) by target kind and result (sent, failed, dropped).",
                 &["target_kind", "result"],
             ),
+            host_access_ok: gauge(
+                &r,
+                "kreboot_host_access_ok",
+                "1 when the last preflight proved the reboot can reach the host (its namespaces open, PID 1 may be signalled); 0 when refused.",
+                n,
+            ),
             sentinel_watch_mode: gauge(
                 &r,
                 "kreboot_sentinel_watch_mode",
@@ -241,6 +249,7 @@ impl Metrics {
             "reboot_loop_backoff",
             "failure_backoff",
             "lock_held_elsewhere",
+            "host_access",
         ] {
             self.blocked
                 .with_label_values(&[self.node.as_str(), r])

@@ -212,6 +212,9 @@ pub struct Observations {
     pub reboot_loop_backoff: Duration,
     /// How long to wait after a failed cycle before trying again.
     pub failure_backoff: Duration,
+    /// The preflight proved that the reboot can reach the host (its namespaces can be opened,
+    /// PID 1 may be signalled). When false the node is never taken out of service.
+    pub host_access_ok: bool,
 }
 
 /// Why the agent does nothing right now.
@@ -229,6 +232,9 @@ pub enum WaitReason {
     FailureBackoff,
     /// The reboot is under way, or the node has rebooted but is not Ready yet.
     AwaitingReboot,
+    /// The preflight failed: the agent cannot reach the host to reboot it (an LSM or a missing
+    /// capability refuses), so it does not cordon or drain.
+    HostAccess,
 }
 
 impl WaitReason {
@@ -241,6 +247,7 @@ impl WaitReason {
             WaitReason::RebootLoopBackoff => "reboot_loop_backoff",
             WaitReason::FailureBackoff => "failure_backoff",
             WaitReason::AwaitingReboot => "awaiting_reboot",
+            WaitReason::HostAccess => "host_access",
         }
     }
 }
@@ -257,6 +264,8 @@ pub enum AbortReason {
     LockLost,
     /// A blocker appeared before the reboot.
     Blocked,
+    /// The preflight failed mid-cycle: the reboot could not reach the host.
+    HostAccess,
 }
 
 impl AbortReason {
@@ -267,6 +276,7 @@ impl AbortReason {
             AbortReason::NoLongerRequired => "no_longer_required",
             AbortReason::LockLost => "lock_lost",
             AbortReason::Blocked => "blocked",
+            AbortReason::HostAccess => "host_access",
         }
     }
 }
@@ -333,6 +343,8 @@ pub fn decide(o: &Observations) -> Action {
                 Action::Abort(AbortReason::WindowClosed)
             } else if o.blocked_by.is_some() {
                 Action::Abort(AbortReason::Blocked)
+            } else if !o.host_access_ok {
+                Action::Abort(AbortReason::HostAccess)
             } else {
                 // Recorded but not (yet) rebooted: the agent stopped between recording and the
                 // reboot taking effect. Issue it (again); a second request is harmless.
@@ -348,6 +360,9 @@ pub fn decide(o: &Observations) -> Action {
                 Action::Abort(AbortReason::WindowClosed)
             } else if o.blocked_by.is_some() {
                 Action::Abort(AbortReason::Blocked)
+            } else if !o.host_access_ok {
+                // The drain would end in a reboot that cannot happen: give the node back.
+                Action::Abort(AbortReason::HostAccess)
             } else {
                 Action::Drain
             }
@@ -359,6 +374,9 @@ pub fn decide(o: &Observations) -> Action {
                 Some(wait(WaitReason::RebootLoopBackoff, Some(t)))
             } else if let Some(t) = until(r.last_failure, o.failure_backoff, o.now) {
                 Some(wait(WaitReason::FailureBackoff, Some(t)))
+            } else if !o.host_access_ok {
+                // Before any lock or cordon: a node that cannot be rebooted is not drained.
+                Some(wait(WaitReason::HostAccess, None))
             } else if !o.window_open {
                 Some(wait(WaitReason::WindowClosed, None))
             } else if o.blocked_by.is_some() {
@@ -583,6 +601,7 @@ mod tests {
             kernel_boot_id: None,
             reboot_loop_backoff: Duration::minutes(30),
             failure_backoff: Duration::minutes(10),
+            host_access_ok: true,
         }
     }
 
@@ -640,6 +659,35 @@ mod tests {
                 Action::ReleaseLock,
             ),
             (
+                "host access refused: wait, never take a lock",
+                Box::new(|o| o.host_access_ok = false),
+                wait(WaitReason::HostAccess),
+            ),
+            (
+                "host access refused with a slot handed over: give it back",
+                Box::new(|o| {
+                    o.host_access_ok = false;
+                    o.held_lock = Some("l".into());
+                }),
+                Action::ReleaseLock,
+            ),
+            (
+                "host access refused outside the window: the window is not the news",
+                Box::new(|o| {
+                    o.host_access_ok = false;
+                    o.window_open = false;
+                }),
+                wait(WaitReason::HostAccess),
+            ),
+            (
+                "host access refused but nothing needed",
+                Box::new(|o| {
+                    o.host_access_ok = false;
+                    o.reboot_required = false;
+                }),
+                wait(WaitReason::NotRequired),
+            ),
+            (
                 "old reboot does not hold back",
                 Box::new(|o| o.node.recorded.last_reboot = Some(t("2026-11-24T21:00:00Z"))),
                 Action::AcquireLock,
@@ -694,6 +742,9 @@ mod tests {
         let mut gone = o.clone();
         gone.reboot_required = false;
         assert_eq!(decide(&gone), Action::Abort(AbortReason::NoLongerRequired));
+        let mut refused = o.clone();
+        refused.host_access_ok = false;
+        assert_eq!(decide(&refused), Action::Abort(AbortReason::HostAccess));
     }
 
     #[test]
@@ -719,6 +770,14 @@ mod tests {
         let mut o = rebooting(obs(), "boot-a");
         o.window_open = false;
         assert_eq!(decide(&o), Action::Abort(AbortReason::WindowClosed));
+        // The preflight refuses right before the reboot -> abort (uncordon, release).
+        let mut o = rebooting(obs(), "boot-a");
+        o.host_access_ok = false;
+        assert_eq!(decide(&o), Action::Abort(AbortReason::HostAccess));
+        // ... but a reboot that already happened completes whatever the preflight says.
+        let mut o = rebooting(obs(), "boot-old");
+        o.host_access_ok = false;
+        assert_eq!(decide(&o), Action::Complete);
         // Rebooted even though the lease expired meanwhile -> still complete.
         let mut o = rebooting(obs(), "boot-old");
         o.held_lock = None;

@@ -3,8 +3,10 @@
 //! systemctl can be run).
 //!
 //! The agent holds an `Arc<dyn Rebooter>`; the simulated cluster's harness supplies its own.
-//! A failure is returned, never swallowed: the agent reports it (Event, metric, log) and
-//! retries with back-off.
+//! A failure is returned, never swallowed: the agent reports it (Event, metric, log) and ends
+//! the cycle as for a failed drain (uncordon if kreboot cordoned, release the lock, wait
+//! `--failure-backoff`). [`Rebooter::preflight`] proves beforehand, without side effects, that
+//! the reboot may reach the host at all.
 
 use std::{sync::Arc, time::Duration};
 
@@ -28,13 +30,15 @@ pub enum RebootError {
         message: String,
     },
     /// The signal could not be delivered.
-    #[error("cannot send SIGRTMIN+5 to process {pid}: {source}")]
+    #[error("cannot send SIGRTMIN+5 to process {pid}: {source}{hint}")]
     Signal {
         /// Target.
         pid: i32,
         /// Cause.
         #[source]
         source: nix::Error,
+        /// For a refusal: what refused it and how to fix it (` (...)`), else empty.
+        hint: String,
     },
 }
 
@@ -51,6 +55,13 @@ pub enum RebootMethod {
 pub trait Rebooter: Send + Sync {
     /// Requests the reboot. Returns once the request was accepted; the machine goes down later.
     fn reboot(&self) -> BoxFuture<'_, Result<(), RebootError>>;
+
+    /// Proves, without side effects, that [`Rebooter::reboot`] would be allowed to reach the
+    /// host (the preflight run before the node is taken out of service). `Err` says what
+    /// refused it and how to fix it. The default (a simulated host) always may.
+    fn preflight(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Reboots by running a command through [`HostExec`].
@@ -84,6 +95,12 @@ impl Rebooter for CommandRebooter {
             }
         })
     }
+
+    /// The command runs in the host's namespaces (with `--host-namespaces`): their files must
+    /// open. Nothing is entered or run.
+    fn preflight(&self) -> Result<(), String> {
+        self.exec.check_access().map_err(|e| e.to_string())
+    }
 }
 
 /// Reboots by sending SIGRTMIN+5 to the target process (systemd's PID 1).
@@ -107,6 +124,17 @@ impl Rebooter for SignalRebooter {
     fn reboot(&self) -> BoxFuture<'_, Result<(), RebootError>> {
         Box::pin(async move { send_signal(self.pid, reboot_signal()) })
     }
+
+    /// kill(pid, 0): the kernel checks the permission to signal (uid or CAP_KILL, then the LSM:
+    /// AppArmor mediates signal 0 as "exists") and sends nothing.
+    fn preflight(&self) -> Result<(), String> {
+        send_signal(self.pid, 0).map_err(|e| match e {
+            RebootError::Signal { pid, source, hint } => {
+                format!("cannot signal process {pid} (kill with signal 0): {source}{hint}")
+            }
+            other => other.to_string(),
+        })
+    }
 }
 
 #[allow(unsafe_code)]
@@ -118,10 +146,22 @@ fn send_signal(pid: i32, signal: i32) -> Result<(), RebootError> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(RebootError::Signal {
-            pid,
-            source: nix::Error::last(),
-        })
+        let source = nix::Error::last();
+        let hint = if matches!(source, nix::Error::EPERM | nix::Error::EACCES) {
+            let held = nix::unistd::geteuid().is_root() || crate::host::has_capability(crate::host::CAP_KILL);
+            format!(
+                " ({})",
+                crate::host::denied_hint(
+                    crate::host::Access::Signal,
+                    &std::io::Error::from(source),
+                    held,
+                    crate::host::read_own_lsm_label().as_ref(),
+                )
+            )
+        } else {
+            String::new()
+        };
+        Err(RebootError::Signal { pid, source, hint })
     }
 }
 
@@ -167,6 +207,31 @@ mod tests {
     #[test]
     fn the_reboot_signal_is_systemds_whatever_the_libc() {
         assert_eq!(reboot_signal(), 39);
+    }
+
+    #[test]
+    fn preflight_checks_without_side_effects() {
+        // Signal 0 to ourselves: allowed, nothing delivered.
+        let myself = SignalRebooter {
+            pid: std::process::id() as i32,
+        };
+        myself.preflight().expect("may signal itself");
+        let gone = SignalRebooter { pid: i32::MAX - 1 };
+        let e = gone.preflight().unwrap_err();
+        assert!(e.contains("ESRCH"), "{e}");
+        let cmd = CommandRebooter {
+            command: vec!["true".into()],
+            exec: HostExec {
+                host_namespaces: true,
+                host_pid: i32::MAX - 1,
+            },
+        };
+        assert!(cmd.preflight().unwrap_err().contains("does not exist"));
+        let cmd = CommandRebooter {
+            command: vec!["true".into()],
+            exec: own(),
+        };
+        cmd.preflight().expect("own namespaces: nothing to check");
     }
 
     #[tokio::test]

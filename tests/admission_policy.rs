@@ -1,12 +1,13 @@
-//! The ValidatingAdmissionPolicy in manifests/ (rendered from the chart), evaluated with a CEL
-//! interpreter against sample admission requests: an agent may modify only its own Node (and
-//! only kreboot's labels, never taints), write only its lock's Leases and name another holder
-//! only when it hands over a slot it holds; other users and ServiceAccounts are not matched.
+//! The ValidatingAdmissionPolicies in manifests/ (rendered from the chart; one for Nodes, one
+//! for Leases), evaluated with a CEL interpreter against sample admission requests: an agent may
+//! modify only its own Node (and only kreboot's labels, never taints), write only its lock's
+//! Leases and name another holder only when it hands over a slot it holds; other users and
+//! ServiceAccounts are not matched.
 //!
 //! This follows the API server's evaluation order (matchConstraints, matchConditions,
-//! variables in order, validations) with the standard CEL library; Kubernetes' CEL
-//! extensions are not used by the policy. What only a real API server can confirm is listed
-//! in the README ("Admission policy").
+//! variables in order, validations; every matching policy must allow) with the standard CEL
+//! library; Kubernetes' CEL extensions are not used by the policies. The real API server's type
+//! check and its verdicts on real requests are in tests/real_chart.rs.
 
 use std::collections::BTreeMap;
 
@@ -16,13 +17,24 @@ use serde_json::{Value as Json, json};
 const AGENT: &str = "system:serviceaccount:kreboot:kreboot";
 const NODE_NAME_KEY: &str = "authentication.kubernetes.io/node-name";
 
-fn policy() -> Json {
+const NODE_POLICY: &str = "kreboot-agent-node-scope";
+const LEASE_POLICY: &str = "kreboot-agent-lease-scope";
+
+/// Every object of manifests/admissionpolicy.yaml.
+fn documents() -> Vec<Json> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/admissionpolicy.yaml");
     let text = std::fs::read_to_string(&path).expect("manifests/admissionpolicy.yaml exists");
-    let docs: Vec<Json> = serde_saphyr::from_multiple(&text).expect("valid YAML");
-    docs.into_iter()
-        .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
-        .expect("a ValidatingAdmissionPolicy")
+    serde_saphyr::from_multiple(&text).expect("valid YAML")
+}
+
+/// The ValidatingAdmissionPolicies (Nodes, then Leases).
+fn policies() -> Vec<Json> {
+    let mut p: Vec<Json> = documents()
+        .into_iter()
+        .filter(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        .collect();
+    p.sort_by_key(|d| d["metadata"]["name"] != NODE_POLICY);
+    p
 }
 
 #[derive(Debug, PartialEq)]
@@ -62,7 +74,21 @@ fn matches_constraints(policy: &Json, request: &Json) -> bool {
     })
 }
 
-fn admit(policy: &Json, request: Json, object: Json, old_object: Json) -> Verdict {
+/// The verdict of every policy together: denied by the first that denies, allowed when one
+/// matched and none denied.
+fn admit(policies: &[Json], request: Json, object: Json, old_object: Json) -> Verdict {
+    let mut verdict = Verdict::NotMatched;
+    for p in policies {
+        match admit_one(p, request.clone(), object.clone(), old_object.clone()) {
+            Verdict::NotMatched => {}
+            Verdict::Allowed => verdict = Verdict::Allowed,
+            denied => return denied,
+        }
+    }
+    verdict
+}
+
+fn admit_one(policy: &Json, request: Json, object: Json, old_object: Json) -> Verdict {
     if !matches_constraints(policy, &request) {
         return Verdict::NotMatched;
     }
@@ -115,16 +141,16 @@ fn to_json(v: &Value) -> Option<Json> {
 
 /// The policy as the chart renders it with pre/post-reboot labels and a PreferNoSchedule taint
 /// configured: the two variables it templates, set as `helm template` sets them.
-fn policy_with(labels: &[&str], taint: &str) -> Json {
-    let mut p = policy();
-    for v in p["spec"]["variables"].as_array_mut().expect("variables") {
+fn policies_with(labels: &[&str], taint: &str) -> Vec<Json> {
+    let mut ps = policies();
+    for v in ps[0]["spec"]["variables"].as_array_mut().expect("variables") {
         match v["name"].as_str() {
             Some("ownLabels") => v["expression"] = json!(serde_json::to_string(labels).expect("json")),
             Some("ownTaint") => v["expression"] = json!(format!("'{taint}'")),
             _ => {}
         }
     }
-    p
+    ps
 }
 
 fn request(user: &str, node: Option<&str>, operation: &str, group: &str, resource: &str) -> Json {
@@ -169,7 +195,7 @@ fn lease(name: &str, holder: Option<&str>) -> Json {
 
 fn node_update(user: &str, token_node: Option<&str>, old: Json, new: Json) -> Verdict {
     admit(
-        &policy(),
+        &policies(),
         request(user, token_node, "UPDATE", "", "nodes"),
         new,
         old,
@@ -270,7 +296,7 @@ fn evictions_are_outside_the_policy() {
     let eviction = json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "web-0", "namespace": "apps"}});
     assert_eq!(
         admit(
-            &policy(),
+            &policies(),
             request(AGENT, Some("n1"), "CREATE", "", "pods"),
             eviction,
             Json::Null
@@ -281,7 +307,7 @@ fn evictions_are_outside_the_policy() {
 
 fn lease_write(operation: &str, old: Json, new: Json) -> Verdict {
     admit(
-        &policy(),
+        &policies(),
         request(AGENT, Some("n1"), operation, "coordination.k8s.io", "leases"),
         new,
         old,
@@ -365,7 +391,7 @@ fn lease_writes_outside_the_protocol_are_denied() {
 
 #[test]
 fn configured_labels_and_the_taint_are_allowed_and_nothing_else() {
-    let p = policy_with(&["example.com/patched"], "example.com/reboot-pending");
+    let p = policies_with(&["example.com/patched"], "example.com/reboot-pending");
     let req = || request(AGENT, Some("n1"), "UPDATE", "", "nodes");
     let old = node(
         "n1",
@@ -395,4 +421,59 @@ fn configured_labels_and_the_taint_are_allowed_and_nothing_else() {
     let mut label = old.clone();
     label["metadata"]["labels"]["example.com/other"] = json!("x");
     assert!(matches!(admit(&p, req(), label, old), Verdict::Denied(m) if m.contains("labels")));
+}
+
+#[test]
+fn one_policy_per_kind_each_with_its_binding() {
+    // The API server type-checks every expression against each kind a policy matches: a Node's
+    // fields are undefined on a Lease. So each policy matches exactly one resource.
+    let docs = documents();
+    let ps = policies();
+    let names: Vec<&str> = ps
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, [NODE_POLICY, LEASE_POLICY]);
+    for (p, resource) in ps.iter().zip(["nodes", "leases"]) {
+        let rules = p["spec"]["matchConstraints"]["resourceRules"].as_array().unwrap();
+        let resources: Vec<&Json> = rules
+            .iter()
+            .flat_map(|r| r["resources"].as_array().unwrap())
+            .collect();
+        assert_eq!(
+            resources,
+            [&json!(resource)],
+            "{} matches only {resource}",
+            names[0]
+        );
+        let name = &p["metadata"]["name"];
+        let bindings: Vec<&Json> = docs
+            .iter()
+            .filter(|d| d["kind"] == "ValidatingAdmissionPolicyBinding" && &d["spec"]["policyName"] == name)
+            .collect();
+        assert_eq!(bindings.len(), 1, "one binding for {name}");
+        assert_eq!(bindings[0]["spec"]["validationActions"], json!(["Deny"]));
+        assert_eq!(p["spec"]["failurePolicy"], "Fail");
+    }
+    // Every rule of the former single policy is kept: 4 for Nodes (a node name in the token,
+    // own Node, labels, taints), 3 for Leases (a node name, the lock's Leases, the holder).
+    assert_eq!(ps[0]["spec"]["validations"].as_array().unwrap().len(), 4);
+    assert_eq!(ps[1]["spec"]["validations"].as_array().unwrap().len(), 3);
+    let count = |kind: &str| docs.iter().filter(|d| d["kind"] == kind).count();
+    assert_eq!(count("ValidatingAdmissionPolicy"), 2);
+    assert_eq!(count("ValidatingAdmissionPolicyBinding"), 2);
+}
+
+#[test]
+fn a_lease_token_without_a_node_name_is_refused() {
+    let v = admit(
+        &policies(),
+        request(AGENT, None, "CREATE", "coordination.k8s.io", "leases"),
+        lease("kreboot-lock", Some("n1")),
+        Json::Null,
+    );
+    assert!(
+        matches!(&v, Verdict::Denied(m) if m.contains("names no node")),
+        "{v:?}"
+    );
 }

@@ -5,13 +5,25 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use common::{
     OutMonitor,
     backend::{Backend, Kind, Machine, NS},
 };
-use kreboot::node::{ANN_LAST_REBOOT, ANN_PHASE, ANN_PRE_REBOOT_BOOT_ID};
+use kreboot::node::{
+    ANN_CORDONED_BY_KREBOOT, ANN_LAST_FAILURE, ANN_LAST_FAILURE_REASON, ANN_LAST_REBOOT, ANN_LOCK, ANN_PHASE,
+    ANN_PRE_REBOOT_BOOT_ID, ANN_REBOOT_REASON, ANN_REBOOT_REQUIRED_SINCE, ANN_WAITING_SINCE, LABEL_HOLDER,
+    LABEL_WAITING,
+};
+use serde_json::{Value, json};
 
 /// Makes `mod NAME { sim, real }` tests of `async fn NAME(Kind)`.
 macro_rules! on_both {
@@ -36,6 +48,14 @@ on_both!(
     concurrency_two_never_three,
     drain_waits_for_pdb,
     ghost_lock_is_freed,
+    crash_after_lock_resumes,
+    crash_while_draining_resumes,
+    crash_before_reboot_command_resumes,
+    crash_after_reboot_resumes,
+    reboot_recognised_by_boot_id,
+    drain_and_uncordon_commands,
+    status_golden_table,
+    event_reasons_accepted,
 );
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -318,4 +338,929 @@ async fn scrape(port: u16) -> String {
         .await;
     out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared by the scenarios below.
+
+/// Waits, without playing any machine, until `done` holds, or panics after `limit`.
+async fn wait_until<F, Fut>(limit: Duration, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !done().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How many times `reason` was recorded about the object named `name` (an Event the same agent
+/// repeats is one object with a `series.count`).
+fn event_count(events: &[Value], name: &str, reason: &str) -> u64 {
+    events
+        .iter()
+        .filter(|e| e["regarding"]["name"] == name && e["reason"] == reason)
+        .map(|e| e["series"]["count"].as_u64().unwrap_or(1))
+        .sum()
+}
+
+/// Waits until at least `n` Events `reason` about `node` are published (the agent publishes
+/// them in the background).
+async fn wait_event(b: &Backend, node: &str, reason: &str, n: u64) {
+    wait_until(LIMIT, &format!("{n} Event(s) {reason} about {node}"), || async {
+        event_count(&b.node_events().await, node, reason) >= n
+    })
+    .await;
+}
+
+/// The `kreboot.io/` annotations and labels on a Node.
+async fn kreboot_marks(b: &Backend, node: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let n = b.node(node).await.expect("node exists");
+    let ours = |m: Option<std::collections::BTreeMap<String, String>>| -> BTreeSet<String> {
+        m.unwrap_or_default()
+            .into_keys()
+            .filter(|k| k.starts_with(kreboot::node::PREFIX))
+            .collect()
+    };
+    (ours(n.metadata.annotations), ours(n.metadata.labels))
+}
+
+/// Plays the machine's reboot once the agent asked for it: waits for the reboot command's mark
+/// and for its `Rebooting` Event (published in the background: a machine that went down the
+/// same millisecond could lose it), then kills the agent, reboots the Node and starts the agent
+/// again, as [`Machine::supervise`].
+async fn reboot_when_asked(b: &Backend, m: &mut Machine) {
+    let mr: &Machine = m;
+    wait_until(LIMIT, "the agent ran its reboot command", move || async move {
+        mr.reboot_requested()
+    })
+    .await;
+    wait_event(b, &m.node, "Rebooting", m.reboot_commands() as u64).await;
+    assert!(m.supervise(b).await, "the machine rebooted");
+}
+
+/// The end of a cycle whose agent was killed somewhere on the way: the machine rebooted once,
+/// the reboot command ran `commands` times, the node has a new boot id, is uncordoned, holds no
+/// slot, carries only `kreboot.io/last-reboot`, and each step's Event was recorded once
+/// (`drains` Draining: a resumed drain announces itself again).
+async fn assert_resumed_cleanly(b: &Backend, m: &Machine, boot_before: &str, commands: usize, drains: u64) {
+    let node = m.node.as_str();
+    wait_until(LIMIT, "the cycle completed", || completed(b, node)).await;
+    assert_eq!(m.reboots, 1, "{node}: the machine rebooted exactly once");
+    assert_eq!(
+        m.reboot_commands(),
+        commands,
+        "{node}: runs of the reboot command"
+    );
+    assert_ne!(b.boot_id(node).await, boot_before, "{node}: a new boot id");
+    assert!(!b.unschedulable(node).await, "{node}: uncordoned");
+    assert!(
+        b.holders().await.is_empty(),
+        "{node}: lock released: {:?}",
+        b.leases().await
+    );
+    let (annotations, labels) = kreboot_marks(b, node).await;
+    assert_eq!(
+        annotations,
+        BTreeSet::from([ANN_LAST_REBOOT.to_string()]),
+        "{node}: only the completed reboot is recorded"
+    );
+    assert!(labels.is_empty(), "{node}: no kreboot label left: {labels:?}");
+    wait_event(b, node, "RebootCompleted", 1).await;
+    wait_event(b, node, "Uncordoned", 1).await;
+    // Anything still queued would have been published by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = b.node_events().await;
+    for (reason, want) in [
+        ("LockAcquired", 1),
+        ("Cordoned", 1),
+        ("Draining", drains),
+        ("Rebooting", commands as u64),
+        ("Uncordoned", 1),
+        ("RebootCompleted", 1),
+        ("DrainFailed", 0),
+        ("RebootFailed", 0),
+        ("CycleAborted", 0),
+    ] {
+        assert_eq!(
+            event_count(&events, node, reason),
+            want,
+            "{node}: Events {reason}"
+        );
+    }
+    let log = m.log();
+    assert!(
+        !log.contains("failed to publish event"),
+        "{node}: an Event was refused:\n{log}"
+    );
+}
+
+/// A cycle in progress at `phase`, as the Node and the Lease record it (what a crash leaves).
+async fn assert_in_cycle(b: &Backend, node: &str, phase: &str) {
+    assert_eq!(
+        b.annotation(node, ANN_PHASE).await.as_deref(),
+        Some(phase),
+        "{node}: phase"
+    );
+    assert!(b.unschedulable(node).await, "{node}: cordoned");
+    assert_eq!(
+        b.annotation(node, ANN_CORDONED_BY_KREBOOT).await.as_deref(),
+        Some("true"),
+        "{node}: cordoned by kreboot"
+    );
+    assert_eq!(b.holders().await, [node], "{node}: holds the lock");
+    assert!(b.annotation(node, ANN_LAST_REBOOT).await.is_none());
+}
+
+/// A stand-in for Prometheus: `/api/v1/alerts` answers "no alerts" after a delay that the test
+/// sets. kreboot checks its blockers afresh right before the cordon, the drain and the reboot,
+/// so a slow answer holds the agent between two steps for as long as the test needs.
+struct SlowPrometheus {
+    url: String,
+    delay_ms: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowPrometheus {
+    async fn start(delay: Duration) -> SlowPrometheus {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let delay_ms = Arc::new(AtomicU64::new(delay.as_millis() as u64));
+        let d = delay_ms.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let d = d.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(d.load(Ordering::SeqCst))).await;
+                    let body = r#"{"status":"success","data":{"alerts":[]}}"#;
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(resp.as_bytes()).await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        SlowPrometheus { url, delay_ms, task }
+    }
+
+    fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Drop for SlowPrometheus {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A SIGKILL of the agent at each step of the cycle; the restarted agent resumes from what the
+// Node and the Lease record.
+
+/// Killed right after taking the lock, before the cordon: the restarted agent finds its slot
+/// (no second acquisition), cordons once and completes.
+async fn crash_after_lock_resumes(kind: Kind) {
+    // The blocker check right before the cordon takes 3 s: the window for the crash.
+    let prometheus = SlowPrometheus::start(Duration::from_secs(3)).await;
+    let (b, mut machines) = cluster(kind, 1, &["--prometheus-url", &prometheus.url]).await;
+    let boot = b.boot_id("n0").await;
+    let m = &mut machines[0];
+    m.require_reboot();
+    m.start();
+    wait_until(LIMIT, "n0 holds the lock", || async {
+        b.holders().await == ["n0"]
+    })
+    .await;
+    wait_event(&b, "n0", "LockAcquired", 1).await;
+    m.kill();
+    assert!(
+        b.annotation("n0", ANN_PHASE).await.is_none() && !b.unschedulable("n0").await,
+        "the agent was killed between the lock and the cordon"
+    );
+    assert_eq!(b.holders().await, ["n0"], "the slot outlives the agent");
+    prometheus.set_delay(Duration::ZERO);
+    m.start();
+    reboot_when_asked(&b, m).await;
+    assert_resumed_cleanly(&b, m, &boot, 1, 1).await;
+}
+
+/// Killed in the middle of a drain held by a PodDisruptionBudget: the restarted agent resumes
+/// the drain (no second cordon) once the budget allows it, and completes.
+async fn crash_while_draining_resumes(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 1, &["--drain-timeout", "5m", "--eviction-retry", "1s"]).await;
+    b.add_pod("apps", "db-0", "n0", &[("app", "db")]).await;
+    b.wait_pods_ready("apps").await;
+    b.add_pdb("apps", "db", &[("app", "db")], 1).await;
+    let boot = b.boot_id("n0").await;
+    let m = &mut machines[0];
+    m.require_reboot();
+    m.start();
+    wait_until(
+        LIMIT,
+        "n0 evicted its other pods and waits for the PDB",
+        || async {
+            let left: Vec<String> = b
+                .pods("apps")
+                .await
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter_map(|p| p.metadata.name)
+                .collect();
+            left == ["db-0"]
+        },
+    )
+    .await;
+    wait_event(&b, "n0", "Draining", 1).await;
+    m.kill();
+    assert_in_cycle(&b, "n0", "draining").await;
+    b.set_pdb_min_available("apps", "db", 0).await;
+    m.start();
+    let mr: &Machine = m;
+    wait_until(LIMIT, "the reboot command ran", move || async move {
+        mr.reboot_requested()
+    })
+    .await;
+    assert!(
+        b.pods("apps").await.is_empty(),
+        "db-0 was evicted before the reboot"
+    );
+    reboot_when_asked(&b, m).await;
+    assert_resumed_cleanly(&b, m, &boot, 1, 2).await;
+}
+
+/// Killed after the reboot was recorded (phase `rebooting`, the boot id noted) but before the
+/// reboot command ran (`--reboot-delay`): the restarted agent issues the reboot, once.
+async fn crash_before_reboot_command_resumes(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 1, &["--reboot-delay", "3s"]).await;
+    let boot = b.boot_id("n0").await;
+    let m = &mut machines[0];
+    m.require_reboot();
+    m.start();
+    wait_until(LIMIT, "n0 recorded the reboot", || async {
+        b.annotation("n0", ANN_PHASE).await.as_deref() == Some("rebooting")
+    })
+    .await;
+    wait_event(&b, "n0", "Draining", 1).await;
+    m.kill();
+    assert_in_cycle(&b, "n0", "rebooting").await;
+    assert_eq!(
+        b.annotation("n0", ANN_PRE_REBOOT_BOOT_ID).await.as_deref(),
+        Some(boot.as_str()),
+        "the boot id before the reboot is recorded"
+    );
+    assert_eq!(m.reboot_commands(), 0, "killed before the reboot command");
+    m.start();
+    reboot_when_asked(&b, m).await;
+    assert_resumed_cleanly(&b, m, &boot, 1, 1).await;
+}
+
+/// The machine rebooted (new boot id, Ready) while its agent was down, before the uncordon:
+/// the restarted agent recognises the reboot, uncordons and releases, and reboots nothing.
+async fn crash_after_reboot_resumes(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 1, &[]).await;
+    let boot = b.boot_id("n0").await;
+    let m = &mut machines[0];
+    m.require_reboot();
+    m.start();
+    let mr: &Machine = m;
+    wait_until(LIMIT, "the reboot command ran", move || async move {
+        mr.reboot_requested()
+    })
+    .await;
+    wait_event(&b, "n0", "Rebooting", 1).await;
+    m.kill();
+    assert!(m.take_reboot_request());
+    std::fs::remove_file(m.sentinel()).expect("a fresh /var/run");
+    b.reboot("n0").await;
+    m.reboots += 1;
+    // Back with a new boot id, Ready; nobody has looked yet.
+    wait_until(LIMIT, "n0 Ready", || b.ready("n0")).await;
+    assert_in_cycle(&b, "n0", "rebooting").await;
+    assert_ne!(b.boot_id("n0").await, boot);
+    m.start();
+    assert_resumed_cleanly(&b, m, &boot, 1, 1).await;
+    assert!(!m.reboot_requested(), "no second reboot");
+}
+
+/// The reboot is recognised by a changed `status.nodeInfo.bootID`, never by the agent's memory.
+/// Here the reboot command ran but the Node comes back Ready with the same bootID (the machine
+/// did not reboot, or its kubelet still reports the old boot) and the agent restarts: kreboot's
+/// documented behaviour (`node::decide`, `Phase::Rebooting`: recorded, not rebooted, lock held,
+/// Ready, window open) is to request the reboot again ("a second request is harmless") and to
+/// keep the cycle open: phase `rebooting`, cordoned, lock held, nothing completed. Only the
+/// changed bootID completes it.
+async fn reboot_recognised_by_boot_id(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 1, &[]).await;
+    let boot = b.boot_id("n0").await;
+    let m = &mut machines[0];
+    m.require_reboot();
+    m.start();
+    let mr: &Machine = m;
+    wait_until(LIMIT, "the reboot command ran", move || async move {
+        mr.reboot_requested()
+    })
+    .await;
+    wait_event(&b, "n0", "Rebooting", 1).await;
+    // The agent goes down, the machine does not reboot: same bootID, Ready.
+    m.kill();
+    assert!(m.take_reboot_request());
+    b.set_ready("n0", true).await;
+    assert_eq!(b.boot_id("n0").await, boot);
+    m.start();
+    let mr: &Machine = m;
+    wait_until(LIMIT, "the reboot requested again", move || async move {
+        mr.reboot_requested()
+    })
+    .await;
+    assert_eq!(m.reboot_commands(), 2);
+    // However long it waits, the cycle stays open while the bootID is the old one.
+    for _ in 0..10 {
+        assert_in_cycle(&b, "n0", "rebooting").await;
+        assert_eq!(
+            b.annotation("n0", ANN_PRE_REBOOT_BOOT_ID).await.as_deref(),
+            Some(boot.as_str())
+        );
+        assert!(b.ready("n0").await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !b.node_events()
+            .await
+            .iter()
+            .any(|e| e["reason"] == "RebootCompleted"),
+        "nothing completed without a new bootID"
+    );
+    // The machine reboots: a new bootID, and the cycle completes.
+    reboot_when_asked(&b, m).await;
+    assert_resumed_cleanly(&b, m, &boot, 2, 1).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operator's commands.
+
+/// Runs the `kreboot` binary with `args` against the backend, as an operator would.
+async fn kreboot_cmd(b: &Backend, args: &[&str]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kreboot"));
+    cmd.args(args)
+        .env("KUBECONFIG", b.kubeconfig())
+        .env_remove("POD_NAMESPACE")
+        .env_remove("RUST_LOG");
+    tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("kreboot {args:?} finishes"))
+        .unwrap_or_else(|e| panic!("kreboot {args:?} runs: {e}"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `kreboot drain --selector` cordons and drains the selected nodes (evicting their pods,
+/// leaving DaemonSet pods) and leaves the others alone; `kreboot uncordon` refuses a node in
+/// the middle of an agent's cycle and makes the drained nodes schedulable again.
+async fn drain_and_uncordon_commands(kind: Kind) {
+    let b = Backend::start(kind).await;
+    for (name, pool) in [("n0", "old"), ("n1", "old"), ("n2", "new")] {
+        b.add_node(name, &[("pool", pool)]).await;
+        for p in 0..2 {
+            b.add_pod("apps", &format!("{name}-app-{p}"), name, &[("app", "web")])
+                .await;
+        }
+    }
+    b.add_daemonset_pod("kube-system", "n0-ds", "n0").await;
+    b.wait_pods_ready("apps").await;
+    b.wait_pods_ready("kube-system").await;
+    let n2_before = b.node("n2").await.expect("n2");
+
+    let out = kreboot_cmd(
+        &b,
+        &[
+            "drain",
+            "--selector",
+            "pool=old",
+            "--timeout",
+            "60s",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "drain: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["drained"], true, "{report}");
+    let results: Vec<(String, String, u64, u64)> = report["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap_or("").to_owned(),
+                n["status"].as_str().unwrap_or("").to_owned(),
+                n["evicted"].as_u64().unwrap_or(99),
+                n["skipped"].as_u64().unwrap_or(99),
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("n0".to_owned(), "drained".to_owned(), 2, 1),
+            ("n1".to_owned(), "drained".to_owned(), 2, 0)
+        ],
+        "{stderr}"
+    );
+    for node in ["n0", "n1"] {
+        assert!(b.unschedulable(node).await, "{node} cordoned");
+        assert_eq!(
+            b.annotation(node, "kreboot.io/drained-by").await.as_deref(),
+            Some("kreboot-cli"),
+            "{node}: the operator's drain is recorded"
+        );
+        assert!(
+            b.annotation(node, ANN_CORDONED_BY_KREBOOT).await.is_none(),
+            "{node}: never recorded as the agent's cordon"
+        );
+    }
+    let names = |pods: Vec<k8s_openapi::api::core::v1::Pod>| -> BTreeSet<String> {
+        pods.into_iter().filter_map(|p| p.metadata.name).collect()
+    };
+    assert_eq!(
+        names(b.pods("apps").await),
+        BTreeSet::from(["n2-app-0".to_owned(), "n2-app-1".to_owned()]),
+        "the drained nodes' pods are gone (the command waits for them), n2's stay"
+    );
+    assert!(
+        names(b.pods("kube-system").await).contains("n0-ds"),
+        "the DaemonSet pod is left alone"
+    );
+    let n2 = b.node("n2").await.expect("n2");
+    assert_eq!(n2.spec, n2_before.spec, "n2 untouched");
+    assert_eq!(
+        n2.metadata.annotations, n2_before.metadata.annotations,
+        "n2 untouched"
+    );
+
+    // An agent in the middle of a cycle on n1: uncordon refuses it (exit 1) and changes nothing.
+    b.patch_node(
+        "n1",
+        json!({"metadata": {"annotations": {ANN_PHASE: "draining"}}}),
+    )
+    .await;
+    let out = kreboot_cmd(&b, &["uncordon", "n1"]).await;
+    assert_eq!(out.status.code(), Some(1), "refused: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("middle of a reboot cycle"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(b.unschedulable("n1").await, "n1 stays cordoned");
+    b.patch_node("n1", json!({"metadata": {"annotations": {ANN_PHASE: null}}}))
+        .await;
+
+    let out = kreboot_cmd(&b, &["uncordon", "--selector", "pool=old"]).await;
+    assert_eq!(out.status.code(), Some(0), "uncordon: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "uncordoned n0\nuncordoned n1\n");
+    for node in ["n0", "n1", "n2"] {
+        assert!(!b.unschedulable(node).await, "{node} schedulable");
+        let (annotations, _) = kreboot_marks(&b, node).await;
+        assert!(annotations.is_empty(), "{node}: {annotations:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `kreboot status` on both backends: the golden file of tests/status.rs.
+
+/// The state of tests/status.rs (a node in each state kreboot can leave one in), written
+/// through the Kubernetes API; `kreboot status` must print tests/golden/status.txt on both
+/// backends. No kubelets on the real backend: they would make the NotReady worker-5 Ready.
+async fn status_golden_table(kind: Kind) {
+    const NOW: &str = "2026-11-25T10:00:00Z";
+    const POLICY: &str = r#"version: 1
+timezone: Europe/Berlin
+windows:
+  - days: [Sat, Sun]
+    start: "02:00"
+    end: "05:00"
+rules:
+  - name: db
+    nodeSelector:
+      matchLabels:
+        pool: db
+    windows:
+      - days: [Wed]
+        start: "10:00"
+        end: "12:00"
+"#;
+    const ANN_BLOCKED_BY: &str = "kreboot.io/blocked-by";
+    let b = Backend::start_with(kind, false).await;
+    b.create_namespace("kreboot").await;
+    for name in [
+        "worker-1", "worker-2", "worker-3", "worker-4", "worker-5", "worker-6", "db-1",
+    ] {
+        b.add_node(name, &[]).await;
+    }
+    let record = |node: &'static str, annotations: Value, labels: Value, spec: Value| {
+        let b = &b;
+        async move {
+            b.patch_node(
+                node,
+                json!({"metadata": {"annotations": annotations, "labels": labels}, "spec": spec}),
+            )
+            .await;
+        }
+    };
+    record(
+        "worker-2",
+        json!({
+            ANN_REBOOT_REQUIRED_SINCE: "2026-11-25T07:47:00Z",
+            ANN_REBOOT_REASON: "linux-image-6.8.0-49-generic libc6",
+            ANN_BLOCKED_BY: "window_closed",
+        }),
+        json!({}),
+        json!({}),
+    )
+    .await;
+    record(
+        "worker-3",
+        json!({
+            ANN_REBOOT_REQUIRED_SINCE: "2026-11-25T09:10:00Z",
+            ANN_REBOOT_REASON: "openssl",
+            ANN_WAITING_SINCE: "2026-11-25T09:12:30.000001Z",
+            ANN_BLOCKED_BY: "lock_held_elsewhere",
+        }),
+        json!({ LABEL_WAITING: "true" }),
+        json!({}),
+    )
+    .await;
+    record(
+        "worker-4",
+        json!({
+            ANN_REBOOT_REQUIRED_SINCE: "2026-11-24T23:05:00Z",
+            ANN_REBOOT_REASON: "linux-image-6.8.0-49-generic",
+            ANN_PHASE: "draining",
+            ANN_CORDONED_BY_KREBOOT: "true",
+            ANN_LOCK: "kreboot-lock",
+        }),
+        json!({ LABEL_HOLDER: "true" }),
+        json!({ "unschedulable": true }),
+    )
+    .await;
+    b.cordon("worker-5").await;
+    b.set_ready("worker-5", false).await;
+    record(
+        "worker-6",
+        json!({ ANN_LAST_REBOOT: "2026-11-25T08:31:00Z" }),
+        json!({}),
+        json!({}),
+    )
+    .await;
+    record(
+        "db-1",
+        json!({
+            ANN_REBOOT_REQUIRED_SINCE: "2026-11-23T04:00:00Z",
+            ANN_REBOOT_REASON: "linux-image-6.8.0-49-generic",
+            ANN_LAST_FAILURE: "2026-11-25T09:40:00Z",
+            ANN_LAST_FAILURE_REASON: "drain timed out after 30m: pod apps/db-0 refused by its PodDisruptionBudget",
+            ANN_LAST_REBOOT: "2026-10-28T10:15:00Z",
+            ANN_BLOCKED_BY: "blocking_pods: apps/db-0",
+        }),
+        json!({ "pool": "db" }),
+        json!({}),
+    )
+    .await;
+    let lease = |name: &str, labels: Value, holder: &str, renewed: &str, seconds: i32| {
+        json!({
+            "metadata": { "name": name, "labels": labels },
+            "spec": {
+                "holderIdentity": holder, "acquireTime": renewed, "renewTime": renewed,
+                "leaseDurationSeconds": seconds,
+            },
+        })
+    };
+    b.create_lease(
+        "kreboot",
+        lease(
+            "kreboot-lock",
+            json!({ kreboot::lock::LOCK_LABEL: "kreboot-lock" }),
+            "worker-4",
+            "2026-11-25T09:55:00.000000Z",
+            1800,
+        ),
+    )
+    .await;
+    // Not a slot of the lock: never shown.
+    b.create_lease(
+        "kreboot",
+        lease(
+            "something-else",
+            json!({}),
+            "worker-1",
+            "2026-11-25T09:59:00.000000Z",
+            15,
+        ),
+    )
+    .await;
+    b.put_configmap("kreboot", "kreboot-config", &[("config.yaml", POLICY)])
+        .await;
+    assert!(!b.ready("worker-5").await, "worker-5 stays NotReady");
+
+    let out = kreboot_cmd(&b, &["status", "--now", NOW, "--namespace", "kreboot"]).await;
+    assert_eq!(out.status.code(), Some(0), "status: {}", text(&out.stderr));
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/status.txt");
+    let expected = std::fs::read_to_string(&golden).expect("tests/golden/status.txt");
+    let actual = text(&out.stdout);
+    assert!(
+        actual == expected,
+        "{kind:?}: `kreboot status` differs from {}\n--- expected\n{expected}\n--- actual\n{actual}",
+        golden.display()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events.
+
+/// The Event reasons and types of README's "Events" table (src/events.rs).
+const REASONS: [(&str, &str); 13] = [
+    ("RebootRequired", "Normal"),
+    ("RebootBlocked", "Normal"),
+    ("LockAcquired", "Normal"),
+    ("Cordoned", "Normal"),
+    ("Draining", "Normal"),
+    ("DrainFailed", "Warning"),
+    ("Rebooting", "Normal"),
+    ("RebootFailed", "Warning"),
+    ("Uncordoned", "Normal"),
+    ("RebootCompleted", "Normal"),
+    ("CycleAborted", "Warning"),
+    ("ConfigInvalid", "Warning"),
+    ("SentinelPolling", "Warning"),
+];
+
+/// Every Event reason kreboot emits, produced by real cycles, is accepted by the API server's
+/// Event validation (events.k8s.io/v1 on the real backend), repeats (an Event series, a PATCH)
+/// included; no agent logs a refused Event. One node per outcome, each with its own lock:
+/// - n0: a completed cycle (RebootRequired, LockAcquired, Cordoned, Draining, Rebooting,
+///   Uncordoned, RebootCompleted);
+/// - n1: a drain that exceeds `--drain-timeout` under a PodDisruptionBudget that never allows
+///   (DrainFailed), again after a short `--failure-backoff` (every Event of the cycle repeated:
+///   Event series);
+/// - n2: its own pods block the reboot (`--blocking-pod-selector`: RebootBlocked);
+/// - n3: the reboot command fails (RebootFailed);
+/// - n4: its window closes while a PodDisruptionBudget holds its drain; the drain ends
+///   outside the window (CycleAborted);
+/// - n5: an invalid policy ConfigMap (ConfigInvalid, about the ConfigMap; the node waits as
+///   outside every window), and no inotify instance for its agent (a user namespace whose
+///   `max_inotify_instances` is 0: EMFILE): the sentinel is polled (SentinelPolling).
+async fn event_reasons_accepted(kind: Kind) {
+    let b = Backend::start(kind).await;
+    let nodes = ["n0", "n1", "n2", "n3", "n4", "n5"];
+    for name in nodes {
+        b.add_node(name, &[]).await;
+        for p in 0..2 {
+            b.add_pod("apps", &format!("{name}-app-{p}"), name, &[("app", "web")])
+                .await;
+        }
+    }
+    for n in ["n1", "n4"] {
+        let app = format!("db-{n}");
+        b.add_pod("apps", &app, n, &[("app", &app)]).await;
+    }
+    b.wait_pods_ready("apps").await;
+    for n in ["n1", "n4"] {
+        let app = format!("db-{n}");
+        b.add_pdb("apps", &app, &[("app", &app)], 1).await;
+    }
+    b.put_configmap(NS, "kreboot-bad", &[("config.yaml", "windows: [oops\n")])
+        .await;
+    const OPEN: &str = "timezone: UTC\n";
+    const CLOSED: &str = "blackouts:\n  - from: \"2000-01-01\"\n    to: \"2099-12-31\"\n";
+    b.put_configmap(NS, "kreboot-n4", &[("config.yaml", OPEN)]).await;
+    let kc = b.kubeconfig();
+    let mut machines: Vec<Machine> = vec![
+        Machine::new("n0", &kc, &[]),
+        Machine::new(
+            "n1",
+            &kc,
+            &[
+                "--lock-name",
+                "lock-n1",
+                "--drain-timeout",
+                "2s",
+                "--failure-backoff",
+                "1s",
+            ],
+        ),
+        Machine::new(
+            "n2",
+            &kc,
+            &["--lock-name", "lock-n2", "--blocking-pod-selector", "app=web"],
+        ),
+        Machine::new(
+            "n3",
+            &kc,
+            &["--lock-name", "lock-n3", "--reboot-command", "false"],
+        ),
+        Machine::new(
+            "n4",
+            &kc,
+            &[
+                "--lock-name",
+                "lock-n4",
+                "--config-map",
+                "kreboot-n4",
+                "--eviction-retry",
+                "1s",
+            ],
+        ),
+        Machine::new(
+            "n5",
+            &kc,
+            &["--lock-name", "lock-n5", "--config-map", "kreboot-bad"],
+        ),
+    ];
+    // n5's agent runs in a user namespace of its own whose inotify instance limit is 0: EMFILE,
+    // as on a node whose inotify instances are used up.
+    machines[5].launcher = [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "sh",
+        "-c",
+        r#"echo 0 > /proc/sys/user/max_inotify_instances && exec "$0" "$@""#,
+    ]
+    .map(String::from)
+    .to_vec();
+    for m in machines.iter_mut() {
+        m.require_reboot();
+        m.start();
+    }
+
+    // n5: no valid policy: it waits as outside every window.
+    wait_until(LIMIT, "n5 waits as outside every window", || async {
+        b.annotation("n5", "kreboot.io/blocked-by").await.as_deref() == Some("window_closed")
+    })
+    .await;
+    // n4: drained up to its PDB-held pod; its window closes, then the budget allows the last
+    // eviction: the drain ends outside the window.
+    wait_until(LIMIT, "n4 draining", || async {
+        b.annotation("n4", ANN_PHASE).await.as_deref() == Some("draining")
+    })
+    .await;
+    wait_event(&b, "n4", "Draining", 1).await;
+    b.put_configmap(NS, "kreboot-n4", &[("config.yaml", CLOSED)])
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.set_pdb_min_available("apps", "db-n4", 0).await;
+    // n0: the whole cycle.
+    reboot_when_asked(&b, &mut machines[0]).await;
+    wait_until(LIMIT, "n0 completed", || completed(&b, "n0")).await;
+
+    let expected: [(&str, &[&str]); 6] = [
+        (
+            "n0",
+            &[
+                "RebootRequired",
+                "LockAcquired",
+                "Cordoned",
+                "Draining",
+                "Rebooting",
+                "Uncordoned",
+                "RebootCompleted",
+            ],
+        ),
+        (
+            "n1",
+            &[
+                "RebootRequired",
+                "LockAcquired",
+                "Cordoned",
+                "Draining",
+                "DrainFailed",
+            ],
+        ),
+        ("n2", &["RebootRequired", "RebootBlocked"]),
+        (
+            "n3",
+            &[
+                "RebootRequired",
+                "LockAcquired",
+                "Cordoned",
+                "Draining",
+                "Rebooting",
+                "RebootFailed",
+            ],
+        ),
+        (
+            "n4",
+            &[
+                "RebootRequired",
+                "LockAcquired",
+                "Cordoned",
+                "Draining",
+                "CycleAborted",
+            ],
+        ),
+        ("n5", &["RebootRequired", "SentinelPolling"]),
+    ];
+    for (node, reasons) in expected {
+        for reason in reasons {
+            wait_event(&b, node, reason, 1).await;
+        }
+    }
+    // n1 tries again after its 1 s failure back-off: each repeated Event is a series, updated
+    // with a PATCH, which must be accepted too.
+    for reason in ["LockAcquired", "Cordoned", "Draining", "DrainFailed"] {
+        wait_event(&b, "n1", reason, 2).await;
+    }
+    wait_until(LIMIT, "the ConfigInvalid Event about kreboot-bad", || async {
+        event_count(&b.events(NS).await, "kreboot-bad", "ConfigInvalid") >= 1
+    })
+    .await;
+
+    let polling: Vec<String> = b
+        .node_events()
+        .await
+        .iter()
+        .filter(|e| e["reason"] == "SentinelPolling")
+        .filter_map(|e| e["note"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        polling
+            .iter()
+            .all(|n| n.contains("EMFILE") && n.contains("fs.inotify.max_user_instances")),
+        "the SentinelPolling Event names the errno and the sysctl: {polling:?}"
+    );
+
+    let mut seen = BTreeSet::new();
+    let mut all = b.node_events().await;
+    all.extend(b.events(NS).await);
+    for e in &all {
+        let Some(reason) = e["reason"].as_str() else {
+            continue;
+        };
+        if e["reportingController"] != "kreboot" {
+            continue;
+        }
+        let (_, want) = REASONS
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .unwrap_or_else(|| panic!("undocumented reason {reason}: {e}"));
+        assert_eq!(e["type"], *want, "type of {reason}: {e}");
+        assert!(
+            e["note"].as_str().is_some_and(|n| !n.is_empty()),
+            "{reason} says why: {e}"
+        );
+        seen.insert(reason.to_owned());
+    }
+    let documented: BTreeSet<String> = REASONS.iter().map(|(r, _)| r.to_string()).collect();
+    assert_eq!(
+        seen, documented,
+        "every documented reason was produced and accepted"
+    );
+    for (node, reasons) in expected {
+        let events = b.node_events().await;
+        for reason in reasons {
+            assert!(event_count(&events, node, reason) >= 1, "{node}: {reason}");
+        }
+    }
+    assert!(
+        !b.unschedulable("n1").await,
+        "n1 uncordoned after its failed drain"
+    );
+    assert!(
+        !b.unschedulable("n4").await,
+        "n4 uncordoned after its aborted cycle"
+    );
+    for m in &machines {
+        let log = m.log();
+        for refused in ["failed to publish event", "event queue full"] {
+            assert!(
+                !log.contains(refused),
+                "{}: {refused}:\n{}",
+                m.node,
+                log.lines()
+                    .filter(|l| l.contains(refused))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
 }

@@ -9,9 +9,12 @@
 //! `command`), or SIGRTMIN+5 to PID 1 (method `signal`). `kreboot kubelet-sim` plays the
 //! kubelet in the guest: it reports the guest's real boot id and Ready on every boot.
 //!
-//! The API server is a [`SimCluster`] in this process on 127.0.0.1. qemu's user network runs
-//! with `restrict=on`: the guest reaches nothing but one `guestfwd` rule, 10.0.2.100:6443, whose
-//! connections qemu hands to a relay (bash's /dev/tcp) to the simulator's port.
+//! The API server is the real control plane (tests/common/real.rs: kube-apiserver, etcd,
+//! kube-controller-manager, KWOK for the pods) on 127.0.0.1, serving TLS with a certificate that
+//! also names 10.0.2.100. qemu's user network runs with `restrict=on`: the guest reaches nothing
+//! but one `guestfwd` rule, 10.0.2.100:6443, whose connections qemu hands to a relay (bash's
+//! /dev/tcp) to kube-apiserver's port. Everything is real except the kubelet: `kubelet-sim`
+//! reports the guest's real boot id, KWOK runs the (fake) application pods.
 //!
 //! Skipped, loudly, when not root or when qemu-system-x86_64 or debootstrap is missing
 //! (scripts/test installs them).
@@ -24,33 +27,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kreboot::{
-    node::{ANN_LAST_REBOOT, ANN_PHASE, PREFIX},
-    sim::{self, SimCluster, SimConfig},
+mod common;
+
+use common::real::{self, ControlPlane};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Namespace, Node, Pod},
 };
+use kreboot::node::{ANN_LAST_REBOOT, ANN_PHASE, PREFIX};
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+};
+use serde_json::json;
 
 const NODE: &str = "kreboot-vm";
 
-/// `certificate-authority-data` of the guest's kubeconfig: a self-signed certificate whose key
-/// was thrown away. The API server is plain HTTP, so it never verifies anything; but kube-rs
-/// builds its TLS set-up even for an http:// server, and without a CA in the kubeconfig it asks
-/// the system's trust store, which the agent's empty root does not have (in a cluster the
-/// in-cluster configuration always brings the ServiceAccount's CA).
-const UNUSED_CA_B64: &str = concat!(
-    "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUI1ekNDQVkyZ0F3SUJBZ0lVRDZJMGxpc1NMZEdy",
-    "bVlqNzB3eUJlNTVvc2JVd0NnWUlLb1pJemowRUF3SXcKU0RGR01FUUdBMVVFQXd3OWEzSmxZbTl2ZEMx",
-    "MmJTMTBaWE4wTFdOaElDaHVaWFpsY2lCMWMyVmtPaUIwYUdVZwpRVkJKSUhObGNuWmxjaUJwY3lCd2JH",
-    "RnBiaUJJVkZSUUtUQWdGdzB5TmpFeE1qVXdNVFEyTXpSYUdBOHlNVEkyCk1URXdNVEF4TkRZek5Gb3dT",
-    "REZHTUVRR0ExVUVBd3c5YTNKbFltOXZkQzEyYlMxMFpYTjBMV05oSUNodVpYWmwKY2lCMWMyVmtPaUIw",
-    "YUdVZ1FWQkpJSE5sY25abGNpQnBjeUJ3YkdGcGJpQklWRlJRS1RCWk1CTUdCeXFHU000OQpBZ0VHQ0Nx",
-    "R1NNNDlBd0VIQTBJQUJNQzNIaVhFcWxJdkVRVjhiNXJVOWhWaU9VOUlabkUrd0kxVlE5blBlRGtyCmli",
-    "NWhhS1FaeXhZN3FsaXl0RnhKUnI0MFBtSHJ2czJUYm9BNzRaU09iNEtqVXpCUk1CMEdBMVVkRGdRV0JC",
-    "UTkKa2JOQkJRNUF3WWpSaFBycmRjOGQ5dHU5dWpBZkJnTlZIU01FR0RBV2dCUTlrYk5CQlE1QXdZalJo",
-    "UHJyZGM4ZAo5dHU5dWpBUEJnTlZIUk1CQWY4RUJUQURBUUgvTUFvR0NDcUdTTTQ5QkFNQ0EwZ0FNRVVD",
-    "SVFDa2l3UnR3TUk0Clo2Z1QyYzk1aTE2Tk42N1d5RzYrajhiaVdjY2d5eHVFbkFJZ1cxcHA1L24wQlhr",
-    "Z0loN2hEeVdCMllOTjFFdXAKdGRRQ2hqUTVKR0VmRVU4PQotLS0tLUVORCBDRVJUSUZJQ0FURS0tLS0t",
-    "Cg==",
-);
 const BUILD_SCRIPT: &str = include_str!("vm/build-image.sh");
 
 fn manifest_dir() -> PathBuf {
@@ -214,38 +206,56 @@ fn console_boot_ids(console: &str) -> Vec<String> {
         .collect()
 }
 
-fn lock_holder(sim: &SimCluster) -> Option<String> {
-    sim.lease("kube-system", "kreboot-lock")
-        .and_then(|l| l.spec)
-        .and_then(|s| s.holder_identity)
-        .filter(|h| !h.is_empty())
+/// What the test reads of the cluster, all through the API.
+#[derive(Debug, Default)]
+struct Seen {
+    lock_holder: Option<String>,
+    boot_id: String,
+    annotations: BTreeMap<String, String>,
+    labels: BTreeMap<String, String>,
+    cordoned: bool,
+    /// Pods bound to the node (terminating ones included).
+    pods_on_node: usize,
 }
 
-fn boot_id(sim: &SimCluster) -> String {
-    sim.node(NODE)
-        .and_then(|n| n.status)
-        .and_then(|s| s.node_info)
-        .map(|i| i.boot_id)
-        .unwrap_or_default()
+async fn look(client: &kube::Client) -> Seen {
+    let mut seen = Seen::default();
+    if let Ok(Some(n)) = Api::<Node>::all(client.clone()).get_opt(NODE).await {
+        seen.boot_id = n
+            .status
+            .and_then(|s| s.node_info)
+            .map(|i| i.boot_id)
+            .unwrap_or_default();
+        seen.annotations = n.metadata.annotations.unwrap_or_default();
+        seen.labels = n.metadata.labels.unwrap_or_default();
+        seen.cordoned = n.spec.and_then(|s| s.unschedulable).unwrap_or(false);
+    }
+    if let Ok(Some(l)) = Api::<Lease>::namespaced(client.clone(), "kube-system")
+        .get_opt("kreboot-lock")
+        .await
+    {
+        seen.lock_holder = l.spec.and_then(|s| s.holder_identity).filter(|h| !h.is_empty());
+    }
+    if let Ok(pods) = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default().fields(&format!("spec.nodeName={NODE}")))
+        .await
+    {
+        seen.pods_on_node = pods.items.len();
+    }
+    seen
 }
 
-fn annotations(sim: &SimCluster) -> BTreeMap<String, String> {
-    sim.node(NODE)
-        .and_then(|n| n.metadata.annotations)
-        .unwrap_or_default()
-}
-
-fn cordoned(sim: &SimCluster) -> bool {
-    sim.node(NODE)
-        .and_then(|n| n.spec)
-        .and_then(|s| s.unschedulable)
-        .unwrap_or(false)
-}
-
-/// Polls `cond` every 100 ms until it holds; panics with the console's tail after `limit`.
-async fn wait_for(vm: &Vm, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+/// Reads the cluster every 100 ms until `cond` holds; panics with the console's tail after
+/// `limit`.
+async fn wait_for(
+    vm: &Vm,
+    client: &kube::Client,
+    what: &str,
+    limit: Duration,
+    mut cond: impl FnMut(&Seen) -> bool,
+) -> Duration {
     let start = Instant::now();
-    while !cond() {
+    while !cond(&look(client).await) {
         if start.elapsed() > limit {
             let console = vm.console();
             let tail: Vec<&str> = console.lines().rev().take(60).collect();
@@ -275,16 +285,70 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
         "copying the image",
         Duration::from_secs(120),
     );
+    // The control plane, its certificate valid for the guestfwd address too.
+    let cp = ControlPlane::start(real::Options {
+        extra_ips: vec!["10.0.2.100".into()],
+        ..real::Options::default()
+    })
+    .await;
+    let client = cp.admin_client();
+    let port: u16 = cp.url.rsplit(':').next().unwrap().parse().unwrap();
+    for ns in ["kube-system", "apps"] {
+        let _ = Api::<Namespace>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await;
+    }
+    // The Node as it was before this machine's kubelet first reported (a stale boot id).
+    let fake_boot_id = "00000000-0000-4000-8000-000000000000";
+    Api::<Node>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": { "name": NODE, "labels": { "kubernetes.io/hostname": NODE } },
+                "status": {
+                    "nodeInfo": {
+                        "architecture": "amd64", "bootID": fake_boot_id, "containerRuntimeVersion": "",
+                        "kernelVersion": "", "kubeProxyVersion": "", "kubeletVersion": "",
+                        "machineID": NODE, "operatingSystem": "linux", "osImage": "", "systemUUID": NODE,
+                    },
+                    "conditions": [{ "type": "Ready", "status": "True", "reason": "KubeletReady",
+                                     "message": "registered by the test" }],
+                },
+            }))
+            .unwrap(),
+        )
+        .await
+        .expect("create the VM's Node");
+    for name in ["web", "db"] {
+        Api::<Pod>::namespaced(client.clone(), "apps")
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": { "name": name },
+                    "spec": {
+                        "nodeName": NODE, "serviceAccountName": "default",
+                        "automountServiceAccountToken": false, "terminationGracePeriodSeconds": 2,
+                        "containers": [{ "name": "app", "image": "registry.invalid/app:1" }],
+                    },
+                }))
+                .unwrap(),
+            )
+            .await
+            .expect("create a pod on the VM's node");
+    }
+
     // The binary goes into the agent's empty root (kubelet-sim runs the same file), and the
-    // kubeconfig (API server at the guestfwd address) replaces the image's.
+    // kubeconfig (kube-apiserver at the guestfwd address, its CA, a token) replaces the
+    // image's.
     let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: sim\n  cluster:\n    server: http://10.0.2.100:6443\n    certificate-authority-data: {UNUSED_CA_B64}\ncontexts:\n- name: sim\n  context:\n    cluster: sim\n    user: sim\ncurrent-context: sim\nusers:\n- name: sim\n  user: {{}}\n"
-        ),
-    )
-    .unwrap();
+    let written = cp.write_kubeconfig("vm", real::ADMIN_TOKEN);
+    let text = std::fs::read_to_string(&written)
+        .unwrap()
+        .replace(&cp.url, "https://10.0.2.100:6443");
+    std::fs::write(&kubeconfig, text).unwrap();
     let cmds = dir.join("debugfs.cmds");
     std::fs::write(
         &cmds,
@@ -314,20 +378,7 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
         "kreboot not written into the image:\n{stat}"
     );
 
-    let sim = SimCluster::start(SimConfig::default()).await.unwrap();
-    let port = sim.url().rsplit(':').next().unwrap().parse::<u16>().unwrap();
-    sim.add_node(NODE, BTreeMap::new());
-    for name in ["web", "db"] {
-        sim.add_pod(
-            sim::pod("apps", name, NODE)
-                .grace(2)
-                .shutdown_seconds(0.2)
-                .build(),
-        );
-    }
-    let fake_boot_id = boot_id(&sim);
-
-    // Every guest connection to 10.0.2.100:6443 gets its own relay to the simulator (qemu runs
+    // Every guest connection to 10.0.2.100:6443 gets its own relay to kube-apiserver (qemu runs
     // it with the connection on stdin/stdout); when either side ends, both do. A background
     // job's stdin is /dev/null unless redirected: hence fd 4.
     let relay = dir.join("relay.sh");
@@ -376,15 +427,13 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
     // First boot: kubelet-sim reports the guest's real boot id.
     let t = wait_for(
         &vm,
+        &client,
         "first boot: kubelet-sim reports the boot id",
         Duration::from_secs(300),
-        || {
-            let b = boot_id(&sim);
-            b != fake_boot_id && console_boot_ids(&vm.console()).first() == Some(&b)
-        },
+        |s| s.boot_id != fake_boot_id && console_boot_ids(&vm.console()).first() == Some(&s.boot_id),
     )
     .await;
-    let boot1 = boot_id(&sim);
+    let boot1 = look(&client).await.boot_id;
     eprintln!("[vm:{method}] phase first boot: {t:.1?} (boot id {boot1})");
 
     // The cycle: lease, cordon, evictions, then the recorded reboot.
@@ -392,34 +441,32 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
     let started = Instant::now();
     let t = wait_for(
         &vm,
+        &client,
         "lease, cordon, drain and phase=rebooting",
         Duration::from_secs(180),
-        || {
-            if lease_at.is_none() && lock_holder(&sim).as_deref() == Some(NODE) {
+        |s| {
+            if lease_at.is_none() && s.lock_holder.as_deref() == Some(NODE) {
                 lease_at = Some(started.elapsed());
             }
-            if cordon_at.is_none() && cordoned(&sim) {
+            if cordon_at.is_none() && s.cordoned {
                 cordon_at = Some(started.elapsed());
             }
-            if evicted_at.is_none() && sim.pods_on(NODE).is_empty() {
+            if evicted_at.is_none() && s.pods_on_node == 0 {
                 evicted_at = Some(started.elapsed());
             }
-            annotations(&sim).get(ANN_PHASE).map(String::as_str) == Some("rebooting")
+            s.annotations.get(ANN_PHASE).map(String::as_str) == Some("rebooting")
         },
     )
     .await;
     eprintln!(
         "[vm:{method}] phase cycle (sentinel seen -> reboot requested): {t:.1?} (lease at {lease_at:.1?}, cordoned at {cordon_at:.1?}, pods evicted at {evicted_at:.1?})"
     );
+    let s = look(&client).await;
+    assert_eq!(s.lock_holder.as_deref(), Some(NODE), "lease held while rebooting");
+    assert!(s.cordoned, "cordoned while rebooting");
+    assert_eq!(s.pods_on_node, 0, "pods evicted before the reboot");
     assert_eq!(
-        lock_holder(&sim).as_deref(),
-        Some(NODE),
-        "lease held while rebooting"
-    );
-    assert!(cordoned(&sim), "cordoned while rebooting");
-    assert!(sim.pods_on(NODE).is_empty(), "pods evicted before the reboot");
-    assert_eq!(
-        annotations(&sim).get(kreboot::node::ANN_PRE_REBOOT_BOOT_ID),
+        s.annotations.get(kreboot::node::ANN_PRE_REBOOT_BOOT_ID),
         Some(&boot1),
         "the boot id before the reboot is recorded"
     );
@@ -427,9 +474,10 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
     // The reboot: systemd takes the machine down, the kernel restarts it.
     let t = wait_for(
         &vm,
+        &client,
         "the guest kernel restarting",
         Duration::from_secs(180),
-        || vm.console().contains("reboot: Restarting system"),
+        |_| vm.console().contains("reboot: Restarting system"),
     )
     .await;
     eprintln!("[vm:{method}] phase reboot (requested -> kernel restart): {t:.1?}");
@@ -437,45 +485,45 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
     // Second boot: a new boot id, reported by kubelet-sim.
     let t = wait_for(
         &vm,
+        &client,
         "second boot: a new boot id reported",
         Duration::from_secs(300),
-        || {
-            let b = boot_id(&sim);
-            b != boot1 && console_boot_ids(&vm.console()).get(1) == Some(&b)
-        },
+        |s| s.boot_id != boot1 && console_boot_ids(&vm.console()).get(1) == Some(&s.boot_id),
     )
     .await;
-    let boot2 = boot_id(&sim);
+    let boot2 = look(&client).await.boot_id;
     eprintln!("[vm:{method}] phase second boot: {t:.1?} (boot id {boot2})");
 
     // kreboot, started again by systemd, sees the new boot id: uncordon, clear, release.
     let t = wait_for(
         &vm,
+        &client,
         "uncordon, annotations cleared, lease released",
         Duration::from_secs(180),
-        || {
-            let ann = annotations(&sim);
-            ann.contains_key(ANN_LAST_REBOOT)
-                && !ann.contains_key(ANN_PHASE)
-                && !cordoned(&sim)
-                && lock_holder(&sim).is_none()
+        |s| {
+            s.annotations.contains_key(ANN_LAST_REBOOT)
+                && !s.annotations.contains_key(ANN_PHASE)
+                && !s.cordoned
+                && s.lock_holder.is_none()
         },
     )
     .await;
     eprintln!("[vm:{method}] phase uncordon (boot id seen -> lease free): {t:.1?}");
 
-    // Everything, from the simulator.
+    // Everything, from kube-apiserver.
+    let s = look(&client).await;
     assert_ne!(boot1, boot2, "the boot id changed");
     assert_ne!(boot1, fake_boot_id);
-    assert!(!cordoned(&sim), "uncordoned");
-    assert_eq!(lock_holder(&sim), None, "lease free");
-    assert!(sim.pods_on(NODE).is_empty(), "the evicted pods stay gone");
-    let ours: Vec<String> = annotations(&sim)
+    assert!(!s.cordoned, "uncordoned");
+    assert_eq!(s.lock_holder, None, "lease free");
+    assert_eq!(s.pods_on_node, 0, "the evicted pods stay gone");
+    let ours: Vec<String> = s
+        .annotations
         .into_keys()
         .filter(|k| k.starts_with(PREFIX))
         .collect();
     assert_eq!(ours, [ANN_LAST_REBOOT], "only the last-reboot record is left");
-    let labels = sim.node(NODE).unwrap().metadata.labels.unwrap_or_default();
+    let labels = s.labels;
     assert!(
         !labels.keys().any(|k| k.starts_with(PREFIX)),
         "kreboot's labels removed: {labels:?}"
@@ -507,7 +555,7 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
         "exactly two kernels booted"
     );
     drop(vm);
-    sim.shutdown().await;
+    drop(cp);
     eprintln!("[vm:{method}] cycle passed in {:.1?}", total.elapsed());
 }
 

@@ -46,6 +46,14 @@ pub enum Backend {
 impl Backend {
     /// Starts an empty cluster of `kind` (namespaces `default`, `kube-system` and `apps`).
     pub async fn start(kind: Kind) -> Backend {
+        Backend::start_with(kind, true).await
+    }
+
+    /// As [`Backend::start`]; with `kubelets: false` the real control plane runs without KWOK,
+    /// so Node statuses written by the test stay as written (KWOK turns every NotReady Node
+    /// Ready again) and nothing plays the pods. The simulator's kubelets never change a Node
+    /// by themselves.
+    pub async fn start_with(kind: Kind, kubelets: bool) -> Backend {
         let b = match kind {
             Kind::Sim => Backend::Sim(
                 SimCluster::start(SimConfig {
@@ -56,7 +64,13 @@ impl Backend {
                 .expect("simulator starts"),
                 tempfile::tempdir().expect("temp dir"),
             ),
-            Kind::Real => Backend::Real(Box::new(ControlPlane::start(real::Options::default()).await)),
+            Kind::Real => Backend::Real(Box::new(
+                ControlPlane::start(real::Options {
+                    kwok: kubelets,
+                    ..real::Options::default()
+                })
+                .await,
+            )),
         };
         let ns: Api<Namespace> = Api::all(b.client());
         for name in ["default", "kube-system", "apps"] {
@@ -310,19 +324,26 @@ impl Backend {
 
     /// Creates or replaces the policy ConfigMap `kreboot-config`.
     pub async fn set_policy(&self, yaml: &str) {
-        let cms: Api<ConfigMap> = Api::namespaced(self.client(), NS);
-        let data = BTreeMap::from([("config.yaml".to_string(), yaml.to_string())]);
-        match cms.get_opt("kreboot-config").await.expect("get policy ConfigMap") {
+        self.put_configmap(NS, "kreboot-config", &[("config.yaml", yaml)])
+            .await;
+    }
+
+    /// Creates or replaces ConfigMap `ns/name` with `data`.
+    pub async fn put_configmap(&self, ns: &str, name: &str, data: &[(&str, &str)]) {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client(), ns);
+        let data: BTreeMap<String, String> =
+            data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        match cms.get_opt(name).await.expect("get ConfigMap") {
             Some(mut cm) => {
                 cm.data = Some(data);
-                cms.replace("kreboot-config", &PostParams::default(), &cm)
+                cms.replace(name, &PostParams::default(), &cm)
                     .await
-                    .expect("replace policy ConfigMap");
+                    .unwrap_or_else(|e| panic!("replace ConfigMap {ns}/{name}: {e}"));
             }
             None => {
                 let cm = ConfigMap {
                     metadata: kube::api::ObjectMeta {
-                        name: Some("kreboot-config".into()),
+                        name: Some(name.into()),
                         ..Default::default()
                     },
                     data: Some(data),
@@ -330,14 +351,19 @@ impl Backend {
                 };
                 cms.create(&PostParams::default(), &cm)
                     .await
-                    .expect("create policy ConfigMap");
+                    .unwrap_or_else(|e| panic!("create ConfigMap {ns}/{name}: {e}"));
             }
         }
     }
 
     /// The Events about Nodes (namespace `default`), as JSON.
     pub async fn node_events(&self) -> Vec<serde_json::Value> {
-        let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client(), "default");
+        self.events("default").await
+    }
+
+    /// The Events (events.k8s.io/v1) of namespace `ns`, as JSON.
+    pub async fn events(&self, ns: &str) -> Vec<serde_json::Value> {
+        let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client(), ns);
         api.list(&ListParams::default())
             .await
             .expect("list events")
@@ -345,6 +371,97 @@ impl Backend {
             .into_iter()
             .map(|e| serde_json::to_value(e).unwrap())
             .collect()
+    }
+
+    /// Creates namespace `ns` (it may exist).
+    pub async fn create_namespace(&self, ns: &str) {
+        let api: Api<Namespace> = Api::all(self.client());
+        if api.get_opt(ns).await.expect("get namespace").is_none() {
+            api.create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("create namespace {ns}: {e}"));
+        }
+    }
+
+    /// A JSON merge patch of a Node's metadata or spec (as an administrator or an agent
+    /// writes them).
+    pub async fn patch_node(&self, node: &str, patch: serde_json::Value) -> Node {
+        Api::<Node>::all(self.client())
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("patch Node {node}: {e}"))
+    }
+
+    /// The Node's Ready condition, written to its status as its kubelet would (on the real
+    /// backend KWOK turns a NotReady Node Ready again at once, unless started without it).
+    pub async fn set_ready(&self, node: &str, ready: bool) {
+        let patch = json!({"status": {"conditions": [ready_condition(ready)]}});
+        Api::<Node>::all(self.client())
+            .patch_status(node, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("Node {node} Ready={ready}: {e}"));
+    }
+
+    /// Creates a Lease in `ns` from its JSON.
+    pub async fn create_lease(&self, ns: &str, lease: serde_json::Value) {
+        Api::<Lease>::namespaced(self.client(), ns)
+            .create(&PostParams::default(), &serde_json::from_value(lease).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("create Lease in {ns}: {e}"));
+    }
+
+    /// The pods of `ns` (terminating ones included).
+    pub async fn pods(&self, ns: &str) -> Vec<Pod> {
+        Api::<Pod>::namespaced(self.client(), ns)
+            .list(&ListParams::default())
+            .await
+            .expect("list pods")
+            .items
+    }
+
+    /// A DaemonSet's pod bound to `node`, Running and Ready (no DaemonSet object: nothing
+    /// checks the owner, and no controller recreates the pod).
+    pub async fn add_daemonset_pod(&self, ns: &str, name: &str, node: &str) {
+        match self {
+            Backend::Sim(s, _) => s.add_pod(sim::pod(ns, name, node).daemonset().build()),
+            Backend::Real(_) => {
+                let pods: Api<Pod> = Api::namespaced(self.client(), ns);
+                let pod = json!({
+                    "metadata": {
+                        "name": name,
+                        "ownerReferences": [{
+                            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ds",
+                            "uid": "6b1f5a8e-0d5c-4c56-9a43-000000000001", "controller": true,
+                        }],
+                    },
+                    "spec": {
+                        "nodeName": node,
+                        "serviceAccountName": "default",
+                        "automountServiceAccountToken": false,
+                        "containers": [{ "name": "agent", "image": "registry.invalid/ds:1" }],
+                        "tolerations": [{ "operator": "Exists" }],
+                    },
+                });
+                pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap())
+                    .await
+                    .unwrap_or_else(|e| panic!("create Pod {ns}/{name}: {e}"));
+            }
+        }
+    }
+
+    /// Sets a PodDisruptionBudget's integer `minAvailable`.
+    pub async fn set_pdb_min_available(&self, ns: &str, name: &str, min_available: i32) {
+        Api::<PodDisruptionBudget>::namespaced(self.client(), ns)
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"minAvailable": min_available}})),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("patch PDB {ns}/{name}: {e}"));
     }
 }
 
@@ -389,10 +506,15 @@ pub struct Machine {
     pub node: String,
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
+    /// The agent's `--namespace` (its Leases and policy ConfigMap): [`NS`] unless set.
+    pub namespace: String,
     pub extra_args: Vec<String>,
     pub metrics_port: u16,
     pub child: Option<Child>,
     pub reboots: u32,
+    /// A program (with its arguments) the agent is started through, which ends by exec'ing
+    /// the agent's command line (given as further arguments); empty: none.
+    pub launcher: Vec<String>,
 }
 
 impl Machine {
@@ -403,10 +525,12 @@ impl Machine {
             node: node.into(),
             dir,
             kubeconfig: kubeconfig.into(),
+            namespace: NS.into(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             metrics_port: super::free_port(),
             child: None,
             reboots: 0,
+            launcher: Vec::new(),
         }
     }
 
@@ -430,19 +554,40 @@ impl Machine {
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .expect("agent log");
-        let child = Command::new(env!("CARGO_BIN_EXE_kreboot"))
-            .args([
-                "agent",
-                "--node-name",
-                &self.node,
-                "--namespace",
-                NS,
-                "--host-namespaces=false",
-            ])
-            .arg("--sentinel-file")
-            .arg(self.sentinel())
-            .arg("--reboot-command")
-            .arg(format!("touch {}", self.reboot_mark().display()))
+        // `extra_args` may replace the sentinel file and the reboot command.
+        let given = |flag: &str| {
+            self.extra_args
+                .iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_kreboot"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_kreboot")),
+        };
+        cmd.args([
+            "agent",
+            "--node-name",
+            &self.node,
+            "--namespace",
+            &self.namespace,
+            "--host-namespaces=false",
+        ]);
+        if !given("--sentinel-file") {
+            cmd.arg("--sentinel-file").arg(self.sentinel());
+        }
+        if !given("--reboot-command") {
+            // Counts every run of the reboot command, then leaves the mark.
+            cmd.arg("--reboot-command").arg(format!(
+                "sh -c 'echo reboot >> {}; touch {}'",
+                self.reboot_count_file().display(),
+                self.reboot_mark().display()
+            ));
+        }
+        let child = cmd
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
             .args(["--log-format", "json"])
@@ -467,6 +612,24 @@ impl Machine {
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn reboot_count_file(&self) -> PathBuf {
+        self.dir.path().join("reboot-commands")
+    }
+
+    /// How many times the agent ran its reboot command (each run is counted, whether or not
+    /// the machine then rebooted).
+    pub fn reboot_commands(&self) -> usize {
+        std::fs::read_to_string(self.reboot_count_file())
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    /// The agent ran its reboot command and the machine has not acted on it yet (the mark is
+    /// left for [`Machine::take_reboot_request`] or [`Machine::supervise`]).
+    pub fn reboot_requested(&self) -> bool {
+        self.reboot_mark().exists()
     }
 
     /// True once: the agent ran its reboot command since the last call.

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod real;
+pub mod real_fleet;
 
 use std::{
     collections::BTreeMap,

@@ -88,6 +88,8 @@ pub struct Options {
     pub kwok: bool,
     /// Extra static tokens: (token, user, uid, groups).
     pub tokens: Vec<(String, String, String, String)>,
+    /// Extra IP addresses of the serving certificate (a VM reaches the server through one).
+    pub extra_ips: Vec<String>,
 }
 
 impl Default for Options {
@@ -95,6 +97,7 @@ impl Default for Options {
         Options {
             kwok: true,
             tokens: Vec::new(),
+            extra_ips: Vec::new(),
         }
     }
 }
@@ -209,9 +212,10 @@ impl ControlPlane {
                 ])
                 .stderr(Stdio::piped()),
         );
+        let extra: String = opts.extra_ips.iter().map(|ip| format!(",IP:{ip}")).collect();
         std::fs::write(
             dir.join("san.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+            format!("subjectAltName=IP:127.0.0.1,DNS:localhost{extra}\nbasicConstraints=CA:FALSE\n"),
         )
         .expect("san.ext");
         run_ok(
@@ -427,6 +431,15 @@ impl ControlPlane {
     /// The log of a component (`etcd`, `kube-apiserver`, `kube-controller-manager`, `kwok`).
     pub fn log(&self, component: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{component}.log"))).unwrap_or_default()
+    }
+
+    /// The process id of a component (`etcd`, `kube-apiserver`, `kube-controller-manager`,
+    /// `kwok`), for reading its CPU time and memory under `/proc`.
+    pub fn pid(&self, component: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(name, _)| *name == component)
+            .map(|(_, child)| child.id())
     }
 }
 

@@ -1,0 +1,773 @@
+//! Benchmark: the lock hand-over on the real kube-apiserver (KWOK Nodes, in-process agents).
+//!
+//! ```sh
+//! cargo test --release --test bench_real -- --ignored --nocapture
+//! ```
+//!
+//! Per size N (`KREBOOT_BENCH_NODES`, default `100,1000`): a fresh control plane
+//! (`tests/common/real.rs`), N Ready KWOK Nodes, N kreboot agents in this process, each with
+//! its own kube client (`tests/common/real_fleet.rs`), concurrency 1. First the idle cost: the
+//! agents start with no sentinel, and the requests they make over `KREBOOT_BENCH_IDLE_SECS`
+//! (default 60) are counted. Then every sentinel is set at once and the rollout runs until every
+//! node rebooted (each machine reboots in `KREBOOT_BENCH_REBOOT_MS`, default 200) or
+//! `KREBOOT_BENCH_LIMIT_SECS` (default 600) passed.
+//!
+//! It measures and prints; nothing is asserted about the figures. The results replace the
+//! section "Lock hand-over on the real kube-apiserver" of BENCHMARKS.md (unless
+//! `KREBOOT_BENCH_WRITE=0`).
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
+
+use common::{
+    real::{self, ControlPlane},
+    real_fleet::{
+        AGENTS_USER, AuditReader, Audited, HandOver, Observer, RealFleet, Scrape, bench_tokens, cpu_seconds,
+        create_nodes, open_fds, raise_nofile, status_kib,
+    },
+};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{Api, api::PostParams};
+
+const NS: &str = "kube-system";
+const SECTION: &str = "## Lock hand-over on the real kube-apiserver";
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn pct(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    Some(sorted[i.min(sorted.len() - 1)])
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+fn ms(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v.is_infinite() => "> 60 s".into(),
+        Some(v) => format!("{:.0} ms", v * 1000.0),
+        None => "–".into(),
+    }
+}
+
+fn per(count: f64, by: usize) -> String {
+    if by == 0 {
+        "–".into()
+    } else {
+        format!("{:.1}", count / by as f64)
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn first_line(bin: &str) -> String {
+    std::process::Command::new(real::tool(bin))
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_owned())
+        .unwrap_or_default()
+}
+
+/// CPU time and memory of a process over the rollout.
+#[derive(Debug, Default, Clone)]
+struct ProcFigures {
+    cpu_start: f64,
+    cpu_end: f64,
+    rss_peak_kib: u64,
+    rss_end_kib: u64,
+    fds_peak: usize,
+}
+
+impl ProcFigures {
+    fn start(pid: Option<u32>) -> ProcFigures {
+        ProcFigures {
+            cpu_start: pid.and_then(cpu_seconds).unwrap_or(0.0),
+            ..ProcFigures::default()
+        }
+    }
+
+    fn sample(&mut self, pid: Option<u32>, fds: bool) {
+        let Some(pid) = pid else { return };
+        if let Some(rss) = status_kib(pid, "VmRSS:") {
+            self.rss_peak_kib = self.rss_peak_kib.max(rss);
+            self.rss_end_kib = rss;
+        }
+        if fds {
+            self.fds_peak = self.fds_peak.max(open_fds(pid).unwrap_or(0));
+        }
+    }
+
+    fn finish(&mut self, pid: Option<u32>) {
+        self.sample(pid, false);
+        self.cpu_end = pid.and_then(cpu_seconds).unwrap_or(self.cpu_start);
+    }
+
+    fn cpu(&self) -> f64 {
+        self.cpu_end - self.cpu_start
+    }
+}
+
+/// Requests counted by (verb, resource, code).
+type Counts = BTreeMap<(String, String, String), f64>;
+
+fn metric_counts(after: &Scrape, before: &Scrape) -> Counts {
+    after
+        .delta_by(
+            before,
+            "apiserver_request_total",
+            &["verb", "resource", "subresource", "code"],
+            |l| l.get("resource").is_some_and(|r| !r.is_empty()),
+        )
+        .into_iter()
+        .map(|(k, v)| {
+            let resource = if k[2].is_empty() {
+                k[1].clone()
+            } else {
+                format!("{}/{}", k[1], k[2])
+            };
+            ((k8s_verb(&k[0]).to_owned(), resource, k[3].clone()), v)
+        })
+        .collect()
+}
+
+fn audit_counts(entries: &[Audited], user: &str) -> Counts {
+    let mut out = Counts::new();
+    for e in entries.iter().filter(|e| e.user == user) {
+        *out.entry((e.verb.clone(), e.resource.clone(), e.code.to_string()))
+            .or_default() += 1.0;
+    }
+    out
+}
+
+/// apiserver_request_total's verbs as the API's own (audit, RBAC) verbs.
+fn k8s_verb(metric_verb: &str) -> &str {
+    match metric_verb {
+        "POST" => "create",
+        "PUT" => "update",
+        "PATCH" => "patch",
+        "APPLY" => "apply",
+        "DELETE" => "delete",
+        "DELETECOLLECTION" => "deletecollection",
+        "GET" => "get",
+        "LIST" => "list",
+        "WATCH" => "watch",
+        "WATCHLIST" => "watchlist",
+        other => other,
+    }
+}
+
+fn is_write(verb: &str) -> bool {
+    matches!(verb, "create" | "update" | "patch" | "apply" | "delete" | "deletecollection")
+}
+
+fn count(c: &Counts, keep: impl Fn(&str, &str, &str) -> bool) -> f64 {
+    c.iter()
+        .filter(|((v, r, code), _)| keep(v, r, code))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// "verb resource[ code]: n/hand-over" for the largest entries.
+fn breakdown(c: &Counts, by: usize) -> String {
+    let mut merged: BTreeMap<String, f64> = BTreeMap::new();
+    for ((v, r, code), n) in c {
+        let key = if code.starts_with('2') {
+            format!("{v} {r}")
+        } else {
+            format!("{v} {r} {code}")
+        };
+        *merged.entry(key).or_default() += n;
+    }
+    let mut v: Vec<(String, f64)> = merged.into_iter().collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v.iter()
+        .filter(|(_, n)| *n / by.max(1) as f64 >= 0.05)
+        .map(|(k, n)| format!("{k} {}", per(*n, by)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One size's figures.
+#[derive(Debug, Default)]
+struct Row {
+    nodes: usize,
+    load: String,
+    completed: usize,
+    finished: bool,
+    sentinel_spread: Duration,
+    rollout: Duration,
+    hand_overs: Vec<HandOver>,
+    steady_from_pass: usize,
+    steady_hand_overs: usize,
+    metrics_steady: Counts,
+    agents_steady: Counts,
+    metrics_whole: Counts,
+    agents_whole: Counts,
+    watch_sample: Option<(usize, f64, BTreeMap<String, f64>)>,
+    watch_events: BTreeMap<String, f64>,
+    lat_lease_put: Option<(f64, u64)>,
+    lat_node_patch: Option<(f64, u64)>,
+    lat_node_list: Option<(f64, u64)>,
+    lat_all: Option<(f64, u64)>,
+    apiserver: ProcFigures,
+    etcd: ProcFigures,
+    test_process: ProcFigures,
+    kwok_cpu: f64,
+    idle_secs: u64,
+    startup_requests: f64,
+    idle_agent_requests: f64,
+    idle_all_requests: f64,
+    idle_all_breakdown: String,
+    note: String,
+}
+
+impl Row {
+    fn latencies(&self, from_waiting: usize) -> Vec<f64> {
+        sorted(
+            self.hand_overs
+                .iter()
+                .filter(|h| h.waiting >= from_waiting)
+                .map(|h| h.write_to_cordon)
+                .collect(),
+        )
+    }
+}
+
+async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -> Row {
+    let mut row = Row {
+        nodes: n,
+        load: load_average(),
+        idle_secs,
+        ..Row::default()
+    };
+    eprintln!("\n=== {n} nodes (load average {}) ===", row.load);
+    let cp = ControlPlane::start(real::Options {
+        tokens: bench_tokens(),
+        ..real::Options::default()
+    })
+    .await;
+    let admin = cp.admin_client();
+    let ns: Api<Namespace> = Api::all(admin.clone());
+    for name in ["default", NS] {
+        let _ = ns
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap(),
+            )
+            .await;
+    }
+    let names: Vec<String> = (0..n).map(|i| format!("node-{i:04}")).collect();
+    let t = Instant::now();
+    create_nodes(&admin, &names, 16).await;
+    let observer = Observer::start(&cp, NS);
+    wait("the observer to list every Node", Duration::from_secs(120), || {
+        observer.with(|t| t.nodes) >= n
+    })
+    .await;
+    eprintln!("{n} Nodes created in {:.1} s", t.elapsed().as_secs_f64());
+    let (api_pid, etcd_pid, kwok_pid, me) = (
+        cp.pid("kube-apiserver"),
+        cp.pid("etcd"),
+        cp.pid("kwok"),
+        Some(std::process::id()),
+    );
+
+    // Idle: N agents, no sentinel.
+    let fleet = RealFleet::new(&cp, &names, reboot, |_| {});
+    let mut audit = AuditReader::at_end(&cp);
+    let t = Instant::now();
+    fleet.start_all();
+    wait("every agent to go idle", Duration::from_secs(300), || {
+        fleet.in_state("idle") >= n
+    })
+    .await;
+    eprintln!(
+        "{n} agents idle {:.1} s after their start",
+        t.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    row.startup_requests = audit_counts(&audit.read(), AGENTS_USER).values().sum();
+    let idle_before = Scrape::take(&admin).await;
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let idle_after = Scrape::take(&admin).await;
+    let idle_entries = audit.read();
+    row.idle_agent_requests = audit_counts(&idle_entries, AGENTS_USER).values().sum();
+    let idle_all = metric_counts(&idle_after, &idle_before);
+    row.idle_all_requests = idle_all.values().sum();
+    row.idle_all_breakdown = breakdown(&idle_all, 1);
+    let mut by_user: BTreeMap<String, u64> = BTreeMap::new();
+    for e in &idle_entries {
+        *by_user.entry(e.user.clone()).or_default() += 1;
+    }
+    eprintln!(
+        "idle {idle_secs} s: agents made {} requests ({} at start-up); all clients: {} ({}); audit by user: {by_user:?}",
+        row.idle_agent_requests, row.startup_requests, row.idle_all_requests, row.idle_all_breakdown
+    );
+
+    // The rollout.
+    let watches = |s: &Scrape| s.sum("apiserver_longrunning_requests", |l| l.get("verb").map(String::as_str) == Some("WATCH"));
+    let watches_by = |s: &Scrape| {
+        s.delta_by(&Scrape::default(), "apiserver_longrunning_requests", &["resource"], |l| {
+            l.get("verb").map(String::as_str) == Some("WATCH")
+        })
+        .into_iter()
+        .map(|(k, v)| (k[0].clone(), v))
+        .collect::<BTreeMap<String, f64>>()
+    };
+    let base_watches = watches(&idle_after);
+    let base_by = watches_by(&idle_after);
+    let start = idle_after;
+    row.apiserver = ProcFigures::start(api_pid);
+    row.etcd = ProcFigures::start(etcd_pid);
+    row.test_process = ProcFigures::start(me);
+    let kwok_cpu = kwok_pid.and_then(cpu_seconds).unwrap_or(0.0);
+    let t0 = Instant::now();
+    row.sentinel_spread = fleet.require_reboot_all();
+    let mut steady: Option<(Scrape, usize)> = None;
+    let mut agents_ramp = Vec::new();
+    let mut last_scrape = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (completed, free, waiting, in_cycle, passes, errors) = observer.with(|t| {
+            (
+                t.completed.len(),
+                t.holders.is_empty(),
+                t.waiting,
+                t.in_cycle,
+                t.lease_passes(),
+                t.errors,
+            )
+        });
+        let sample_fds = last_print.elapsed() >= Duration::from_secs(2);
+        row.apiserver.sample(api_pid, sample_fds);
+        row.etcd.sample(etcd_pid, false);
+        row.test_process.sample(me, sample_fds);
+        if steady.is_none() && waiting + in_cycle + completed >= n && in_cycle >= 1 {
+            // Every node queued (or through): from here on, hand-overs in the steady state.
+            let s = Scrape::take(&admin).await;
+            agents_ramp = audit.read();
+            let passes_now = observer.with(|t| t.lease_passes());
+            eprintln!(
+                "all {n} queued after {:.1} s ({passes_now} hand-overs so far)",
+                t0.elapsed().as_secs_f64()
+            );
+            steady = Some((s, passes_now));
+        }
+        if last_scrape.elapsed() >= Duration::from_secs(10) {
+            last_scrape = Instant::now();
+            let s = Scrape::take(&admin).await;
+            let engaged = waiting + in_cycle;
+            let held = watches(&s) - base_watches;
+            if row.watch_sample.as_ref().is_none_or(|(e, _, _)| engaged > *e) {
+                let by: BTreeMap<String, f64> = watches_by(&s)
+                    .into_iter()
+                    .map(|(r, v)| {
+                        let b = base_by.get(&r).copied().unwrap_or(0.0);
+                        (r, v - b)
+                    })
+                    .filter(|(_, v)| v.abs() > 0.5)
+                    .collect();
+                row.watch_sample = Some((engaged, held, by));
+            }
+        }
+        if last_print.elapsed() >= Duration::from_secs(10) {
+            last_print = Instant::now();
+            eprintln!(
+                "{:>5.0} s: {completed}/{n} rebooted, {waiting} waiting, {in_cycle} in a cycle, {passes} hand-overs, agents running {}, apiserver fds {}, test process fds {}, observer watch errors {errors}",
+                t0.elapsed().as_secs_f64(),
+                fleet.running(),
+                row.apiserver.fds_peak,
+                row.test_process.fds_peak,
+            );
+        }
+        if completed >= n && free {
+            row.finished = true;
+            break;
+        }
+        if t0.elapsed() >= limit {
+            row.note = format!(
+                "stopped after {} s: {completed} of {n} rebooted, {waiting} still waiting",
+                limit.as_secs()
+            );
+            break;
+        }
+    }
+    row.rollout = t0.elapsed();
+    let end = Scrape::take(&admin).await;
+    row.apiserver.finish(api_pid);
+    row.etcd.finish(etcd_pid);
+    row.test_process.finish(me);
+    row.kwok_cpu = kwok_pid.and_then(cpu_seconds).unwrap_or(0.0) - kwok_cpu;
+    let agents_steady = audit.read();
+    let timeline = observer.timeline.lock().unwrap_or_else(|e| e.into_inner());
+    row.completed = timeline.completed.len();
+    row.hand_overs = timeline.hand_overs();
+    drop(timeline);
+    row.metrics_whole = metric_counts(&end, &start);
+    let mut all_agents = agents_ramp;
+    all_agents.extend(agents_steady.iter().cloned());
+    row.agents_whole = audit_counts(&all_agents, AGENTS_USER);
+    if let Some((s, passes)) = &steady {
+        row.steady_from_pass = *passes;
+        row.metrics_steady = metric_counts(&end, s);
+        row.agents_steady = audit_counts(&agents_steady, AGENTS_USER);
+        row.steady_hand_overs = row.hand_overs.len().saturating_sub(*passes);
+    }
+    row.watch_events = end
+        .delta_by(&start, "apiserver_watch_events_total", &["resource", "kind"], |_| true)
+        .into_iter()
+        .map(|(k, v)| (if k[0].is_empty() { k[1].clone() } else { k[0].clone() }, v))
+        .collect();
+    let verb_res = |verb: &'static str, res: &'static str| {
+        move |l: &BTreeMap<String, String>| {
+            l.get("verb").map(String::as_str) == Some(verb)
+                && l.get("resource").map(String::as_str) == Some(res)
+                && l.get("subresource").is_none_or(|s| s.is_empty())
+        }
+    };
+    row.lat_lease_put = end.latency_quantile(&start, 0.99, verb_res("PUT", "leases"));
+    row.lat_node_patch = end.latency_quantile(&start, 0.99, verb_res("PATCH", "nodes"));
+    row.lat_node_list = end.latency_quantile(&start, 0.99, verb_res("LIST", "nodes"));
+    row.lat_all = end.latency_quantile(&start, 0.99, |l| {
+        !matches!(
+            l.get("verb").map(String::as_str),
+            Some("WATCH" | "WATCHLIST" | "CONNECT")
+        )
+    });
+    print_row(&row);
+    drop(fleet);
+    drop(observer);
+    drop(cp);
+    row
+}
+
+async fn wait(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn lease_writes(c: &Counts) -> f64 {
+    count(c, |v, r, code| r == "leases" && is_write(v) && code.starts_with('2'))
+}
+
+fn conflicts(c: &Counts, resource: Option<&str>) -> f64 {
+    count(c, |_, r, code| code == "409" && resource.is_none_or(|x| x == r))
+}
+
+fn writes(c: &Counts) -> f64 {
+    count(c, |v, r, _| is_write(v) && r != "events")
+}
+
+fn print_row(r: &Row) {
+    let lat = r.latencies(0);
+    let half = r.latencies(r.nodes / 2);
+    eprintln!("--- {} nodes: {} ---", r.nodes, if r.finished { "completed" } else { &r.note });
+    eprintln!(
+        "rollout {:.1} s, {} rebooted, sentinels set within {:?}; {} hand-overs measured; hand-over (hand-off write → next cordon) p50 {} p99 {} max {}; with ≥ {} waiting: p50 {} p99 {} ({} hand-overs)",
+        r.rollout.as_secs_f64(),
+        r.completed,
+        r.sentinel_spread,
+        lat.len(),
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.99)),
+        ms(lat.last().copied()),
+        r.nodes / 2,
+        ms(pct(&half, 0.5)),
+        ms(pct(&half, 0.99)),
+        half.len(),
+    );
+    let phase = |f: &dyn Fn(&HandOver) -> Option<f64>| {
+        let v = sorted(r.hand_overs.iter().filter_map(f).collect());
+        format!("p50 {} p99 {}", ms(pct(&v, 0.5)), ms(pct(&v, 0.99)))
+    };
+    eprintln!(
+        "  phases: holder's uncordon → hand-off write {}; hand-off write → claim {}",
+        phase(&|h| h.end_to_write),
+        phase(&|h| h.write_to_claim),
+    );
+    let h = r.steady_hand_overs;
+    eprintln!(
+        "  steady state ({h} hand-overs), apiserver_request_total per hand-over: lease writes {}, 409 {} (leases {}), writes w/o events {}; {}",
+        per(lease_writes(&r.metrics_steady), h),
+        per(conflicts(&r.metrics_steady, None), h),
+        per(conflicts(&r.metrics_steady, Some("leases")), h),
+        per(writes(&r.metrics_steady), h),
+        breakdown(&r.metrics_steady, h)
+    );
+    eprintln!(
+        "  steady state, the agents' own requests (audit) per hand-over: lease writes {}, 409 {}, writes w/o events {}; {}",
+        per(lease_writes(&r.agents_steady), h),
+        per(conflicts(&r.agents_steady, None), h),
+        per(writes(&r.agents_steady), h),
+        breakdown(&r.agents_steady, h)
+    );
+    let hw = r.hand_overs.len();
+    eprintln!(
+        "  whole rollout ({hw} hand-overs) per hand-over: lease writes {}, 409 {}; agents: {}",
+        per(lease_writes(&r.metrics_whole), hw),
+        per(conflicts(&r.metrics_whole, None), hw),
+        breakdown(&r.agents_whole, hw)
+    );
+    if let Some((engaged, held, by)) = &r.watch_sample {
+        eprintln!(
+            "  watches held: {held:.0} more than before the rollout with {engaged} agents engaged = {} per engaged agent; by resource {by:?}",
+            per(*held, *engaged)
+        );
+    }
+    eprintln!("  watch events sent over the rollout: {:?}", r.watch_events);
+    let l = |x: &Option<(f64, u64)>| match x {
+        Some((v, n)) => format!("{} ({n})", ms(Some(*v))),
+        None => "–".into(),
+    };
+    eprintln!(
+        "  apiserver p99: update leases {}, patch nodes {}, list nodes {}, all non-watch {}",
+        l(&r.lat_lease_put),
+        l(&r.lat_node_patch),
+        l(&r.lat_node_list),
+        l(&r.lat_all)
+    );
+    eprintln!(
+        "  CPU s over the rollout: kube-apiserver {:.1}, etcd {:.1}, test process (agents) {:.1}, kwok {:.1}; RSS peak: kube-apiserver {} MiB, etcd {} MiB, test process {} MiB; fds peak: kube-apiserver {}, test process {}",
+        r.apiserver.cpu(),
+        r.etcd.cpu(),
+        r.test_process.cpu(),
+        r.kwok_cpu,
+        r.apiserver.rss_peak_kib / 1024,
+        r.etcd.rss_peak_kib / 1024,
+        r.test_process.rss_peak_kib / 1024,
+        r.apiserver.fds_peak,
+        r.test_process.fds_peak,
+    );
+}
+
+fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let sizes: Vec<String> = rows.iter().map(|r| r.nodes.to_string()).collect();
+    let mut md = String::new();
+    let _ = writeln!(md, "{SECTION} (KWOK Nodes, in-process agents)\n");
+    let _ = writeln!(
+        md,
+        "Measured by `KREBOOT_BENCH_NODES={} cargo test --release --test bench_real -- --ignored --nocapture` on {cpu} ({cores} cores), {}; {}, {}, KWOK v0.8.0. The machine was shared with other builds: the load average before each size is in the table.\n",
+        sizes.join(","),
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        first_line("kube-apiserver").replace("Kubernetes ", "kube-apiserver "),
+        first_line("etcd").replace("etcd Version: ", "etcd "),
+    );
+    let _ = writeln!(
+        md,
+        "Per size a fresh control plane (`tests/common/real.rs`: etcd on tmpfs without fsync, RBAC, an audit log of every request written in blocking mode); N Ready KWOK Nodes without pods; N agents (`agent::run`) in the test process on 2 tokio worker threads, each with its own kube client and connections (all with one static token in `system:masters`, which API Priority and Fairness exempts), concurrency 1, open-file limit {nofile}. Every sentinel is set in one pass (well within a second). A reboot is the harness playing the machine: the agent task is aborted, the sentinel cleared, the Node's status gets a new bootID and NotReady, {} ms later Ready, and a new agent starts. Timestamps come from the benchmark's own watches of the Leases and Nodes (on a thread of its own), on arrival; request counts from kube-apiserver's `/metrics` (all clients: agents, the harness's kubelet writes, KWOK, kube-controller-manager) and, for the agents alone, from its audit log.\n",
+        reboot.as_millis()
+    );
+    let _ = writeln!(
+        md,
+        "Hand-over = the previous holder's Lease write naming the next node (or clearing it) → that node's cordon (`kreboot.io/phase` appears). Targets (DESIGN §7): p99 < 250 ms with 100 waiting, < 1 s with 1,000.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| nodes | load avg before | rebooted | rollout | per node | hand-overs | p50 | p99 | p99 while ≥ N/2 waited | uncordon → hand-off write p50 | hand-off write → claim p50 |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let lat = r.latencies(0);
+        let half = r.latencies(r.nodes / 2);
+        let p50 = |f: &dyn Fn(&HandOver) -> Option<f64>| {
+            ms(pct(&sorted(r.hand_overs.iter().filter_map(f).collect()), 0.5))
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {}{} | {:.0} s | {:.2} s | {} | {} | {} | {} | {} | {} |",
+            r.nodes,
+            r.load,
+            r.completed,
+            if r.finished { "" } else { " (stopped)" },
+            r.rollout.as_secs_f64(),
+            r.rollout.as_secs_f64() / r.completed.max(1) as f64,
+            lat.len(),
+            ms(pct(&lat, 0.5)),
+            ms(pct(&lat, 0.99)),
+            ms(pct(&half, 0.99)),
+            p50(&|h| h.end_to_write),
+            p50(&|h| h.write_to_claim),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n### API requests per hand-over (kube-apiserver's `apiserver_request_total`)\n\nCounted from the moment every node had queued up to the end (the start-up race for the first, not yet existing Lease excluded; the whole rollout in the last column). Target (DESIGN §7): ≤ 3 API writes per hand-over with 1,000 waiting. Writes exclude Events.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| nodes | hand-overs | Lease writes | 409 (all) | 409 on Leases | writes, all clients | writes, agents (audit) | the agents' requests (audit), per hand-over | Lease writes / 409, whole rollout |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let h = r.steady_hand_overs;
+        let hw = r.hand_overs.len();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+            r.nodes,
+            h,
+            per(lease_writes(&r.metrics_steady), h),
+            per(conflicts(&r.metrics_steady, None), h),
+            per(conflicts(&r.metrics_steady, Some("leases")), h),
+            per(writes(&r.metrics_steady), h),
+            per(writes(&r.agents_steady), h),
+            breakdown(&r.agents_steady, h),
+            per(lease_writes(&r.metrics_whole), hw),
+            per(conflicts(&r.metrics_whole, None), hw),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n### Watches, server latency, CPU and memory over the rollout\n\nWatches held: `apiserver_longrunning_requests{{verb=\"WATCH\"}}` at the 10-s sample with the most agents engaged (waiting or in a cycle), minus the count before the rollout. Watch events: `apiserver_watch_events_total` over the rollout, i.e. the fan-out of every write to every watcher. Request latency p99 from `apiserver_request_duration_seconds` buckets (interpolated) over the rollout.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| nodes | watches per engaged agent | watch events sent per hand-over | p99 update lease | p99 patch node | p99 list nodes | p99 all but watches | CPU s kube-apiserver / etcd / agents' process | peak RSS kube-apiserver / etcd / agents' process |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let watches = match &r.watch_sample {
+            Some((engaged, held, by)) => format!(
+                "{} ({held:.0} with {engaged} engaged: {})",
+                per(*held, *engaged),
+                by.iter()
+                    .map(|(k, v)| format!("{k} {v:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => "–".into(),
+        };
+        let events = r
+            .watch_events
+            .iter()
+            .filter(|(_, v)| **v >= 1.0)
+            .map(|(k, v)| format!("{k} {}", per(*v, r.hand_overs.len())))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let l = |x: &Option<(f64, u64)>| x.map_or("–".into(), |(v, _)| ms(Some(v)));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} / {:.0} / {:.0} | {} / {} / {} MiB |",
+            r.nodes,
+            watches,
+            events,
+            l(&r.lat_lease_put),
+            l(&r.lat_node_patch),
+            l(&r.lat_node_list),
+            l(&r.lat_all),
+            r.apiserver.cpu(),
+            r.etcd.cpu(),
+            r.test_process.cpu(),
+            r.apiserver.rss_peak_kib / 1024,
+            r.etcd.rss_peak_kib / 1024,
+            r.test_process.rss_peak_kib / 1024,
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n### Idle agents on the real kube-apiserver\n\nN agents started without a sentinel; requests counted after every agent reported `idle`.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| nodes | agents' requests at start-up (audit) | agents' requests while idle (audit) | all clients while idle (`apiserver_request_total`) |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|");
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} in {} s | {:.0} in {} s{} |",
+            r.nodes,
+            r.startup_requests,
+            r.idle_agent_requests,
+            r.idle_secs,
+            r.idle_all_requests,
+            r.idle_secs,
+            if r.idle_all_breakdown.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.idle_all_breakdown)
+            },
+        );
+    }
+    md
+}
+
+/// Replaces (or appends) this benchmark's section of BENCHMARKS.md, keeping every other one.
+fn write_section(md: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let new = match old.find(SECTION) {
+        Some(start) => {
+            let rest = &old[start + SECTION.len()..];
+            let end = rest
+                .find("\n## ")
+                .map_or(old.len(), |i| start + SECTION.len() + i + 1);
+            format!("{}{md}{}", &old[..start], &old[end..])
+        }
+        None => format!("{}\n{md}", old.trim_end_matches('\n').to_owned() + "\n"),
+    };
+    if let Err(e) = std::fs::write(&path, new) {
+        eprintln!("cannot write {}: {e}", path.display());
+    } else {
+        eprintln!("wrote the section to {}", path.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly"]
+async fn lock_hand_over_on_the_real_kube_apiserver() {
+    let sizes: Vec<usize> = std::env::var("KREBOOT_BENCH_NODES")
+        .unwrap_or_else(|_| "100,1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let reboot = Duration::from_millis(env_or("KREBOOT_BENCH_REBOOT_MS", 200));
+    let idle_secs = env_or("KREBOOT_BENCH_IDLE_SECS", 60);
+    let limit = Duration::from_secs(env_or("KREBOOT_BENCH_LIMIT_SECS", 600));
+    // Several connections per agent, both ends on this machine; the components inherit it.
+    let nofile = raise_nofile(1 << 20);
+    eprintln!("open-file limit {nofile}; sizes {sizes:?}");
+    let mut rows = Vec::new();
+    for n in sizes {
+        rows.push(run_size(n, reboot, idle_secs, limit).await);
+    }
+    let md = markdown(&rows, reboot, nofile);
+    println!("\n{md}");
+    if std::env::var("KREBOOT_BENCH_WRITE").as_deref() != Ok("0") {
+        write_section(&md);
+    }
+}
