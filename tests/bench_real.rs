@@ -86,7 +86,13 @@ fn first_line(bin: &str) -> String {
     std::process::Command::new(real::tool(bin))
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_owned())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
         .unwrap_or_default()
 }
 
@@ -179,7 +185,10 @@ fn k8s_verb(metric_verb: &str) -> &str {
 }
 
 fn is_write(verb: &str) -> bool {
-    matches!(verb, "create" | "update" | "patch" | "apply" | "delete" | "deletecollection")
+    matches!(
+        verb,
+        "create" | "update" | "patch" | "apply" | "delete" | "deletecollection"
+    )
 }
 
 fn count(c: &Counts, keep: impl Fn(&str, &str, &str) -> bool) -> f64 {
@@ -282,9 +291,11 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
     let t = Instant::now();
     create_nodes(&admin, &names, 16).await;
     let observer = Observer::start(&cp, NS);
-    wait("the observer to list every Node", Duration::from_secs(120), || {
-        observer.with(|t| t.nodes) >= n
-    })
+    wait(
+        "the observer to list every Node",
+        Duration::from_secs(120),
+        || observer.with(|t| t.nodes) >= n,
+    )
     .await;
     eprintln!("{n} Nodes created in {:.1} s", t.elapsed().as_secs_f64());
     let (api_pid, etcd_pid, kwok_pid, me) = (
@@ -327,11 +338,18 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
     );
 
     // The rollout.
-    let watches = |s: &Scrape| s.sum("apiserver_longrunning_requests", |l| l.get("verb").map(String::as_str) == Some("WATCH"));
-    let watches_by = |s: &Scrape| {
-        s.delta_by(&Scrape::default(), "apiserver_longrunning_requests", &["resource"], |l| {
+    let watches = |s: &Scrape| {
+        s.sum("apiserver_longrunning_requests", |l| {
             l.get("verb").map(String::as_str) == Some("WATCH")
         })
+    };
+    let watches_by = |s: &Scrape| {
+        s.delta_by(
+            &Scrape::default(),
+            "apiserver_longrunning_requests",
+            &["resource"],
+            |l| l.get("verb").map(String::as_str) == Some("WATCH"),
+        )
         .into_iter()
         .map(|(k, v)| (k[0].clone(), v))
         .collect::<BTreeMap<String, f64>>()
@@ -437,9 +455,23 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
         row.steady_hand_overs = row.hand_overs.len().saturating_sub(*passes);
     }
     row.watch_events = end
-        .delta_by(&start, "apiserver_watch_events_total", &["resource", "kind"], |_| true)
+        .delta_by(
+            &start,
+            "apiserver_watch_events_total",
+            &["resource", "kind"],
+            |_| true,
+        )
         .into_iter()
-        .map(|(k, v)| (if k[0].is_empty() { k[1].clone() } else { k[0].clone() }, v))
+        .map(|(k, v)| {
+            (
+                if k[0].is_empty() {
+                    k[1].clone()
+                } else {
+                    k[0].clone()
+                },
+                v,
+            )
+        })
         .collect();
     let verb_res = |verb: &'static str, res: &'static str| {
         move |l: &BTreeMap<String, String>| {
@@ -467,13 +499,18 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
 async fn wait(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 fn lease_writes(c: &Counts) -> f64 {
-    count(c, |v, r, code| r == "leases" && is_write(v) && code.starts_with('2'))
+    count(c, |v, r, code| {
+        r == "leases" && is_write(v) && code.starts_with('2')
+    })
 }
 
 fn conflicts(c: &Counts, resource: Option<&str>) -> f64 {
@@ -487,7 +524,11 @@ fn writes(c: &Counts) -> f64 {
 fn print_row(r: &Row) {
     let lat = r.latencies(0);
     let half = r.latencies(r.nodes / 2);
-    eprintln!("--- {} nodes: {} ---", r.nodes, if r.finished { "completed" } else { &r.note });
+    eprintln!(
+        "--- {} nodes: {} ---",
+        r.nodes,
+        if r.finished { "completed" } else { &r.note }
+    );
     eprintln!(
         "rollout {:.1} s, {} rebooted, sentinels set within {:?}; {} hand-overs measured; hand-over (hand-off write → next cordon) p50 {} p99 {} max {}; with ≥ {} waiting: p50 {} p99 {} ({} hand-overs)",
         r.rollout.as_secs_f64(),
