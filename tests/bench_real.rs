@@ -10,7 +10,9 @@
 //! agents start with no sentinel, and the requests they make over `KREBOOT_BENCH_IDLE_SECS`
 //! (default 60) are counted. Then every sentinel is set at once and the rollout runs until every
 //! node rebooted (each machine reboots in `KREBOOT_BENCH_REBOOT_MS`, default 200) or
-//! `KREBOOT_BENCH_LIMIT_SECS` (default 600) passed.
+//! `KREBOOT_BENCH_LIMIT_SECS` (default 600) passed. Before each size it waits (at most
+//! `KREBOOT_BENCH_LOAD_WAIT_SECS`, default 300) for the load average to drop to
+//! `KREBOOT_BENCH_MAX_LOAD` (default 3); the load it started at is reported.
 //!
 //! It measures and prints; nothing is asserted about the figures. The results replace the
 //! section "Lock hand-over on the real kube-apiserver" of BENCHMARKS.md (unless
@@ -27,7 +29,7 @@ use std::{
 use common::{
     real::{self, ControlPlane},
     real_fleet::{
-        AGENTS_USER, AuditReader, Audited, HandOver, Observer, RealFleet, Scrape, bench_tokens, cpu_seconds,
+        AuditReader, Audited, HandOver, Observer, RealFleet, Scrape, agent_node, bench_tokens, cpu_seconds,
         create_nodes, open_fds, raise_nofile, status_kib,
     },
 };
@@ -69,7 +71,8 @@ fn per(count: f64, by: usize) -> String {
     if by == 0 {
         "–".into()
     } else {
-        format!("{:.1}", count / by as f64)
+        // `+ 0.0`: an empty f64 sum is -0.0.
+        format!("{:.1}", count / by as f64 + 0.0)
     }
 }
 
@@ -158,9 +161,10 @@ fn metric_counts(after: &Scrape, before: &Scrape) -> Counts {
         .collect()
 }
 
-fn audit_counts(entries: &[Audited], user: &str) -> Counts {
+/// The agents' requests.
+fn audit_counts(entries: &[Audited]) -> Counts {
     let mut out = Counts::new();
-    for e in entries.iter().filter(|e| e.user == user) {
+    for e in entries.iter().filter(|e| agent_node(&e.user).is_some()) {
         *out.entry((e.verb.clone(), e.resource.clone(), e.code.to_string()))
             .or_default() += 1.0;
     }
@@ -182,6 +186,70 @@ fn k8s_verb(metric_verb: &str) -> &str {
         "WATCHLIST" => "watchlist",
         other => other,
     }
+}
+
+/// What an agent's list or watch of Nodes was for, from its selector: its own Node, another
+/// Node by name (a waiter following a lock holder that left the watch of labelled holders), the
+/// labelled lock holders, or the waiting Nodes (a holder choosing its successor).
+fn node_read_kind(e: &Audited) -> Option<String> {
+    if e.resource != "nodes" || !matches!(e.verb.as_str(), "list" | "watch") {
+        return None;
+    }
+    let me = agent_node(&e.user)?;
+    let uri = e.uri.replace("%3D", "=").replace("%2F", "/").replace("%2C", ",");
+    let what = if let Some(i) = uri.find("metadata.name=") {
+        let name = uri[i + "metadata.name=".len()..].split('&').next().unwrap_or("");
+        if name == me {
+            "own Node"
+        } else {
+            "another Node by name"
+        }
+    } else if uri.contains(kreboot::node::LABEL_HOLDER) {
+        "lock holders"
+    } else if uri.contains(kreboot::node::LABEL_WAITING) {
+        "waiting Nodes"
+    } else {
+        "other"
+    };
+    Some(format!("{} {what}", e.verb))
+}
+
+fn node_reads(entries: &[Audited]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for k in entries.iter().filter_map(node_read_kind) {
+        *out.entry(k).or_default() += 1.0;
+    }
+    out
+}
+
+/// Failed requests (409 Conflict aside) by client, verb, resource and code, with a message and
+/// a URI of the first.
+fn failures(entries: &[Audited]) -> Vec<String> {
+    // (client, verb, resource, code) → (count, first message, first URI).
+    type Group = (String, String, String, u16);
+    let mut groups: BTreeMap<Group, (u64, String, String)> = BTreeMap::new();
+    for e in entries.iter().filter(|e| e.code >= 400 && e.code != 409) {
+        let who = if agent_node(&e.user).is_some() {
+            "agents".to_owned()
+        } else {
+            e.user.clone()
+        };
+        let g = groups
+            .entry((who, e.verb.clone(), e.resource.clone(), e.code))
+            .or_insert_with(|| (0, e.message.clone(), e.uri.clone()));
+        g.0 += 1;
+    }
+    groups
+        .into_iter()
+        .map(|((who, verb, resource, code), (n, message, uri))| {
+            let cut = |s: &str, n: usize| s.chars().take(n).collect::<String>();
+            format!(
+                "{n} × {who} {verb} {resource} → {code} (e.g. `{}`: {})",
+                cut(&uri, 160),
+                cut(&message, 200)
+            )
+        })
+        .collect()
 }
 
 fn is_write(verb: &str) -> bool {
@@ -218,6 +286,52 @@ fn breakdown(c: &Counts, by: usize) -> String {
         .join(", ")
 }
 
+/// kube-apiserver's request latency p99 (seconds, and how many requests) between two scrapes.
+#[derive(Debug, Default, Clone)]
+struct Latency {
+    lease_put: Option<(f64, u64)>,
+    node_patch: Option<(f64, u64)>,
+    node_list: Option<(f64, u64)>,
+    all: Option<(f64, u64)>,
+}
+
+impl Latency {
+    fn between(before: &Scrape, after: &Scrape) -> Latency {
+        let verb_res = |verb: &'static str, res: &'static str| {
+            move |l: &BTreeMap<String, String>| {
+                l.get("verb").map(String::as_str) == Some(verb)
+                    && l.get("resource").map(String::as_str) == Some(res)
+                    && l.get("subresource").is_none_or(|s| s.is_empty())
+            }
+        };
+        Latency {
+            lease_put: after.latency_quantile(before, 0.99, verb_res("PUT", "leases")),
+            node_patch: after.latency_quantile(before, 0.99, verb_res("PATCH", "nodes")),
+            node_list: after.latency_quantile(before, 0.99, verb_res("LIST", "nodes")),
+            all: after.latency_quantile(before, 0.99, |l| {
+                !matches!(
+                    l.get("verb").map(String::as_str),
+                    Some("WATCH" | "WATCHLIST" | "CONNECT")
+                )
+            }),
+        }
+    }
+
+    fn show(&self, counts: bool) -> [String; 4] {
+        let l = |x: &Option<(f64, u64)>| match x {
+            Some((v, n)) if counts => format!("{} ({n})", ms(Some(*v))),
+            Some((v, _)) => ms(Some(*v)),
+            None => "–".into(),
+        };
+        [
+            l(&self.lease_put),
+            l(&self.node_patch),
+            l(&self.node_list),
+            l(&self.all),
+        ]
+    }
+}
+
 /// One size's figures.
 #[derive(Debug, Default)]
 struct Row {
@@ -236,10 +350,9 @@ struct Row {
     agents_whole: Counts,
     watch_sample: Option<(usize, f64, BTreeMap<String, f64>)>,
     watch_events: BTreeMap<String, f64>,
-    lat_lease_put: Option<(f64, u64)>,
-    lat_node_patch: Option<(f64, u64)>,
-    lat_node_list: Option<(f64, u64)>,
-    lat_all: Option<(f64, u64)>,
+    /// Server latency p99 over the steady state and over the whole rollout.
+    lat_steady: Latency,
+    lat_whole: Latency,
     apiserver: ProcFigures,
     etcd: ProcFigures,
     test_process: ProcFigures,
@@ -249,6 +362,15 @@ struct Row {
     idle_agent_requests: f64,
     idle_all_requests: f64,
     idle_all_breakdown: String,
+    /// The agents' Node lists and watches by purpose, steady state.
+    node_reads_steady: BTreeMap<String, f64>,
+    /// Failed requests over the rollout (409 aside).
+    failures: Vec<String>,
+    /// What kube-apiserver logged over the run: watchers closed for unresponsiveness, error
+    /// lines, and where the log was kept.
+    apiserver_log: String,
+    /// Resource requests while idle by user (program), from the audit log.
+    idle_by_client: String,
     note: String,
 }
 
@@ -264,7 +386,30 @@ impl Row {
     }
 }
 
+/// Waits (at most `limit`) for the 1-minute load average to drop to `max`: the machine may be
+/// busy with other work.
+async fn calm_down(max: f64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let load: f64 = load_average()
+            .split_whitespace()
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0.0);
+        if load <= max || Instant::now() >= deadline {
+            return;
+        }
+        eprintln!("load average {load:.2} > {max}: waiting");
+        tokio::time::sleep(Duration::from_secs(15)).await;
+    }
+}
+
 async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -> Row {
+    calm_down(
+        env_or("KREBOOT_BENCH_MAX_LOAD", 3.0),
+        Duration::from_secs(env_or("KREBOOT_BENCH_LOAD_WAIT_SECS", 300)),
+    )
+    .await;
     let mut row = Row {
         nodes: n,
         load: load_average(),
@@ -272,8 +417,9 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
         ..Row::default()
     };
     eprintln!("\n=== {n} nodes (load average {}) ===", row.load);
+    let names: Vec<String> = (0..n).map(|i| format!("node-{i:04}")).collect();
     let cp = ControlPlane::start(real::Options {
-        tokens: bench_tokens(),
+        tokens: bench_tokens(&names),
         ..real::Options::default()
     })
     .await;
@@ -287,7 +433,6 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
             )
             .await;
     }
-    let names: Vec<String> = (0..n).map(|i| format!("node-{i:04}")).collect();
     let t = Instant::now();
     create_nodes(&admin, &names, 16).await;
     let observer = Observer::start(&cp, NS);
@@ -319,22 +464,36 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
         t.elapsed().as_secs_f64()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    row.startup_requests = audit_counts(&audit.read(), AGENTS_USER).values().sum();
+    row.startup_requests = audit_counts(&audit.read()).values().sum::<f64>() + 0.0;
     let idle_before = Scrape::take(&admin).await;
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
     let idle_after = Scrape::take(&admin).await;
     let idle_entries = audit.read();
-    row.idle_agent_requests = audit_counts(&idle_entries, AGENTS_USER).values().sum();
+    row.idle_agent_requests = audit_counts(&idle_entries).values().sum::<f64>() + 0.0;
     let idle_all = metric_counts(&idle_after, &idle_before);
-    row.idle_all_requests = idle_all.values().sum();
+    row.idle_all_requests = idle_all.values().sum::<f64>() + 0.0;
     row.idle_all_breakdown = breakdown(&idle_all, 1);
     let mut by_user: BTreeMap<String, u64> = BTreeMap::new();
-    for e in &idle_entries {
-        *by_user.entry(e.user.clone()).or_default() += 1;
+    for e in idle_entries.iter().filter(|e| !e.resource.is_empty()) {
+        let who = if agent_node(&e.user).is_some() {
+            "agents".to_owned()
+        } else {
+            format!("{} ({})", e.user, e.client)
+        };
+        *by_user.entry(who).or_default() += 1;
     }
+    row.idle_by_client = by_user
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     eprintln!(
-        "idle {idle_secs} s: agents made {} requests ({} at start-up); all clients: {} ({}); audit by user: {by_user:?}",
-        row.idle_agent_requests, row.startup_requests, row.idle_all_requests, row.idle_all_breakdown
+        "idle {idle_secs} s: agents made {} requests ({} at start-up); all clients: {} ({}); audit by user: {}",
+        row.idle_agent_requests,
+        row.startup_requests,
+        row.idle_all_requests,
+        row.idle_all_breakdown,
+        row.idle_by_client
     );
 
     // The rollout.
@@ -356,6 +515,22 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
     };
     let base_watches = watches(&idle_after);
     let base_by = watches_by(&idle_after);
+    // The sample with the most agents engaged (waiting or in a cycle) is kept.
+    let sample_watches = |row: &mut Row, s: &Scrape, engaged: usize| {
+        if row.watch_sample.as_ref().is_some_and(|(e, _, _)| engaged <= *e) {
+            return;
+        }
+        let held = watches(s) - base_watches;
+        let by: BTreeMap<String, f64> = watches_by(s)
+            .into_iter()
+            .map(|(r, v)| {
+                let b = base_by.get(&r).copied().unwrap_or(0.0);
+                (r, v - b)
+            })
+            .filter(|(_, v)| v.abs() > 0.5)
+            .collect();
+        row.watch_sample = Some((engaged, held, by));
+    };
     let start = idle_after;
     row.apiserver = ProcFigures::start(api_pid);
     row.etcd = ProcFigures::start(etcd_pid);
@@ -387,7 +562,8 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
             // Every node queued (or through): from here on, hand-overs in the steady state.
             let s = Scrape::take(&admin).await;
             agents_ramp = audit.read();
-            let passes_now = observer.with(|t| t.lease_passes());
+            let (passes_now, engaged) = observer.with(|t| (t.lease_passes(), t.waiting + t.in_cycle));
+            sample_watches(&mut row, &s, engaged);
             eprintln!(
                 "all {n} queued after {:.1} s ({passes_now} hand-overs so far)",
                 t0.elapsed().as_secs_f64()
@@ -397,19 +573,8 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
         if last_scrape.elapsed() >= Duration::from_secs(10) {
             last_scrape = Instant::now();
             let s = Scrape::take(&admin).await;
-            let engaged = waiting + in_cycle;
-            let held = watches(&s) - base_watches;
-            if row.watch_sample.as_ref().is_none_or(|(e, _, _)| engaged > *e) {
-                let by: BTreeMap<String, f64> = watches_by(&s)
-                    .into_iter()
-                    .map(|(r, v)| {
-                        let b = base_by.get(&r).copied().unwrap_or(0.0);
-                        (r, v - b)
-                    })
-                    .filter(|(_, v)| v.abs() > 0.5)
-                    .collect();
-                row.watch_sample = Some((engaged, held, by));
-            }
+            let engaged = observer.with(|t| t.waiting + t.in_cycle);
+            sample_watches(&mut row, &s, engaged);
         }
         if last_print.elapsed() >= Duration::from_secs(10) {
             last_print = Instant::now();
@@ -445,14 +610,24 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
     row.hand_overs = timeline.hand_overs();
     drop(timeline);
     row.metrics_whole = metric_counts(&end, &start);
+    // Every request of the rollout (all users; the agents' are picked by user).
     let mut all_agents = agents_ramp;
     all_agents.extend(agents_steady.iter().cloned());
-    row.agents_whole = audit_counts(&all_agents, AGENTS_USER);
+    row.agents_whole = audit_counts(&all_agents);
     if let Some((s, passes)) = &steady {
         row.steady_from_pass = *passes;
         row.metrics_steady = metric_counts(&end, s);
-        row.agents_steady = audit_counts(&agents_steady, AGENTS_USER);
+        row.agents_steady = audit_counts(&agents_steady);
+        row.node_reads_steady = node_reads(&agents_steady);
         row.steady_hand_overs = row.hand_overs.len().saturating_sub(*passes);
+    } else {
+        // Not every node queued up: the whole rollout stands in for the steady state.
+        row.metrics_steady = row.metrics_whole.clone();
+        row.agents_steady = row.agents_whole.clone();
+        row.node_reads_steady = node_reads(&all_agents);
+        row.steady_hand_overs = row.hand_overs.len();
+        row.note
+            .push_str("; not every node queued up: request counts over the whole rollout");
     }
     row.watch_events = end
         .delta_by(
@@ -473,22 +648,35 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
             )
         })
         .collect();
-    let verb_res = |verb: &'static str, res: &'static str| {
-        move |l: &BTreeMap<String, String>| {
-            l.get("verb").map(String::as_str) == Some(verb)
-                && l.get("resource").map(String::as_str) == Some(res)
-                && l.get("subresource").is_none_or(|s| s.is_empty())
-        }
-    };
-    row.lat_lease_put = end.latency_quantile(&start, 0.99, verb_res("PUT", "leases"));
-    row.lat_node_patch = end.latency_quantile(&start, 0.99, verb_res("PATCH", "nodes"));
-    row.lat_node_list = end.latency_quantile(&start, 0.99, verb_res("LIST", "nodes"));
-    row.lat_all = end.latency_quantile(&start, 0.99, |l| {
-        !matches!(
-            l.get("verb").map(String::as_str),
-            Some("WATCH" | "WATCHLIST" | "CONNECT")
-        )
-    });
+    row.lat_whole = Latency::between(&start, &end);
+    row.lat_steady = Latency::between(steady.as_ref().map_or(&start, |(s, _)| s), &end);
+    row.failures = failures(&all_agents);
+    // kube-apiserver's own account: watchers it closed because they did not keep up, errors.
+    let log = cp.log("kube-apiserver");
+    let unresponsive = log
+        .lines()
+        .filter(|l| l.contains("due to unresponsiveness"))
+        .count();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with('E') && !l.contains("The manifest file is empty"))
+        .collect();
+    let kept = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("target/real-k8s/bench-real-{n}-kube-apiserver.log"));
+    let _ = std::fs::write(&kept, &log);
+    row.apiserver_log = format!(
+        "{unresponsive} watchers closed for unresponsiveness, {} error lines{}",
+        errors.len(),
+        errors
+            .first()
+            .map(|e| format!(" (first: `{}`)", e.chars().take(200).collect::<String>()))
+            .unwrap_or_default()
+    );
+    eprintln!(
+        "  kube-apiserver log (kept in {}): {}",
+        kept.display(),
+        row.apiserver_log
+    );
     print_row(&row);
     drop(fleet);
     drop(observer);
@@ -582,17 +770,23 @@ fn print_row(r: &Row) {
         );
     }
     eprintln!("  watch events sent over the rollout: {:?}", r.watch_events);
-    let l = |x: &Option<(f64, u64)>| match x {
-        Some((v, n)) => format!("{} ({n})", ms(Some(*v))),
-        None => "–".into(),
-    };
     eprintln!(
-        "  apiserver p99: update leases {}, patch nodes {}, list nodes {}, all non-watch {}",
-        l(&r.lat_lease_put),
-        l(&r.lat_node_patch),
-        l(&r.lat_node_list),
-        l(&r.lat_all)
+        "  the agents' Node lists and watches by purpose, steady state, per hand-over: {}",
+        r.node_reads_steady
+            .iter()
+            .map(|(k, v)| format!("{k} {}", per(*v, h)))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
+    for f in &r.failures {
+        eprintln!("  failed: {f}");
+    }
+    for (what, lat) in [("steady state", &r.lat_steady), ("whole rollout", &r.lat_whole)] {
+        let [lease, patch, list, all] = lat.show(true);
+        eprintln!(
+            "  apiserver p99 ({what}): update leases {lease}, patch nodes {patch}, list nodes {list}, all non-watch {all}"
+        );
+    }
     eprintln!(
         "  CPU s over the rollout: kube-apiserver {:.1}, etcd {:.1}, test process (agents) {:.1}, kwok {:.1}; RSS peak: kube-apiserver {} MiB, etcd {} MiB, test process {} MiB; fds peak: kube-apiserver {}, test process {}",
         r.apiserver.cpu(),
@@ -629,7 +823,7 @@ fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
     );
     let _ = writeln!(
         md,
-        "Per size a fresh control plane (`tests/common/real.rs`: etcd on tmpfs without fsync, RBAC, an audit log of every request written in blocking mode); N Ready KWOK Nodes without pods; N agents (`agent::run`) in the test process on 2 tokio worker threads, each with its own kube client and connections (all with one static token in `system:masters`, which API Priority and Fairness exempts), concurrency 1, open-file limit {nofile}. Every sentinel is set in one pass (well within a second). A reboot is the harness playing the machine: the agent task is aborted, the sentinel cleared, the Node's status gets a new bootID and NotReady, {} ms later Ready, and a new agent starts. Timestamps come from the benchmark's own watches of the Leases and Nodes (on a thread of its own), on arrival; request counts from kube-apiserver's `/metrics` (all clients: agents, the harness's kubelet writes, KWOK, kube-controller-manager) and, for the agents alone, from its audit log.\n",
+        "Per size a fresh control plane (`tests/common/real.rs`: etcd on tmpfs without fsync, RBAC, an audit log of every request written in blocking mode); N Ready KWOK Nodes without pods; N agents (`agent::run`) in the test process on 2 tokio worker threads, each with its own kube client, connections and static token (in `system:masters`, which API Priority and Fairness exempts), concurrency 1, open-file limit {nofile}. Every sentinel is set in one pass (well within a second). A reboot is the harness playing the machine: the agent task is aborted, the sentinel cleared, the Node's status gets a new bootID and NotReady, {} ms later Ready, and a new agent starts. Timestamps come from the benchmark's own watches of the Leases and Nodes (on a thread of its own), on arrival; request counts from kube-apiserver's `/metrics` (all clients: agents, the harness's kubelet writes, KWOK, kube-controller-manager) and, for the agents alone, from its audit log.\n",
         reboot.as_millis()
     );
     let _ = writeln!(
@@ -691,15 +885,35 @@ fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
             per(conflicts(&r.metrics_whole, None), hw),
         );
     }
+    let _ = writeln!(md);
+    for r in rows {
+        let h = r.steady_hand_overs;
+        let reads = r
+            .node_reads_steady
+            .iter()
+            .map(|(k, v)| format!("{k} {}", per(*v, h)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let failed = if r.failures.is_empty() {
+            "none".to_owned()
+        } else {
+            r.failures.join("; ")
+        };
+        let _ = writeln!(
+            md,
+            "- {} nodes: the agents' Node lists and watches per hand-over, by purpose: {reads}. Failed requests over the rollout (409 aside): {failed}. kube-apiserver's log: {}.",
+            r.nodes, r.apiserver_log
+        );
+    }
     let _ = writeln!(
         md,
-        "\n### Watches, server latency, CPU and memory over the rollout\n\nWatches held: `apiserver_longrunning_requests{{verb=\"WATCH\"}}` at the 10-s sample with the most agents engaged (waiting or in a cycle), minus the count before the rollout. Watch events: `apiserver_watch_events_total` over the rollout, i.e. the fan-out of every write to every watcher. Request latency p99 from `apiserver_request_duration_seconds` buckets (interpolated) over the rollout.\n"
+        "\n### Watches, server latency, CPU and memory over the rollout\n\nWatches held: `apiserver_longrunning_requests{{verb=\"WATCH\"}}` minus its value before the rollout, sampled when every node had queued and every 10 s after; the sample with the most agents engaged (waiting or in a cycle) is shown. Watch events: `apiserver_watch_events_total` over the rollout, i.e. the fan-out of every write to every watcher. Request latency p99 from `apiserver_request_duration_seconds` buckets (interpolated) over the steady state (over the whole rollout, start-up burst included, in parentheses).\n"
     );
     let _ = writeln!(
         md,
-        "| nodes | watches per engaged agent | watch events sent per hand-over | p99 update lease | p99 patch node | p99 list nodes | p99 all but watches | CPU s kube-apiserver / etcd / agents' process | peak RSS kube-apiserver / etcd / agents' process |"
+        "| nodes | watches per engaged agent | watch events sent per hand-over | p99 update lease | p99 patch node | p99 list nodes | p99 all but watches | CPU s kube-apiserver / etcd / agents' process | CPU ms per hand-over, same order | peak RSS kube-apiserver / etcd / agents' process |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let watches = match &r.watch_sample {
             Some((engaged, held, by)) => format!(
@@ -715,24 +929,29 @@ fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
         let events = r
             .watch_events
             .iter()
-            .filter(|(_, v)| **v >= 1.0)
+            .filter(|(_, v)| **v >= 0.5 * r.hand_overs.len() as f64)
             .map(|(k, v)| format!("{k} {}", per(*v, r.hand_overs.len())))
             .collect::<Vec<_>>()
             .join(", ");
-        let l = |x: &Option<(f64, u64)>| x.map_or("–".into(), |(v, _)| ms(Some(v)));
+        let steady = r.lat_steady.show(false);
+        let whole = r.lat_whole.show(false);
+        let l = |i: usize| format!("{} ({})", steady[i], whole[i]);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} / {:.0} / {:.0} | {} / {} / {} MiB |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} / {:.0} / {:.0} | {} / {} / {} | {} / {} / {} MiB |",
             r.nodes,
             watches,
             events,
-            l(&r.lat_lease_put),
-            l(&r.lat_node_patch),
-            l(&r.lat_node_list),
-            l(&r.lat_all),
+            l(0),
+            l(1),
+            l(2),
+            l(3),
             r.apiserver.cpu(),
             r.etcd.cpu(),
             r.test_process.cpu(),
+            per(r.apiserver.cpu() * 1000.0, r.hand_overs.len()),
+            per(r.etcd.cpu() * 1000.0, r.hand_overs.len()),
+            per(r.test_process.cpu() * 1000.0, r.hand_overs.len()),
             r.apiserver.rss_peak_kib / 1024,
             r.etcd.rss_peak_kib / 1024,
             r.test_process.rss_peak_kib / 1024,
@@ -740,7 +959,7 @@ fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
     }
     let _ = writeln!(
         md,
-        "\n### Idle agents on the real kube-apiserver\n\nN agents started without a sentinel; requests counted after every agent reported `idle`.\n"
+        "\n### Idle agents on the real kube-apiserver\n\nN agents started without a sentinel; requests counted after every agent reported `idle`. KWOK and kube-controller-manager run as `kreboot-test-admin`; `system:apiserver` is kube-apiserver itself.\n"
     );
     let _ = writeln!(
         md,
@@ -760,7 +979,10 @@ fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
             if r.idle_all_breakdown.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", r.idle_all_breakdown)
+                format!(
+                    ": {}; by client (audit): {}",
+                    r.idle_all_breakdown, r.idle_by_client
+                )
             },
         );
     }

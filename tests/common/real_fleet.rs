@@ -46,9 +46,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::real::ControlPlane;
 
-/// The agents' user (one static token shared by every in-process agent).
-pub const AGENTS_USER: &str = "kreboot-bench-agents";
-const AGENTS_TOKEN: &str = "kreboot-bench-agents-token";
+/// The agents' users: this prefix and the node name (one static token per agent).
+pub const AGENT_USER_PREFIX: &str = "kreboot-bench-agent:";
+
+fn agent_token(node: &str) -> String {
+    format!("kreboot-bench-agent-{node}-token")
+}
+
+/// The node whose agent `user` is, if it is one.
+pub fn agent_node(user: &str) -> Option<&str> {
+    user.strip_prefix(AGENT_USER_PREFIX)
+}
 /// The user that plays the kubelets (the machines' status writes).
 pub const KUBELET_USER: &str = "kreboot-bench-kubelet";
 const KUBELET_TOKEN: &str = "kreboot-bench-kubelet-token";
@@ -56,23 +64,17 @@ const KUBELET_TOKEN: &str = "kreboot-bench-kubelet-token";
 pub const OBSERVER_USER: &str = "kreboot-bench-observer";
 const OBSERVER_TOKEN: &str = "kreboot-bench-observer-token";
 
-/// The static tokens of the agents, the kubelets and the observer, for [`super::real::Options`].
-pub fn bench_tokens() -> Vec<(String, String, String, String)> {
-    [
-        (AGENTS_TOKEN, AGENTS_USER),
-        (KUBELET_TOKEN, KUBELET_USER),
-        (OBSERVER_TOKEN, OBSERVER_USER),
-    ]
-    .iter()
-    .map(|(token, user)| {
-        (
-            token.to_string(),
-            user.to_string(),
-            user.to_string(),
-            "system:masters".to_string(),
-        )
-    })
-    .collect()
+/// The static tokens of the agents of `nodes` (one each), the kubelets and the observer, for
+/// [`super::real::Options`].
+pub fn bench_tokens(nodes: &[String]) -> Vec<(String, String, String, String)> {
+    let actor = |token: String, user: String| (token, user.clone(), user, "system:masters".to_string());
+    let mut tokens: Vec<_> = nodes
+        .iter()
+        .map(|n| actor(agent_token(n), format!("{AGENT_USER_PREFIX}{n}")))
+        .collect();
+    tokens.push(actor(KUBELET_TOKEN.into(), KUBELET_USER.into()));
+    tokens.push(actor(OBSERVER_TOKEN.into(), OBSERVER_USER.into()));
+    tokens
 }
 
 /// Raises this process's open-file limit (soft and hard) to `want`, or as far as allowed; the
@@ -178,8 +180,9 @@ struct Member {
 }
 
 struct Inner {
-    /// The agents' kube-rs configuration; each agent start builds its own client from it.
-    agent_config: kube::Config,
+    /// The control plane's kube-rs configuration for a token; each agent start builds its own
+    /// client with its node's token.
+    config: Box<dyn Fn(&str) -> kube::Config + Send + Sync>,
     /// The kubelets' client (one, shared: it plays every machine's kubelet).
     kubelet: Client,
     reboot: Duration,
@@ -259,8 +262,8 @@ fn start_member(inner: &Arc<Inner>, m: &mut Member) {
         t.abort();
     }
     // Its own client: its own connection pool, as a separate process would have.
-    let client = Client::try_from(inner.agent_config.clone()).expect("agent client");
     let node = m.cfg.node_name.clone();
+    let client = Client::try_from((inner.config)(&agent_token(&node))).expect("agent client");
     let agent = Agent {
         events: Events::start(client.clone(), &node, None),
         notifier: Notifier::disabled(),
@@ -317,7 +320,14 @@ impl RealFleet {
             .collect();
         RealFleet {
             inner: Arc::new(Inner {
-                agent_config: cp.config(AGENTS_TOKEN),
+                config: {
+                    let base = cp.config(KUBELET_TOKEN);
+                    Box::new(move |token: &str| {
+                        let mut c = base.clone();
+                        c.auth_info.token = Some(token.to_string().into());
+                        c
+                    })
+                },
                 kubelet: cp.client(KUBELET_TOKEN),
                 reboot,
                 members: Mutex::new(members),
@@ -874,10 +884,16 @@ impl Scrape {
 #[derive(Debug, Clone)]
 pub struct Audited {
     pub user: String,
+    /// The client's program: the User-Agent up to its first `/`.
+    pub client: String,
     pub verb: String,
     /// `resource` or `resource/subresource` (empty for non-resource URLs).
     pub resource: String,
     pub code: u16,
+    /// The request URI (path and query).
+    pub uri: String,
+    /// The response's message, for a failed request.
+    pub message: String,
 }
 
 /// Reads kube-apiserver's audit log from where it was last read.
@@ -931,9 +947,18 @@ impl AuditReader {
             }
             out.push(Audited {
                 user: v["user"]["username"].as_str().unwrap_or("").to_owned(),
+                client: v["userAgent"]
+                    .as_str()
+                    .unwrap_or("")
+                    .split('/')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned(),
                 verb,
                 resource,
                 code: v["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
+                uri: v["requestURI"].as_str().unwrap_or("").to_owned(),
+                message: v["responseStatus"]["message"].as_str().unwrap_or("").to_owned(),
             });
         }
         out
