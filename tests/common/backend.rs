@@ -124,25 +124,7 @@ impl Backend {
             Backend::Sim(s, _) => s.add_node(name, labels),
             Backend::Real(_) => {
                 let nodes: Api<Node> = Api::all(self.client());
-                let node = json!({
-                    "metadata": {
-                        "name": name, "labels": labels,
-                        // KWOK's marker: a fake node it manages.
-                        "annotations": { "kwok.x-k8s.io/node": "fake" },
-                    },
-                    "spec": {},
-                    "status": {
-                        "nodeInfo": {
-                            "architecture": "amd64", "bootID": uuid(), "containerRuntimeVersion": "kwok",
-                            "kernelVersion": "6.8.0-kwok", "kubeProxyVersion": "", "kubeletVersion": "kwok",
-                            "machineID": name, "operatingSystem": "linux", "osImage": "Ubuntu 24.04 LTS (KWOK)",
-                            "systemUUID": name,
-                        },
-                        "conditions": [ready_condition(true)],
-                        "capacity": { "cpu": "8", "memory": "32Gi", "pods": "110" },
-                        "allocatable": { "cpu": "8", "memory": "32Gi", "pods": "110" },
-                    },
-                });
+                let node = kwok_node(name, &labels);
                 nodes
                     .create(&PostParams::default(), &serde_json::from_value(node).unwrap())
                     .await
@@ -472,7 +454,31 @@ pub fn pod_ready(p: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn ready_condition(ready: bool) -> serde_json::Value {
+/// A Ready Node that KWOK manages, with a fresh boot id (what a kubelet registers).
+pub fn kwok_node(name: &str, labels: &BTreeMap<String, String>) -> serde_json::Value {
+    json!({
+        "metadata": {
+            "name": name, "labels": labels,
+            // KWOK's marker: a fake node it manages.
+            "annotations": { "kwok.x-k8s.io/node": "fake" },
+        },
+        "spec": {},
+        "status": {
+            "nodeInfo": {
+                "architecture": "amd64", "bootID": uuid(), "containerRuntimeVersion": "kwok",
+                "kernelVersion": "6.8.0-kwok", "kubeProxyVersion": "", "kubeletVersion": "kwok",
+                "machineID": name, "operatingSystem": "linux", "osImage": "Ubuntu 24.04 LTS (KWOK)",
+                "systemUUID": name,
+            },
+            "conditions": [ready_condition(true)],
+            "capacity": { "cpu": "8", "memory": "32Gi", "pods": "110" },
+            "allocatable": { "cpu": "8", "memory": "32Gi", "pods": "110" },
+        },
+    })
+}
+
+/// The Ready condition a kubelet reports.
+pub fn ready_condition(ready: bool) -> serde_json::Value {
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     json!({
         "type": "Ready",

@@ -44,7 +44,10 @@ use serde_json::json;
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use super::real::ControlPlane;
+use super::{
+    backend::{kwok_node, ready_condition, uuid},
+    real::ControlPlane,
+};
 
 /// The agents' users: this prefix and the node name (one static token per agent).
 pub const AGENT_USER_PREFIX: &str = "kreboot-bench-agent:";
@@ -104,32 +107,6 @@ pub fn raise_nofile(want: u64) -> u64 {
     cur.rlim_cur
 }
 
-/// A random boot id (the kernel's format).
-pub fn uuid() -> String {
-    let b: [u8; 16] = rand::random();
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
-fn ready_condition(ready: bool) -> serde_json::Value {
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    json!({
-        "type": "Ready",
-        "status": if ready { "True" } else { "False" },
-        "reason": if ready { "KubeletReady" } else { "KubeletNotReady" },
-        "message": "set by the kreboot benchmark",
-        "lastHeartbeatTime": now,
-        "lastTransitionTime": now,
-    })
-}
-
 /// Creates Ready KWOK Nodes with a bootID (as `backend::Backend::add_node` does on the real
 /// backend), `parallel` at a time.
 pub async fn create_nodes(client: &Client, names: &[String], parallel: usize) {
@@ -138,25 +115,8 @@ pub async fn create_nodes(client: &Client, names: &[String], parallel: usize) {
         .map(|name| {
             let api = api.clone();
             async move {
-                let node = json!({
-                    "metadata": {
-                        "name": name,
-                        "labels": { "kubernetes.io/hostname": name },
-                        "annotations": { "kwok.x-k8s.io/node": "fake" },
-                    },
-                    "spec": {},
-                    "status": {
-                        "nodeInfo": {
-                            "architecture": "amd64", "bootID": uuid(), "containerRuntimeVersion": "kwok",
-                            "kernelVersion": "6.8.0-kwok", "kubeProxyVersion": "", "kubeletVersion": "kwok",
-                            "machineID": name, "operatingSystem": "linux", "osImage": "Ubuntu 24.04 LTS (KWOK)",
-                            "systemUUID": name,
-                        },
-                        "conditions": [ready_condition(true)],
-                        "capacity": { "cpu": "8", "memory": "32Gi", "pods": "110" },
-                        "allocatable": { "cpu": "8", "memory": "32Gi", "pods": "110" },
-                    },
-                });
+                let labels = BTreeMap::from([("kubernetes.io/hostname".to_string(), name.clone())]);
+                let node = kwok_node(&name, &labels);
                 api.create(&PostParams::default(), &serde_json::from_value(node).unwrap())
                     .await
                     .unwrap_or_else(|e| panic!("create Node {name}: {e}"));
