@@ -16,10 +16,13 @@ use std::{
     collections::BTreeMap,
     os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
+mod common;
+
+use common::{Killed as Agent, free_port, sample, scrape_metrics as scrape};
 use kreboot::{
     node::{ANN_BLOCKED_BY, ANN_LAST_FAILURE_REASON, ANN_PHASE},
     sim::{SimCluster, SimConfig, SimEvent},
@@ -31,38 +34,6 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-async fn scrape(port: u16) -> Option<String> {
-    let r = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
-    r.text().await.ok()
-}
-
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// The Events about `node`: (reason, note).

@@ -26,6 +26,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
+use common::{event_reasons, free_port, sample, scrape_metrics as scrape};
 use kreboot::{
     sentinel::{SentinelWatch, WatchMode, WatchOptions},
     sim::{SimCluster, SimConfig},
@@ -42,6 +45,11 @@ const INOTIFY_BOUND: Duration = Duration::from_secs(1);
 
 /// uid 65534's inotify budget is shared: one test at a time uses it.
 static UID_BUDGET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The tests of this file run one at a time: the no-events test watches `/proc`, where the other
+/// tests' agent processes starting and stopping would deliver the very events whose absence it
+/// detects.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -214,41 +222,6 @@ impl Drop for Agent {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// The value of the series `series` (name and labels exactly as rendered) in a scrape.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-async fn scrape(port: u16) -> Option<String> {
-    let r = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
-    r.text().await.ok()
-}
-
-fn event_reasons(sim: &SimCluster, node: &str) -> Vec<String> {
-    sim.events()
-        .iter()
-        .filter(|e| {
-            let r = e.get("regarding").or_else(|| e.get("involvedObject"));
-            r.and_then(|r| r.get("name")).and_then(|n| n.as_str()) == Some(node)
-        })
-        .filter_map(|e| e.get("reason").and_then(|r| r.as_str()).map(str::to_owned))
-        .collect()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 /// Scrapes every 10 ms until `series` has `value`; the time it took, or the last scrape.
@@ -518,11 +491,13 @@ async fn agent_falls_back_to_polling_and_returns_to_inotify(what: Exhaust) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inotify_instances_used_up_emfile() {
+    let _serial = SERIAL.lock().await;
     agent_falls_back_to_polling_and_returns_to_inotify(Exhaust::Instances).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inotify_watches_used_up_enospc() {
+    let _serial = SERIAL.lock().await;
     agent_falls_back_to_polling_and_returns_to_inotify(Exhaust::Watches).await;
 }
 
@@ -530,6 +505,7 @@ async fn inotify_watches_used_up_enospc() {
 /// notices a change that no event explained and polls from then on.
 #[tokio::test]
 async fn a_filesystem_without_events_is_polled() {
+    let _serial = SERIAL.lock().await;
     let mut child = Command::new("sleep").arg("600").spawn().expect("sleep");
     let path = PathBuf::from(format!("/proc/{}", child.id()));
     let opts = WatchOptions {
@@ -597,6 +573,7 @@ fn flag_event_metric_and_alert_are_documented() {
 /// on (here: sees the sentinel and records it on the Node) and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_metrics_port_only_degrades() {
+    let _serial = SERIAL.lock().await;
     let sim = SimCluster::start(SimConfig::default())
         .await
         .expect("simulator starts");

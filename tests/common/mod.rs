@@ -202,6 +202,23 @@ pub fn event_reasons(sim: &SimCluster, node: &str) -> Vec<String> {
         .collect()
 }
 
+/// The agent's `/metrics` on 127.0.0.1:`port`, or None while it does not answer.
+pub async fn scrape_metrics(port: u16) -> Option<String> {
+    let r = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    r.text().await.ok()
+}
+
+/// The value of the series `series` (name and labels exactly as rendered) in a scrape.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// A free port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
