@@ -25,7 +25,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use notify::{RecursiveMode, Watcher};
+use notify::{
+    EventKind, RecursiveMode, Watcher,
+    event::{AccessKind, AccessMode},
+};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -110,11 +113,28 @@ fn watch_target(path: &Path) -> Option<PathBuf> {
     }
 }
 
-/// A watcher that nudges `tx` on every event.
+/// Whether an event may mean the sentinel changed. Opening, reading or closing unwritten a file
+/// or the directory itself changes nothing; on a busy directory (`/run`, `/var/run`) every `ls`
+/// and every reader would otherwise cost a re-read. A close after writing does count: a sentinel
+/// rewritten in place shows only as that and a modify.
+fn may_change(kind: &EventKind) -> bool {
+    !matches!(
+        kind,
+        EventKind::Access(
+            AccessKind::Open(_)
+                | AccessKind::Read
+                | AccessKind::Close(AccessMode::Read | AccessMode::Execute)
+        )
+    )
+}
+
+/// A watcher that nudges `tx` on every event that may mean a change, and on every error.
 fn new_watcher(tx: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
     notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Err(e) = &res {
-            warn!(error = %e, "sentinel watch error");
+        match &res {
+            Err(e) => warn!(error = %e, "sentinel watch error"),
+            Ok(event) if !may_change(&event.kind) => return,
+            Ok(_) => {}
         }
         // The receiver is gone only when the watch is being torn down.
         let _ = tx.send(());
@@ -781,6 +801,28 @@ mod tests {
         );
         assert!(vanished(&notify::Error::path_not_found()));
         assert!(!vanished(&notify::Error::new(notify::ErrorKind::MaxFilesWatch)));
+    }
+
+    #[test]
+    fn only_events_that_may_change_the_sentinel_nudge() {
+        use notify::event::{CreateKind, ModifyKind, RemoveKind};
+        for quiet in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+        ] {
+            assert!(!may_change(&quiet), "{quiet:?}");
+        }
+        for change in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Modify(ModifyKind::Any),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Any,
+            EventKind::Other,
+        ] {
+            assert!(may_change(&change), "{change:?}");
+        }
     }
 
     #[test]
