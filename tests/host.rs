@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
 use kreboot::{
     host::{HostError, HostExec, OsFamily, read_os_release},
     reboot::{Rebooter, SignalRebooter},
@@ -22,10 +24,7 @@ fn is_root() -> bool {
 macro_rules! require_root {
     () => {
         if !is_root() {
-            eprintln!(
-                "\n*** SKIPPED: {} needs root (CI runs as root) ***\n",
-                module_path!()
-            );
+            common::cannot_run(module_path!(), "needs root (CI runs as root)");
             return;
         }
     };

@@ -14,7 +14,7 @@ mod common;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -26,9 +26,8 @@ use common::{
 use k8s_openapi::api::{
     admissionregistration::v1::ValidatingAdmissionPolicy,
     apps::v1::DaemonSet,
-    authentication::v1::TokenRequest,
     coordination::v1::Lease,
-    core::v1::{Namespace, Node, Pod, ServiceAccount},
+    core::v1::{Namespace, Node, Pod},
 };
 use kreboot::node::{ANN_LAST_REBOOT, ANN_PHASE};
 use kube::{
@@ -58,42 +57,6 @@ fn cp(b: &Backend) -> &ControlPlane {
         Backend::Real(cp) => cp,
         Backend::Sim(..) => unreachable!("real backend only"),
     }
-}
-
-/// `kubectl --kubeconfig=ADMIN apply --server-side -f FILE` (`-` reads `stdin`).
-fn kubectl_apply(cp: &ControlPlane, file: &Path, stdin: Option<&str>) {
-    use std::io::Write as _;
-    let admin = cp.dir.join("kubeconfig-admin");
-    let mut child = Command::new(real::tool("kubectl"))
-        .arg(format!("--kubeconfig={}", admin.display()))
-        .args(["apply", "--server-side", "--field-manager=kreboot-test", "-f"])
-        .arg(file)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl starts");
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("write to kubectl");
-    }
-    let out = child.wait_with_output().expect("kubectl runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "kubectl apply --server-side -f {} failed:\n{stdout}\n{stderr}",
-        file.display()
-    );
-    eprintln!("kubectl apply --server-side -f {}:\n{stdout}", file.display());
 }
 
 /// The Python that runs scripts/check_chart.py (Helm through helm-python-sdk): `$KREBOOT_PYTHON`,
@@ -225,7 +188,7 @@ async fn chart_applies_and_its_policies_type_check() {
     .await;
     let client = cp.admin_client();
 
-    kubectl_apply(&cp, &root().join("manifests"), None);
+    cp.kubectl_apply(&root().join("manifests"), None);
     assert_policies_type_check(&client, "manifests/").await;
 
     let (list, set_aside) = render_all_features();
@@ -235,11 +198,7 @@ async fn chart_applies_and_its_policies_type_check() {
         3,
         "ServiceMonitor, PodMonitor, PrometheusRule: {set_aside:?}"
     );
-    kubectl_apply(
-        &cp,
-        Path::new("-"),
-        Some(&serde_json::to_string(&list).expect("JSON")),
-    );
+    cp.kubectl_apply(Path::new("-"), Some(&serde_json::to_string(&list).expect("JSON")));
     // With every feature on, the node policy carries the pre/post-reboot labels and the taint.
     let node_policy = Api::<ValidatingAdmissionPolicy>::all(client.clone())
         .get(NODE_POLICY)
@@ -251,50 +210,6 @@ async fn chart_applies_and_its_policies_type_check() {
         "the render with every feature on was applied: {vars}"
     );
     assert_policies_type_check(&client, "every feature on").await;
-}
-
-/// A bound token of the chart's ServiceAccount for the pod `pod` (carries its node's name), or,
-/// with no pod, an unbound one (no node name).
-async fn sa_token(admin: &Client, pod: Option<&Pod>) -> String {
-    let mut spec = json!({"expirationSeconds": 3600});
-    if let Some(p) = pod {
-        spec["boundObjectRef"] = json!({
-            "kind": "Pod", "apiVersion": "v1",
-            "name": p.metadata.name, "uid": p.metadata.uid,
-        });
-    }
-    let req: TokenRequest = serde_json::from_value(json!({"spec": spec})).expect("TokenRequest");
-    let tr: TokenRequest = Api::<ServiceAccount>::namespaced(admin.clone(), NS)
-        .create_subresource("token", "kreboot", &PostParams::default(), &req)
-        .await
-        .expect("TokenRequest for the chart's ServiceAccount");
-    tr.status.expect("token issued").token
-}
-
-/// A stand-in for the DaemonSet's pod on `node`: the chart's ServiceAccount, owned by the
-/// chart's DaemonSet (so the drain leaves it, as it leaves DaemonSet pods; no DaemonSet
-/// controller runs here to make the real ones).
-async fn agent_pod(admin: &Client, ds: &DaemonSet, node: &str) -> Pod {
-    let pod = json!({
-        "metadata": {
-            "name": format!("kreboot-{node}"),
-            "labels": {"app.kubernetes.io/name": "kreboot", "app.kubernetes.io/instance": "kreboot"},
-            "ownerReferences": [{
-                "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "kreboot",
-                "uid": ds.metadata.uid, "controller": true, "blockOwnerDeletion": true,
-            }],
-        },
-        "spec": {
-            "nodeName": node,
-            "serviceAccountName": "kreboot",
-            "containers": [{"name": "agent", "image": "registry.invalid/kreboot:test"}],
-            "tolerations": [{"operator": "Exists"}],
-        },
-    });
-    Api::<Pod>::namespaced(admin.clone(), NS)
-        .create(&PostParams::default(), &serde_json::from_value(pod).unwrap())
-        .await
-        .unwrap_or_else(|e| panic!("create the agent pod on {node}: {e}"))
 }
 
 /// The code and message of a refused request; panics when it was not refused.
@@ -407,7 +322,7 @@ async fn agents_as_the_charts_service_account() {
     ));
     let cp = cp(&b);
     let admin = cp.admin_client();
-    kubectl_apply(cp, &root().join("manifests"), None);
+    cp.kubectl_apply(&root().join("manifests"), None);
     assert_policies_type_check(&admin, "manifests/").await;
     Api::<Namespace>::all(admin.clone())
         .create(
@@ -429,8 +344,8 @@ async fn agents_as_the_charts_service_account() {
             b.add_pod("apps", &format!("{node}-app-{p}"), node, &[("app", "web")])
                 .await;
         }
-        let pod = agent_pod(&admin, &ds, node).await;
-        tokens.insert(node, sa_token(&admin, Some(&pod)).await);
+        let pod = real::agent_pod(&admin, NS, &ds, node).await;
+        tokens.insert(node, real::sa_token(&admin, NS, Some(&pod)).await);
     }
     // A probe: another pod on n0, whose token shows when the admission policies are in force
     // (the API server loads them from an informer, a moment after they are created).
@@ -444,7 +359,7 @@ async fn agents_as_the_charts_service_account() {
         .create(&PostParams::default(), &probe_pod)
         .await
         .expect("probe pod");
-    let probe = cp.client(&sa_token(&admin, Some(&probe_pod)).await);
+    let probe = cp.client(&real::sa_token(&admin, NS, Some(&probe_pod)).await);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let r = Api::<Node>::all(probe.clone())
@@ -759,7 +674,7 @@ async fn agents_as_the_charts_service_account() {
     assert_eq!(lease_holders(&admin).await, ["n1"], "n1 still holds its slot");
 
     // A token of the same ServiceAccount that names no node (not bound to a pod).
-    let unbound = cp.client(&sa_token(&admin, None).await);
+    let unbound = cp.client(&real::sa_token(&admin, NS, None).await);
     assert_denied(
         Api::<Node>::all(unbound.clone())
             .patch(
@@ -834,7 +749,7 @@ async fn agents_as_the_charts_service_account() {
              "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": STATUS_USER}]},
         ],
     });
-    kubectl_apply(cp, Path::new("-"), Some(&reader.to_string()));
+    cp.kubectl_apply(Path::new("-"), Some(&reader.to_string()));
     let kubeconfig = cp.write_kubeconfig("status", STATUS_TOKEN);
     // RBAC's informers take the new bindings a moment after they are created.
     let deadline = Instant::now() + Duration::from_secs(30);

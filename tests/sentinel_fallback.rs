@@ -11,7 +11,7 @@
 //! start-up ("cannot watch the sentinel ... Too many open files"), which fails these tests.
 //!
 //! The agent runs as another uid and the helper changes uid, so these tests need root; without
-//! it they say why and return. They share uid 65534's budget and so run one at a time.
+//! it they fail under CI and say SKIPPED elsewhere. They share uid 65534's budget and so run one at a time.
 //! A filesystem that delivers no events at all (`/proc`) is covered without root, and so is the
 //! start-up review's other change: a metrics port that cannot be bound only degrades the agent.
 //!
@@ -263,13 +263,11 @@ const REQUIRED: &str = "kreboot_reboot_required{node=\"n1\"}";
 
 async fn agent_falls_back_to_polling_and_returns_to_inotify(what: Exhaust) {
     if !is_root() {
-        eprintln!(
-            "SKIPPED: needs root (the agent runs as uid {UID}, and a helper becomes uid {UID} to use up its inotify {})",
-            if what == Exhaust::Instances {
-                "instances"
-            } else {
-                "watches"
-            }
+        common::cannot_run(
+            "the inotify fall-back test",
+            &format!(
+                "needs root (the agent runs as uid {UID}, and a helper becomes uid {UID} to use up its inotify budget)"
+            ),
         );
         return;
     }

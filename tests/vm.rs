@@ -16,12 +16,16 @@
 //! /dev/tcp) to kube-apiserver's port. Everything is real except the kubelet: `kubelet-sim`
 //! reports the guest's real boot id, KWOK runs the (fake) application pods.
 //!
-//! Skipped, loudly, when not root or when qemu-system-x86_64 or debootstrap is missing
-//! (scripts/test installs them).
+//! The guest runs AppArmor (Debian's kernel and `apparmor` package) with a profile that confines
+//! as the container runtimes' default does. A first run confines the agent with it, as a pod
+//! that says nothing about AppArmor runs on an Ubuntu node: the preflight must refuse before
+//! any disruption. The two cycles run the agent as the chart does (AppArmor `Unconfined`).
+//!
+//! Without root, qemu-system-x86_64 or debootstrap (scripts/test installs them) it fails under CI
+//! and says SKIPPED, loudly, elsewhere.
 
 use std::{
     collections::BTreeMap,
-    io::Read,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -29,10 +33,15 @@ use std::{
 
 mod common;
 
-use common::real::{self, ControlPlane};
+use common::{
+    artifact::{run, static_kreboot},
+    cannot_run, found,
+    real::{self, ControlPlane},
+};
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{Namespace, Node, Pod},
+    events::v1::Event,
 };
 use kreboot::node::{ANN_LAST_REBOOT, ANN_PHASE, PREFIX};
 use kube::{
@@ -49,51 +58,6 @@ fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Prints a skip message nobody can miss (the test then returns: nextest has no "skipped").
-fn skip(why: &str) {
-    let bar = "!".repeat(78);
-    eprintln!("\n{bar}\n!! SKIPPED: the VM test did not run: {why}\n{bar}\n");
-}
-
-fn found(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p)
-            .chain(["/usr/sbin".into(), "/sbin".into()])
-            .any(|d| d.join(program).is_file())
-    })
-}
-
-/// Runs a command to completion within `limit`, killing it on expiry; panics on failure.
-fn run(cmd: &mut Command, what: &str, limit: Duration) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let out_path = dir.path().join("out");
-    let out = std::fs::File::create(&out_path).unwrap();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{what}: still running after {limit:?}, killed:\n{}",
-                std::fs::read_to_string(&out_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-    assert!(status.success(), "{what} failed ({status}):\n{output}");
-    output
-}
-
 /// FNV-1a: a hash that is the same on every machine and toolchain (the image cache key).
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -101,62 +65,15 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// True when the ELF file asks for no program interpreter (a static or static-pie binary).
-fn elf_is_static(path: &Path) -> bool {
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .unwrap()
-        .read_to_end(&mut bytes)
-        .unwrap();
-    assert_eq!(&bytes[..4], b"\x7fELF", "{path:?} is not ELF");
-    assert_eq!(bytes[4], 2, "{path:?} is not a 64-bit ELF");
-    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
-    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap()) as usize;
-    let (phoff, phentsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
-    // PT_INTERP = 3: the dynamic loader a dynamically linked program needs.
-    !(0..phnum).any(|i| u32::from_le_bytes(bytes[phoff + i * phentsize..][..4].try_into().unwrap()) == 3)
-}
-
-/// The static kreboot, built (or found up to date, e.g. after scripts/test built it) in the
-/// worktree's own target/.
-fn static_kreboot() -> PathBuf {
-    let root = manifest_dir();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let started = Instant::now();
-    run(
-        Command::new(cargo)
-            .current_dir(&root)
-            .env_remove("CARGO_TARGET_DIR")
-            .env_remove("CARGO_BUILD_TARGET_DIR")
-            .args([
-                "build",
-                "--release",
-                "--locked",
-                "--target",
-                "x86_64-unknown-linux-musl",
-                "--bin",
-                "kreboot",
-                "--target-dir",
-            ])
-            .arg(root.join("target")),
-        "cargo build (static musl kreboot)",
-        Duration::from_secs(30 * 60),
-    );
-    let bin = root.join("target/x86_64-unknown-linux-musl/release/kreboot");
-    assert!(elf_is_static(&bin), "{bin:?} needs a dynamic loader: not static");
-    eprintln!(
-        "[vm] static kreboot {bin:?} ({} KiB), built or checked in {:.1?}",
-        std::fs::metadata(&bin).unwrap().len() / 1024,
-        started.elapsed()
-    );
-    bin
-}
-
-/// The cached image directory (disk.ext4, vmlinuz, initrd.img), built when missing.
+/// The cached image directory (disk.ext4, vmlinuz, initrd.img), built when missing. It lives
+/// outside the clone (`$KREBOOT_CACHE`, else `~/.cache/kreboot`), keyed by the build script's
+/// hash, so a fresh clone on a warm machine builds nothing (scripts/test computes the same path).
 fn image() -> PathBuf {
-    let dir = manifest_dir()
-        .join("target/vm")
-        .join(format!("image-{:016x}", fnv1a(BUILD_SCRIPT.as_bytes())));
+    let cache = std::env::var_os("KREBOOT_CACHE").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kreboot"),
+        PathBuf::from,
+    );
+    let dir = cache.join(format!("vm-image-{:016x}", fnv1a(BUILD_SCRIPT.as_bytes())));
     if dir.join("disk.ext4").is_file() {
         eprintln!("[vm] image: cached {dir:?}");
         return dir;
@@ -216,6 +133,8 @@ struct Seen {
     cordoned: bool,
     /// Pods bound to the node (terminating ones included).
     pods_on_node: usize,
+    /// The message of the agent's `HostAccessDenied` Event about the node, once there is one.
+    host_access_denied: Option<String>,
 }
 
 async fn look(client: &kube::Client) -> Seen {
@@ -241,6 +160,17 @@ async fn look(client: &kube::Client) -> Seen {
         .await
     {
         seen.pods_on_node = pods.items.len();
+    }
+    if let Ok(events) = Api::<Event>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        seen.host_access_denied = events
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("HostAccessDenied"))
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(NODE))
+            .find_map(|e| e.note);
     }
     seen
 }
@@ -270,10 +200,37 @@ async fn wait_for(
     start.elapsed()
 }
 
-/// One full cycle in a fresh copy of the image with `method` (command or signal).
-async fn cycle(image: &Path, kreboot: &Path, method: &str) {
-    let total = Instant::now();
-    let dir = manifest_dir().join("target/vm").join(format!("run-{method}"));
+/// A guest booting from a fresh copy of the image, and the control plane it reports to.
+struct Booted {
+    // Dropped first: qemu stops before its API server does.
+    vm: Vm,
+    client: kube::Client,
+    _cp: ControlPlane,
+}
+
+/// The Node's boot id before this machine's kubelet first reported (a stale one).
+const FAKE_BOOT_ID: &str = "00000000-0000-4000-8000-000000000000";
+
+/// How the agent's unit is confined in a run.
+#[derive(Clone, Copy, PartialEq)]
+enum Confinement {
+    /// As the chart runs it: AppArmor `Unconfined` (the unit sets no profile).
+    Chart,
+    /// As a pod that asks for nothing on an AppArmor node: the runtime's default profile
+    /// (the image's `cri-containerd.apparmor.d`), through a drop-in with `AppArmorProfile=`.
+    RuntimeDefault,
+}
+
+/// Starts a control plane (the VM's Node and two pods on it) and boots a fresh copy of the image
+/// with the agent using `method` (command or signal), confined as `confinement` says.
+async fn boot(
+    image: &Path,
+    kreboot: &Path,
+    run_name: &str,
+    method: &str,
+    confinement: Confinement,
+) -> Booted {
+    let dir = manifest_dir().join("target/vm").join(format!("run-{run_name}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("disk.ext4");
@@ -302,7 +259,7 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
             .await;
     }
     // The Node as it was before this machine's kubelet first reported (a stale boot id).
-    let fake_boot_id = "00000000-0000-4000-8000-000000000000";
+    let fake_boot_id = FAKE_BOOT_ID;
     Api::<Node>::all(client.clone())
         .create(
             &PostParams::default(),
@@ -349,16 +306,21 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
         .unwrap()
         .replace(&cp.url, "https://10.0.2.100:6443");
     std::fs::write(&kubeconfig, text).unwrap();
+    let mut cmds_text = format!(
+        "cd /opt/kreboot-root\nwrite {} kreboot\nsif kreboot mode 0100755\ncd /etc/kreboot\nrm kubeconfig\nwrite {} kubeconfig\n",
+        kreboot.display(),
+        kubeconfig.display()
+    );
+    if confinement == Confinement::RuntimeDefault {
+        let dropin = dir.join("apparmor.conf");
+        std::fs::write(&dropin, "[Service]\nAppArmorProfile=cri-containerd.apparmor.d\n").unwrap();
+        cmds_text.push_str(&format!(
+            "mkdir /etc/systemd/system/kreboot-agent.service.d\ncd /etc/systemd/system/kreboot-agent.service.d\nwrite {} apparmor.conf\n",
+            dropin.display()
+        ));
+    }
     let cmds = dir.join("debugfs.cmds");
-    std::fs::write(
-        &cmds,
-        format!(
-            "cd /opt/kreboot-root\nwrite {} kreboot\nsif kreboot mode 0100755\ncd /etc/kreboot\nrm kubeconfig\nwrite {} kubeconfig\n",
-            kreboot.display(),
-            kubeconfig.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cmds, cmds_text).unwrap();
     run(
         Command::new("debugfs").arg("-w").arg("-f").arg(&cmds).arg(&disk),
         "debugfs (writing kreboot into the image)",
@@ -419,10 +381,19 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
         .expect("qemu starts");
     let vm = Vm { child, console };
     eprintln!(
-        "[vm:{method}] qemu pid {} (console: {:?})",
+        "[vm:{run_name}] qemu pid {} (console: {:?})",
         vm.child.id(),
         vm.console
     );
+    Booted { vm, client, _cp: cp }
+}
+
+/// One full cycle in a fresh copy of the image with `method` (command or signal), the agent
+/// confined as the chart confines it.
+async fn cycle(image: &Path, kreboot: &Path, method: &str) {
+    let total = Instant::now();
+    let Booted { vm, client, _cp: cp } = boot(image, kreboot, method, method, Confinement::Chart).await;
+    let fake_boot_id = FAKE_BOOT_ID;
 
     // First boot: kubelet-sim reports the guest's real boot id.
     let t = wait_for(
@@ -559,15 +530,100 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
     eprintln!("[vm:{method}] cycle passed in {:.1?}", total.elapsed());
 }
 
+/// The agent confined as a pod that asks for nothing is on an AppArmor node: the preflight
+/// finds that the host's PID 1 is out of reach and nothing is disrupted: no lease, no cordon,
+/// no eviction, no reboot; the Event names AppArmor, the profile and the chart value.
+async fn refused_under_the_runtime_default_profile(image: &Path, kreboot: &Path) {
+    let total = Instant::now();
+    let run_name = "apparmor-default";
+    let b = boot(image, kreboot, run_name, "command", Confinement::RuntimeDefault).await;
+    let (vm, client) = (&b.vm, &b.client);
+    let t = wait_for(
+        vm,
+        client,
+        "first boot: kubelet-sim reports the boot id",
+        Duration::from_secs(300),
+        |s| s.boot_id != FAKE_BOOT_ID && console_boot_ids(&vm.console()).first() == Some(&s.boot_id),
+    )
+    .await;
+    eprintln!("[vm:{run_name}] phase first boot: {t:.1?}");
+    let console = vm.console();
+    assert!(
+        console.contains("VMTEST: apparmor enabled=Y runtime-default-loaded=1"),
+        "the guest's AppArmor is not enabled with the runtime default profile loaded:\n{}",
+        console
+            .lines()
+            .filter(|l| l.contains("VMTEST"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let t = wait_for(
+        vm,
+        client,
+        "the HostAccessDenied Event",
+        Duration::from_secs(180),
+        |s| {
+            // Nothing may be disrupted on the way to the refusal.
+            assert!(
+                !s.cordoned,
+                "cordoned under a profile that forbids the reboot: {s:?}"
+            );
+            assert_eq!(s.lock_holder, None, "took the lock: {s:?}");
+            s.host_access_denied.is_some()
+        },
+    )
+    .await;
+    let message = look(client).await.host_access_denied.unwrap();
+    eprintln!("[vm:{run_name}] preflight refused {t:.1?} after the boot was reported: {message}");
+    for needle in [
+        "AppArmor",
+        "cri-containerd.apparmor.d",
+        "agent.appArmorProfile",
+        "Unconfined",
+    ] {
+        assert!(
+            message.contains(needle),
+            "the Event does not name {needle:?}: {message}"
+        );
+    }
+    // And it stays that way: the agent waits (it rechecks every minute) rather than trying.
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(15) {
+        let s = look(client).await;
+        assert!(!s.cordoned, "cordoned: {s:?}");
+        assert_eq!(s.lock_holder, None, "took the lock: {s:?}");
+        assert_eq!(s.pods_on_node, 2, "pods evicted: {s:?}");
+        assert!(!s.annotations.contains_key(ANN_PHASE), "a cycle began: {s:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let console = vm.console();
+    assert!(
+        console.contains("kreboot agent started"),
+        "the agent never started"
+    );
+    assert!(
+        !console.contains("reboot: Restarting system"),
+        "the guest rebooted"
+    );
+    drop(b);
+    eprintln!("[vm:{run_name}] refusal shown in {:.1?}", total.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_vm_is_rebooted_through_systemd_and_comes_back() {
     if !nix::unistd::Uid::effective().is_root() {
-        skip("not root (building the image needs debootstrap and chroot)");
+        cannot_run(
+            "the VM test",
+            "not root (building the image needs debootstrap and chroot)",
+        );
         return;
     }
     for program in ["qemu-system-x86_64", "debootstrap"] {
         if !found(program) {
-            skip(&format!("{program} not found (scripts/test installs it)"));
+            cannot_run(
+                "the VM test",
+                &format!("{program} not found (scripts/test installs it)"),
+            );
             return;
         }
     }
@@ -581,6 +637,7 @@ async fn a_real_vm_is_rebooted_through_systemd_and_comes_back() {
         let image = image.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
         (kreboot, image)
     });
+    refused_under_the_runtime_default_profile(&image, &kreboot).await;
     cycle(&image, &kreboot, "command").await;
     cycle(&image, &kreboot, "signal").await;
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod artifact;
 pub mod backend;
 pub mod real;
 pub mod real_fleet;
@@ -217,6 +218,27 @@ pub async fn scrape_metrics(port: u16) -> Option<String> {
 pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A test that cannot run here (not root, a tool missing): under CI (`CI` set) that is a
+/// failure, because CI installs everything and runs as root, so a skip there would hide a test
+/// that proves nothing; elsewhere a skip nobody can miss. The caller returns after it.
+pub fn cannot_run(test: &str, why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} cannot run under CI: {why}"
+    );
+    let bar = "!".repeat(78);
+    eprintln!("\n{bar}\n!! SKIPPED: {test} did not run: {why}\n{bar}\n");
+}
+
+/// Whether `program` is on PATH (or in /usr/sbin, /sbin, which a root PATH may lack).
+pub fn found(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .any(|d| d.join(program).is_file())
+    })
 }
 
 /// A free port on 127.0.0.1.

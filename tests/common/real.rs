@@ -391,6 +391,42 @@ impl ControlPlane {
         path
     }
 
+    /// `kubectl --kubeconfig=ADMIN apply --server-side -f FILE` (`-` reads `stdin`).
+    pub fn kubectl_apply(&self, file: &Path, stdin: Option<&str>) {
+        use std::io::Write as _;
+        let admin = self.dir.join("kubeconfig-admin");
+        let mut child = Command::new(tool("kubectl"))
+            .arg(format!("--kubeconfig={}", admin.display()))
+            .args(["apply", "--server-side", "--field-manager=kreboot-test", "-f"])
+            .arg(file)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl starts");
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write to kubectl");
+        }
+        let out = child.wait_with_output().expect("kubectl runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "kubectl apply --server-side -f {} failed:\n{stdout}\n{stderr}",
+            file.display()
+        );
+        eprintln!("kubectl apply --server-side -f {}:\n{stdout}", file.display());
+    }
+
     /// A kube-rs configuration for `token` (no client-side retries, as kreboot's own).
     pub fn config(&self, token: &str) -> kube::Config {
         let mut c = kube::Config::new(self.url.parse().expect("server URL"));
@@ -474,4 +510,61 @@ impl Drop for ControlPlane {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// A bound token of the chart's ServiceAccount `kreboot` in `ns` for the pod `pod` (it carries
+/// the pod's node name, which the admission policies check), or, with no pod, an unbound one.
+pub async fn sa_token(
+    admin: &kube::Client,
+    ns: &str,
+    pod: Option<&k8s_openapi::api::core::v1::Pod>,
+) -> String {
+    use k8s_openapi::api::{authentication::v1::TokenRequest, core::v1::ServiceAccount};
+    let mut spec = serde_json::json!({"expirationSeconds": 3600});
+    if let Some(p) = pod {
+        spec["boundObjectRef"] = serde_json::json!({
+            "kind": "Pod", "apiVersion": "v1",
+            "name": p.metadata.name, "uid": p.metadata.uid,
+        });
+    }
+    let req: TokenRequest = serde_json::from_value(serde_json::json!({"spec": spec})).expect("TokenRequest");
+    let tr: TokenRequest = kube::Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .create_subresource("token", "kreboot", &kube::api::PostParams::default(), &req)
+        .await
+        .expect("TokenRequest for the chart's ServiceAccount");
+    tr.status.expect("token issued").token
+}
+
+/// A stand-in for the DaemonSet's pod on `node`: the chart's ServiceAccount, owned by the
+/// chart's DaemonSet `ds` (so the drain leaves it, as it leaves DaemonSet pods; no DaemonSet
+/// controller runs here to make the real ones).
+pub async fn agent_pod(
+    admin: &kube::Client,
+    ns: &str,
+    ds: &k8s_openapi::api::apps::v1::DaemonSet,
+    node: &str,
+) -> k8s_openapi::api::core::v1::Pod {
+    let pod = serde_json::json!({
+        "metadata": {
+            "name": format!("kreboot-{node}"),
+            "labels": {"app.kubernetes.io/name": "kreboot", "app.kubernetes.io/instance": "kreboot"},
+            "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "kreboot",
+                "uid": ds.metadata.uid, "controller": true, "blockOwnerDeletion": true,
+            }],
+        },
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": "kreboot",
+            "containers": [{"name": "agent", "image": "registry.invalid/kreboot:test"}],
+            "tolerations": [{"operator": "Exists"}],
+        },
+    });
+    kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(admin.clone(), ns)
+        .create(
+            &kube::api::PostParams::default(),
+            &serde_json::from_value(pod).unwrap(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("create the agent pod on {node}: {e}"))
 }

@@ -3,7 +3,8 @@
 # network set-up for qemu's user network, the kubeconfig pointing at the guestfwd address, and
 # the units that run kreboot the way the DaemonSet runs it. The kreboot binary itself is not in
 # the image: the test writes it into a copy (debugfs) for every run, so this image only changes
-# when this script does (the test caches it under target/vm/<hash of this script>/).
+# when this script does (the test caches it outside the clone, under
+# ${KREBOOT_CACHE:-~/.cache/kreboot}/vm-image-<hash of this script>/).
 #
 # Usage: build-image.sh OUT_DIR   (writes OUT_DIR/disk.ext4, OUT_DIR/vmlinuz, OUT_DIR/initrd.img)
 set -euo pipefail
@@ -14,7 +15,7 @@ trap 'rm -rf "$work"' EXIT
 root=$work/root
 
 # The kernel and its initrd come from the image itself, so its /lib/modules matches.
-debootstrap --variant=minbase --include=systemd-sysv,udev,linux-image-amd64 bookworm "$root" "$mirror" \
+debootstrap --variant=minbase --include=systemd-sysv,udev,linux-image-amd64,apparmor bookworm "$root" "$mirror" \
   >"$work/debootstrap.log" 2>&1 || { tail -30 "$work/debootstrap.log"; exit 1; }
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
 
@@ -61,6 +62,44 @@ kroot=$root/opt/kreboot-root
 mkdir -p "$kroot"/{proc,sys,dev,tmp,etc/kreboot,host/var/run}
 touch "$kroot/etc/kreboot/kubeconfig"
 
+# AppArmor as on an Ubuntu (or Debian) node: Debian's kernel enables it and the apparmor package
+# loads /etc/apparmor.d at boot. The profile below confines a process the way the container
+# runtimes' default profile confines a pod that asks for none (containerd names it
+# cri-containerd.apparmor.d, and so does this one, so the agent's message reads as on a node).
+# Written for this test from what that default allows and denies: everything a container
+# usually does (network, file access, the capabilities it was given), no mount, no writes into
+# the kernel's /proc and /sys knobs, and ptrace and signals only between processes under the
+# same profile. PID 1 is unconfined: opening /proc/1/ns/* (a ptrace read) and signalling it are
+# refused whatever the capabilities. The test confines the agent with it through a drop-in
+# (AppArmorProfile=) on the run that shows the preflight's refusal.
+cat >"$root/etc/apparmor.d/cri-containerd.apparmor.d" <<'PROFILE'
+#include <tunables/global>
+
+profile cri-containerd.apparmor.d flags=(attach_disconnected,mediate_deleted) {
+  #include <abstractions/base>
+
+  network,
+  capability,
+  file,
+  umount,
+
+  # Signals: from unconfined host processes, and among processes of this profile only.
+  signal (receive) peer=unconfined,
+  signal (send,receive) peer=cri-containerd.apparmor.d,
+  # ptrace (and so reading another process's /proc/PID/ns): within this profile only.
+  ptrace (trace,read,tracedby,readby) peer=cri-containerd.apparmor.d,
+
+  deny mount,
+  deny @{PROC}/* w,
+  deny @{PROC}/sys/[^k]** w,
+  deny @{PROC}/sysrq-trigger rwklx,
+  deny @{PROC}/kcore rwklx,
+  deny /sys/[^f]*/** wklx,
+  deny /sys/firmware/** rwklx,
+  deny /sys/kernel/security/** rwklx,
+}
+PROFILE
+
 u=$root/etc/systemd/system
 # First boot only: the sentinel appears in /run (a tmpfs, so it is gone after the reboot), as
 # unattended-upgrades would write it. Every boot prints its boot id on the console.
@@ -68,13 +107,14 @@ cat >"$u/vmtest-sentinel.service" <<'UNIT'
 [Unit]
 Description=VM test: reboot-required sentinel on the first boot
 DefaultDependencies=no
-After=local-fs.target
+After=local-fs.target apparmor.service
 Before=kreboot-agent.service
 
 [Service]
 Type=oneshot
 RemainAfterExit=yes
 StandardOutput=journal+console
+ExecStart=/bin/sh -c 'echo "VMTEST: apparmor enabled=$(cat /sys/module/apparmor/parameters/enabled) runtime-default-loaded=$(grep -c "^cri-containerd.apparmor.d " /sys/kernel/security/apparmor/profiles)"'
 ExecStart=/bin/sh -c 'echo "VMTEST: boot_id=$(cat /proc/sys/kernel/random/boot_id)"; if [ -e /var/lib/vmtest/first-boot-done ]; then echo "VMTEST: later boot, no sentinel"; else mkdir -p /var/lib/vmtest && touch /var/lib/vmtest/first-boot-done && sync && echo "*** System restart required ***" >/run/reboot-required && echo "VMTEST: first boot, sentinel created"; fi'
 
 [Install]
@@ -129,7 +169,7 @@ WantedBy=multi-user.target
 UNIT
 
 chroot "$root" systemctl enable systemd-networkd.service systemd-networkd-wait-online.service \
-  vmtest-sentinel.service kreboot-kubelet-sim.service kreboot-agent.service >/dev/null 2>&1
+  apparmor.service vmtest-sentinel.service kreboot-kubelet-sim.service kreboot-agent.service >/dev/null 2>&1
 # Nothing the test does not need: no login prompts, no timers, no drivers for hardware the VM
 # lacks (every boot is emulated instruction by instruction).
 chroot "$root" systemctl mask serial-getty@ttyS0.service getty@tty1.service getty-static.service \
