@@ -277,7 +277,7 @@ async fn client() -> Result<Client, String> {
     // kreboot owns the retries of refused evictions: the client's own retry of 429 would make
     // --timeout meaningless.
     cfg.default_retry = false;
-    Client::try_from(cfg).map_err(|e| format!("cannot build the Kubernetes client: {e}"))
+    crate::connect::client(cfg).map_err(|e| format!("cannot build the Kubernetes client: {e}"))
 }
 
 /// The nodes named or selected, sorted by name; an error if one is missing or none match.

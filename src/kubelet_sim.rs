@@ -45,7 +45,7 @@ pub async fn run(args: &KubeletSimArgs) -> anyhow::Result<String> {
     cfg.default_retry = false;
     cfg.connect_timeout = Some(Duration::from_secs(5));
     cfg.read_timeout = Some(Duration::from_secs(10));
-    let client = kube::Client::try_from(cfg)?;
+    let client = crate::connect::client(cfg)?;
     let nodes: Api<Node> = Api::all(client);
     let deadline = tokio::time::Instant::now() + args.timeout;
     let mut attempt = 0u32;

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod blockers;
 pub mod cli;
+pub mod connect;
 pub mod drain;
 pub mod drain_cli;
 pub mod events;

@@ -79,7 +79,7 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
     // kreboot owns its retries: the client's own retry of 429 would make --drain-timeout
     // meaningless (a PDB-blocked eviction could hang inside the client for minutes).
     kube_cfg.default_retry = false;
-    let client = match kube::Client::try_from(kube_cfg) {
+    let client = match kreboot::connect::client(kube_cfg) {
         Ok(c) => c,
         Err(e) => {
             error!(error = %e, "cannot build the Kubernetes client");

@@ -749,7 +749,7 @@ async fn gather(args: &StatusArgs) -> anyhow::Result<ClusterStatus> {
     // A one-shot command: fail in bounded time rather than hang on an unreachable server.
     config.connect_timeout = Some(StdDuration::from_secs(10));
     config.read_timeout = Some(StdDuration::from_secs(30));
-    let client = kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
+    let client = crate::connect::client(config).context("cannot build the Kubernetes client")?;
     let ns = args.namespace.as_str();
     let nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())

@@ -464,6 +464,34 @@ async fn status_api_errors_exit_1_with_a_message() {
     );
 }
 
+/// A plain `http://` server needs no trust store: in a root without one (the image has only
+/// its CA bundle; a distroless root may have none), kreboot must still connect. The empty
+/// `SSL_CERT_FILE` and `SSL_CERT_DIR` are such a root: before the fix, every command failed with
+/// "No CA certificates were loaded from the system".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_needs_no_ca_store() {
+    let sim = cluster(Some(POLICY)).await;
+    let (dir, kc) = kubeconfig(&sim).await;
+    let text = std::fs::read_to_string(&kc).expect("kubeconfig");
+    assert!(text.contains("http://"), "the simulator serves plain http: {text}");
+    let empty = dir.path().join("no-certs");
+    std::fs::create_dir_all(&empty).expect("empty dir");
+    let no_store = [
+        ("SSL_CERT_FILE", empty.join("none.pem").to_str().unwrap().to_owned()),
+        ("SSL_CERT_DIR", empty.to_str().unwrap().to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = no_store.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let run = status(&kc, &[], &env).await;
+    assert_eq!(
+        run.code,
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(run.stdout.contains("NODE"), "{}", run.stdout);
+}
+
 #[test]
 fn status_readme_example_is_the_golden_table() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
