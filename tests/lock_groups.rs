@@ -79,7 +79,12 @@ async fn one_at_a_time_per_pool_and_pools_side_by_side() {
             .applied_objects();
         futures::pin_mut!(stream);
         let mut state: BTreeMap<String, (String, bool)> = BTreeMap::new();
-        while let Some(Ok(n)) = stream.next().await {
+        // A watch error is not the end: the watcher re-lists with back-off.
+        while let Some(item) = stream.next().await {
+            let Ok(n) = item else {
+                eprintln!("monitor: watch error, the watcher retries: {item:?}");
+                continue;
+            };
             let pool = n
                 .metadata
                 .labels
@@ -110,6 +115,7 @@ async fn one_at_a_time_per_pool_and_pools_side_by_side() {
         (0..6).all(|i| completed(&sim, &format!("n{i}")))
     })
     .await;
+    assert!(!monitor.is_finished(), "the monitor stopped watching");
     monitor.abort();
     let (per_pool, overall) = maxima.lock().expect("monitor lock").clone();
     eprintln!("max out per pool: {per_pool:?}, overall: {overall}");

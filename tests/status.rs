@@ -473,11 +473,17 @@ async fn plain_http_needs_no_ca_store() {
     let sim = cluster(Some(POLICY)).await;
     let (dir, kc) = kubeconfig(&sim).await;
     let text = std::fs::read_to_string(&kc).expect("kubeconfig");
-    assert!(text.contains("http://"), "the simulator serves plain http: {text}");
+    assert!(
+        text.contains("http://"),
+        "the simulator serves plain http: {text}"
+    );
     let empty = dir.path().join("no-certs");
     std::fs::create_dir_all(&empty).expect("empty dir");
     let no_store = [
-        ("SSL_CERT_FILE", empty.join("none.pem").to_str().unwrap().to_owned()),
+        (
+            "SSL_CERT_FILE",
+            empty.join("none.pem").to_str().unwrap().to_owned(),
+        ),
         ("SSL_CERT_DIR", empty.to_str().unwrap().to_owned()),
     ];
     let env: Vec<(&str, &str)> = no_store.iter().map(|(k, v)| (*k, v.as_str())).collect();

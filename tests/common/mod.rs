@@ -169,7 +169,16 @@ impl OutMonitor {
                 .applied_objects();
             futures::pin_mut!(stream);
             let mut out = BTreeMap::new();
-            while let Some(Ok(n)) = stream.next().await {
+            // A watch error is not the end: the watcher re-lists with back-off and the monitor
+            // goes on (it used to stop at the first error and report the maximum seen so far).
+            while let Some(item) = stream.next().await {
+                let n = match item {
+                    Ok(n) => n,
+                    Err(e) => {
+                        eprintln!("out-of-service monitor: watch error, the watcher retries: {e}");
+                        continue;
+                    }
+                };
                 let name = n.metadata.name.clone().unwrap_or_default();
                 out.insert(name, is_out(&n));
                 let now = out.values().filter(|o| **o).count();
@@ -180,7 +189,15 @@ impl OutMonitor {
     }
 
     /// The largest number of nodes out at once so far.
+    ///
+    /// # Panics
+    /// When the monitor stopped watching (its stream ended): a maximum it no longer sees
+    /// proves nothing.
     pub fn max(&self) -> usize {
+        assert!(
+            !self.task.is_finished(),
+            "the out-of-service monitor stopped watching"
+        );
         self.max.load(Ordering::SeqCst)
     }
 }
