@@ -194,8 +194,13 @@ async fn rolling(nodes: usize, concurrency: u32) {
         max <= concurrency as usize,
         "{max} nodes out at once with --concurrency {concurrency}"
     );
+    // With more nodes than slots, the slots fill: exactly `concurrency` out at some moment
+    // (`max >= 1` could not tell a fleet that never used its second slot).
     if nodes as u32 > concurrency {
-        assert!(max >= 1);
+        assert_eq!(
+            max, concurrency as usize,
+            "{nodes} nodes with --concurrency {concurrency}: never that many out at once"
+        );
     }
 }
 
@@ -415,7 +420,13 @@ async fn killed_at(step: &str) {
         "rebooting" => annotation(sim, "n0", ANN_PHASE).as_deref() == Some("rebooting"),
         _ => unreachable!(),
     };
-    wait_for(LIMIT, step, || reached(&sim) || completed(&sim, "n0")).await;
+    wait_for(LIMIT, step, || reached(&sim)).await;
+    // The kill must land inside the cycle, not after it: a test that accepted an already
+    // completed cycle could pass without killing anything that mattered.
+    assert!(
+        !completed(&sim, "n0"),
+        "killed at {step}: the cycle had already completed"
+    );
     fleet.kill("n0");
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A node that went down is restarted by the fleet when it is Ready again, as the

@@ -61,10 +61,13 @@ async fn crud_conflicts_and_patches() {
     // A merge patch carrying a stale resourceVersion is refused too; without one it applies.
     let stale =
         json!({"metadata": {"resourceVersion": created.metadata.resource_version}, "data": {"k": "3"}});
+    let err = api
+        .patch("a", &PatchParams::default(), &Patch::Merge(&stale))
+        .await
+        .unwrap_err();
     assert!(
-        api.patch("a", &PatchParams::default(), &Patch::Merge(&stale))
-            .await
-            .is_err()
+        matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.reason == "Conflict"),
+        "a stale merge patch: {err}"
     );
     let p = api
         .patch(
@@ -78,10 +81,14 @@ async fn crud_conflicts_and_patches() {
     // JSON patch with a failing test op is refused.
     let jp: json_patch::Patch =
         serde_json::from_value(json!([{"op": "test", "path": "/data/x", "value": "nope"}])).unwrap();
+    // kube-apiserver answers a JSON patch it cannot apply with 422 Invalid.
+    let err = api
+        .patch("a", &PatchParams::default(), &Patch::<()>::Json(jp))
+        .await
+        .unwrap_err();
     assert!(
-        api.patch("a", &PatchParams::default(), &Patch::<()>::Json(jp))
-            .await
-            .is_err()
+        matches!(err, kube::Error::Api(ref s) if s.code == 422),
+        "a failing JSON patch test op: {err}"
     );
     api.delete("a", &DeleteParams::default()).await.unwrap();
     let err = api.get("a").await.unwrap_err();
@@ -160,7 +167,15 @@ async fn selectors_pagination_and_status_subresource() {
 
 #[tokio::test]
 async fn watches_recover_from_drops_and_gone_versions_and_get_bookmarks() {
-    let sim = sim().await;
+    // A history shorter than the unrelated churn between two events of the watch (five
+    // creates): a resume from the last version the watch saw is older than what is kept.
+    let sim = SimCluster::start(SimConfig {
+        bookmark_interval: Duration::from_millis(200),
+        history_size: 4,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
     let api: Api<ConfigMap> = Api::namespaced(sim.client().await, "kube-system");
     sim.set_faults(Faults {
         watch_drop_after: Some(Duration::from_millis(300)),
@@ -204,6 +219,10 @@ async fn watches_recover_from_drops_and_gone_versions_and_get_bookmarks() {
     assert!(
         counts.by_verb["watch"] > 2,
         "watches were dropped and resumed: {counts:?}"
+    );
+    assert!(
+        counts.refused("watch configmaps", 410) >= 1 && counts.by_verb["list"] > 1,
+        "a resume met 410 Gone and the watcher re-listed: {counts:?}"
     );
     // A watch from a version older than the kept history gets 410 Gone in the stream.
     let gone = reqwest_like_get(

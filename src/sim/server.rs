@@ -531,7 +531,9 @@ fn watch(sim: Arc<Shared>, kind: Kind, ns: Option<String>, q: &HashMap<String, S
     let (replay, mut rx) = match sim.store.watch_from(start) {
         Ok(x) => x,
         Err(e) => {
-            // The real server answers a too-old version inside a 200 watch stream.
+            // The real server answers a too-old version inside a 200 watch stream. Counted as a
+            // refusal, so a test can tell that resumes really met it.
+            sim.count_refusal("watch", kind.info().2, e.code);
             let line = json!({"type": "ERROR", "object": e.status()}).to_string() + "\n";
             return (StatusCode::OK, [("content-type", "application/json")], line).into_response();
         }
