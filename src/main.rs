@@ -23,6 +23,9 @@ const EXIT_USAGE: u8 = 2;
 /// How long queued notifications may hold up the exit.
 const NOTIFY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long queued Events may hold up the exit.
+const EVENTS_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
@@ -142,6 +145,7 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
         info!(?targets, "sending notifications");
     }
     let events = Events::start(client.clone(), &cfg.node_name, std::env::var("POD_NAME").ok());
+    let exit_events = events.clone();
     let _sentinel_mode = sentinel::spawn_mode_reporter(sentinel.mode(), metrics.clone(), events.clone());
     let agent = Agent {
         notifier: notifier.clone(),
@@ -160,6 +164,10 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
     // moment to leave.
     if !notifier.flush(NOTIFY_FLUSH).await {
         warn!("notifications still queued at exit were not sent");
+    }
+    // And the last Events (e.g. `Rebooting`), so the Node's story is complete.
+    if !exit_events.flush(EVENTS_FLUSH).await {
+        warn!("Events still queued at exit were not sent");
     }
     match result {
         Ok(outcome) => {

@@ -1,4 +1,4 @@
-//! kreboot's benchmark: measures the figures of DESIGN §7 on the simulated cluster, side by side
+//! kreboot's benchmark: measures the figures kreboot is held to (README, BENCHMARKS.md) on the simulated cluster, side by side
 //! with a kured-like baseline where there is one, prints them and writes `BENCHMARKS.md`.
 //!
 //! Run: `cargo build --release --bins && ./target/release/kreboot-bench` (add `--quick` for a
