@@ -42,6 +42,7 @@ use crate::{
     metrics::Metrics,
     node::{self, Action, CycleEnd, Observations, Phase, WaitReason},
     notify::{Notifier, NotifyEvent},
+    pause::{self, Pause},
     policy::Policy,
     reboot::Rebooter,
     sentinel::SentinelState,
@@ -166,6 +167,8 @@ struct PolicyState {
     synced: bool,
     /// The policy in force (None: an invalid ConfigMap and no good one seen yet: no reboots).
     policy: Option<Policy>,
+    /// An operator's pause recorded on the ConfigMap (read whether or not the policy is valid).
+    paused: Option<Pause>,
 }
 
 /// The lock Leases as the agent knows them.
@@ -502,8 +505,16 @@ impl Agent {
         let events = self.events.clone();
         let namespace = self.cfg.namespace.clone();
         let name = cm_name.clone();
+        let me = self.cfg.node_name.clone();
         let apply = move |cm: Option<ConfigMap>| {
             let cm = cm.as_ref();
+            let paused = pause::of_config_map(cm);
+            if paused != tx.borrow().paused {
+                match &paused {
+                    Some(p) => info!(node = %me, pause = %p.describe(), "reboots paused"),
+                    None => info!(node = %me, "reboots not paused"),
+                }
+            }
             let parsed = match cm {
                 None => Ok(Policy::default()),
                 Some(cm) => match cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) {
@@ -522,6 +533,7 @@ impl Agent {
                     tx.send_modify(|s| {
                         s.synced = true;
                         s.policy = Some(p);
+                        s.paused = paused;
                     });
                 }
                 Err(message) => {
@@ -538,7 +550,10 @@ impl Agent {
                             ..ObjectReference::default()
                         },
                     );
-                    tx.send_modify(|s| s.synced = true);
+                    tx.send_modify(|s| {
+                        s.synced = true;
+                        s.paused = paused;
+                    });
                 }
             }
         };
@@ -786,6 +801,7 @@ pub async fn run(
                     attempt = 0;
                     agent.metrics.set_state("idle");
                     agent.metrics.set_blocked(None);
+                    agent.metrics.set(&agent.metrics.paused, 0);
                     debug!(node = %me, "idle: waiting for the sentinel");
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
@@ -832,7 +848,10 @@ pub async fn run(
                 warn!(node = %me, problem = %p, "unexpected kreboot annotation");
             }
             let sentinel_state = sentinel.borrow_and_update().clone();
-            let policy = w.policy.borrow().policy.clone();
+            let (policy, paused) = {
+                let p = w.policy.borrow();
+                (p.policy.clone(), p.paused.clone())
+            };
             let window_open = policy.as_ref().is_some_and(|p| p.is_open(&view.labels, now));
             let slots = agent.slots_for(policy.as_ref(), &view.labels);
             let (leases, seen) = {
@@ -879,6 +898,7 @@ pub async fn run(
                 failure_backoff: chrono::Duration::from_std(agent.cfg.failure_backoff)
                     .unwrap_or(chrono::Duration::zero()),
                 host_access_ok: true,
+                paused: paused.is_some(),
             };
             let mut action = node::decide(&obs);
             if matches!(
@@ -928,7 +948,8 @@ pub async fn run(
                         r @ (WaitReason::WindowClosed
                         | WaitReason::RebootLoopBackoff
                         | WaitReason::FailureBackoff
-                        | WaitReason::HostAccess),
+                        | WaitReason::HostAccess
+                        | WaitReason::Paused),
                     ..
                 } => Some(r.label().to_owned()),
                 _ => None,
@@ -940,6 +961,16 @@ pub async fn run(
                 .and_then(|a| a.get(node::ANN_BLOCKED_BY))
                 .cloned();
             if held_back != recorded_held_back && !agent.cfg.dry_run {
+                if let Some(p) = paused.as_ref().filter(|_| held_back.as_deref() == Some("paused")) {
+                    agent.events.node(
+                        Reason::RebootsPaused,
+                        format!(
+                            "reboot held back: reboots are paused {} (kreboot resume lifts it)",
+                            p.describe()
+                        ),
+                    );
+                    info!(node = %me, pause = %p.describe(), "reboot held back: reboots are paused");
+                }
                 if let Some(reason) = obs.blocked_by.as_deref().filter(|_| held_back.is_some()) {
                     agent
                         .events
@@ -960,6 +991,11 @@ pub async fn run(
             agent
                 .metrics
                 .set(&agent.metrics.window_open, i64::from(window_open));
+            // Only while this node has a reboot to do: a pause that holds nothing back is no news.
+            agent.metrics.set(
+                &agent.metrics.paused,
+                i64::from(paused.is_some() && sentinel_state.required),
+            );
             agent
                 .metrics
                 .set(&agent.metrics.lock_held, i64::from(held.is_some()));
@@ -1342,9 +1378,17 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
             .filter_map(|l| lock::holder(l).map(str::to_owned))
             .collect()
     };
-    let policy = w.policy.borrow().policy.clone();
+    let (policy, paused) = {
+        let p = w.policy.borrow();
+        (p.policy.clone(), p.paused.is_some())
+    };
     let slot = lease.name_any();
     let now = agent.clock.now();
+    if paused {
+        // Paused: a waiter handed this slot would only give it back (and hand it to the next,
+        // and so on). Free it; after the resume the waiters take it as a free slot.
+        return release_only(agent, w, &lock, lease, now).await;
+    }
     // Hand the slot to the node that has waited longest, if any: one write, no race.
     let waiting = ListParams::default().labels(&format!("{}=true", node::LABEL_WAITING));
     match agent.node_api().list(&waiting).await {
@@ -1375,6 +1419,17 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
             warn!(error = %e, "cannot list waiting nodes; releasing the lock instead of handing it over")
         }
     }
+    release_only(agent, w, &lock, lease, now).await
+}
+
+/// Frees `lease` (held by this node) without naming a successor.
+async fn release_only(
+    agent: &Agent,
+    w: &Watches,
+    lock: &LeaseLock,
+    lease: Lease,
+    now: DateTime<Utc>,
+) -> Result<(), StepError> {
     match lock.release(&lease, now).await {
         Ok(Some(l)) => {
             info!(node = %agent.cfg.node_name, lease = %l.name_any(), "lock released");

@@ -43,6 +43,12 @@ pub enum Command {
     /// Show what kreboot is doing across the cluster: each node's state, the lock, the queue
     /// and the policy (reads the cluster with your kubeconfig; writes nothing).
     Status(StatusArgs),
+    /// Pause reboots cluster-wide: no node starts a reboot until `kreboot resume` (nodes already
+    /// draining or rebooting finish their cycle). Recorded on the policy ConfigMap, which every
+    /// agent with a reboot to do watches: they stop within a second.
+    Pause(PauseArgs),
+    /// Lift a pause: waiting nodes go on as the policy allows.
+    Resume(ResumeArgs),
     /// Run a command in the host's namespaces, as the agent runs its reboot command (for
     /// checking a node's set-up; prints the command's output and exits with its code).
     #[command(hide = true)]
@@ -201,6 +207,45 @@ pub struct StatusArgs {
     /// The instant ages and windows are computed from, RFC 3339 (for tests) [default: now].
     #[arg(long, hide = true, value_parser = parse_instant)]
     pub now: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Where the pause is recorded: the policy ConfigMap.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigMapTarget {
+    /// Namespace of the agents' policy ConfigMap [default: $POD_NAMESPACE, else kreboot].
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "kreboot",
+        hide_env = true,
+        hide_default_value = true
+    )]
+    pub namespace: String,
+    /// Name of the policy ConfigMap (created, with an empty policy, if it does not exist).
+    #[arg(long, default_value = "kreboot-config")]
+    pub config_map: String,
+}
+
+/// Flags of `kreboot pause`.
+#[derive(Debug, Clone, Args)]
+pub struct PauseArgs {
+    /// Where.
+    #[command(flatten)]
+    pub target: ConfigMapTarget,
+    /// Why, shown by `kreboot status` and in the agents' Events.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// Who pauses [default: the user the API server knows you as, else $USER].
+    #[arg(long, value_name = "NAME")]
+    pub by: Option<String>,
+}
+
+/// Flags of `kreboot resume`.
+#[derive(Debug, Clone, Args)]
+pub struct ResumeArgs {
+    /// Where.
+    #[command(flatten)]
+    pub target: ConfigMapTarget,
 }
 
 /// Output format of `kreboot status`.

@@ -55,6 +55,8 @@ pub enum Reason {
     /// The preflight failed: the agent cannot reach the host to reboot it (its namespaces or
     /// PID 1's signal refused), so it does not take the node out of service.
     HostAccessDenied,
+    /// A reboot is needed but an operator paused reboots cluster-wide (`kreboot pause`).
+    RebootsPaused,
 }
 
 impl Reason {
@@ -75,6 +77,7 @@ impl Reason {
             Reason::ConfigInvalid => "ConfigInvalid",
             Reason::SentinelPolling => "SentinelPolling",
             Reason::HostAccessDenied => "HostAccessDenied",
+            Reason::RebootsPaused => "RebootsPaused",
         }
     }
 

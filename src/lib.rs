@@ -17,6 +17,7 @@ pub mod lock;
 pub mod metrics;
 pub mod node;
 pub mod notify;
+pub mod pause;
 pub mod policy;
 pub mod policy_check;
 pub mod reboot;

@@ -244,6 +244,14 @@ fn main() -> ExitCode {
                 kreboot::drain_cli::run_uncordon(&args).await
             }
             Command::Status(args) => kreboot::status::run(&args).await,
+            Command::Pause(args) => {
+                init_logging(LogFormat::Text, "warn,kube_client=off");
+                kreboot::pause::run_pause(&args).await
+            }
+            Command::Resume(args) => {
+                init_logging(LogFormat::Text, "warn,kube_client=off");
+                kreboot::pause::run_resume(&args).await
+            }
             Command::Demo(args) => {
                 // The demo prints its own progress; agents' logs only when something goes wrong.
                 init_logging(LogFormat::Text, "warn");

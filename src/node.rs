@@ -215,6 +215,9 @@ pub struct Observations {
     /// The preflight proved that the reboot can reach the host (its namespaces can be opened,
     /// PID 1 may be signalled). When false the node is never taken out of service.
     pub host_access_ok: bool,
+    /// An operator paused reboots cluster-wide (`kreboot pause`): no new cycle starts; one in
+    /// progress finishes (see [`crate::pause`] for why).
+    pub paused: bool,
 }
 
 /// Why the agent does nothing right now.
@@ -235,6 +238,8 @@ pub enum WaitReason {
     /// The preflight failed: the agent cannot reach the host to reboot it (an LSM or a missing
     /// capability refuses), so it does not cordon or drain.
     HostAccess,
+    /// An operator paused reboots cluster-wide (`kreboot pause`).
+    Paused,
 }
 
 impl WaitReason {
@@ -248,6 +253,7 @@ impl WaitReason {
             WaitReason::FailureBackoff => "failure_backoff",
             WaitReason::AwaitingReboot => "awaiting_reboot",
             WaitReason::HostAccess => "host_access",
+            WaitReason::Paused => "paused",
         }
     }
 }
@@ -370,6 +376,11 @@ pub fn decide(o: &Observations) -> Action {
         Phase::Idle => {
             let blocking_wait = if !o.reboot_required {
                 Some(wait(WaitReason::NotRequired, None))
+            } else if o.paused {
+                // First among the reasons to wait: the operator's word is the news, whatever
+                // the window or the back-offs say. Only a node with no cycle in progress waits:
+                // a slot handed over meanwhile is given back below, unused.
+                Some(wait(WaitReason::Paused, None))
             } else if let Some(t) = until(r.last_reboot, o.reboot_loop_backoff, o.now) {
                 Some(wait(WaitReason::RebootLoopBackoff, Some(t)))
             } else if let Some(t) = until(r.last_failure, o.failure_backoff, o.now) {
@@ -602,6 +613,7 @@ mod tests {
             reboot_loop_backoff: Duration::minutes(30),
             failure_backoff: Duration::minutes(10),
             host_access_ok: true,
+            paused: false,
         }
     }
 
@@ -688,6 +700,35 @@ mod tests {
                 wait(WaitReason::NotRequired),
             ),
             (
+                "paused: wait, never take a lock",
+                Box::new(|o| o.paused = true),
+                wait(WaitReason::Paused),
+            ),
+            (
+                "paused outside the window: the pause is the news",
+                Box::new(|o| {
+                    o.paused = true;
+                    o.window_open = false;
+                }),
+                wait(WaitReason::Paused),
+            ),
+            (
+                "paused with a slot handed over before the cycle began: give it back",
+                Box::new(|o| {
+                    o.paused = true;
+                    o.held_lock = Some("l".into());
+                }),
+                Action::ReleaseLock,
+            ),
+            (
+                "paused but nothing needed",
+                Box::new(|o| {
+                    o.paused = true;
+                    o.reboot_required = false;
+                }),
+                wait(WaitReason::NotRequired),
+            ),
+            (
                 "old reboot does not hold back",
                 Box::new(|o| o.node.recorded.last_reboot = Some(t("2026-11-24T21:00:00Z"))),
                 Action::AcquireLock,
@@ -745,6 +786,14 @@ mod tests {
         let mut refused = o.clone();
         refused.host_access_ok = false;
         assert_eq!(decide(&refused), Action::Abort(AbortReason::HostAccess));
+        // A pause lets a cycle in progress finish: abandoning a half-drained node is riskier.
+        let mut paused = o.clone();
+        paused.paused = true;
+        assert_eq!(decide(&paused), Action::Drain);
+        assert_eq!(decide(&rebooting(paused, "boot-a")), Action::Reboot);
+        let mut paused = rebooting(obs(), "boot-old");
+        paused.paused = true;
+        assert_eq!(decide(&paused), Action::Complete);
     }
 
     #[test]

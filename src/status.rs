@@ -47,6 +47,8 @@ pub struct ClusterStatus {
     pub queue: Vec<QueueEntry>,
     /// The policy in force.
     pub policy: PolicyStatus,
+    /// An operator's cluster-wide pause (`kreboot pause`; None: not paused).
+    pub paused: Option<crate::pause::Pause>,
     /// Counts over the nodes and slots.
     pub summary: Summary,
 }
@@ -266,6 +268,7 @@ pub fn build_with(
         locks,
         queue,
         policy: policy_status,
+        paused: None,
         summary,
     }
 }
@@ -559,6 +562,18 @@ fn failure_cell(n: &NodeStatus, now: DateTime<Utc>) -> String {
 pub fn render_table(s: &ClusterStatus) -> String {
     let now = s.now;
     let mut out = String::new();
+    if let Some(p) = &s.paused {
+        // First: it explains every `paused` below.
+        let ago =
+            p.at.map(|at| format!(" ({} ago)", age(Some(at), now)))
+                .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "PAUSED: reboots are paused {}{ago}; no node starts a reboot until `kreboot resume`
+",
+            cell(Some(&p.describe()), 200)
+        );
+    }
     if s.nodes.is_empty() {
         out.push_str("No nodes.\n");
     } else {
@@ -778,6 +793,7 @@ async fn gather(args: &StatusArgs) -> anyhow::Result<ClusterStatus> {
         },
     };
     let mut status = build_with(&nodes, &leases, input, now);
+    status.paused = crate::pause::of_config_map(cm.as_ref());
     status.policy.source = Some(format!("{ns}/{}", args.config_map));
     Ok(status)
 }
@@ -1215,6 +1231,29 @@ rules:
             "SUMMARY: 7 nodes, 4 need a reboot (1 pending, 2 waiting, 1 in a cycle), 2 cordoned (1 by kreboot), 1 not Ready; 1 of 1 lock slots held\n"
         ), "{table}");
         assert!(!table.lines().any(|l| l.ends_with(' ')), "no trailing spaces");
+    }
+
+    #[test]
+    fn status_shows_a_pause_first_and_in_json() {
+        let mut s = build(&fleet(), &[], None, t(NOW));
+        assert!(!render_table(&s).contains("PAUSED"));
+        s.paused = Some(crate::pause::Pause {
+            by: "alice".into(),
+            at: Some(t(NOW) - Duration::minutes(5)),
+            reason: Some("kernel\nregression".into()),
+            problem: None,
+        });
+        let table = render_table(&s);
+        assert!(
+            table.starts_with(&format!(
+                "PAUSED: reboots are paused by alice at {}: kernel regression (5m ago); no node starts a reboot until `kreboot resume`\n\n",
+                node::format_time(t(NOW) - Duration::minutes(5))
+            )),
+            "{table}"
+        );
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(j["paused"]["by"], "alice");
+        assert_eq!(j["paused"]["reason"], "kernel\nregression");
     }
 
     #[test]

@@ -56,6 +56,7 @@ on_both!(
     drain_and_uncordon_commands,
     status_golden_table,
     event_reasons_accepted,
+    pause_holds_a_waiting_node_and_resume_lets_it_go,
 );
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -1263,4 +1264,133 @@ async fn event_reasons_accepted(kind: Kind) {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operators in control: pause and resume.
+
+/// A Lease of the lock held by `holder` (fresh, for an hour): the node's agent is not running,
+/// so the slot stays taken until the test frees it.
+async fn hold_lock_for(b: &Backend, holder: &str) {
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> = kube::Api::namespaced(b.client(), NS);
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    leases
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "metadata": { "name": "kreboot-lock", "labels": { "kreboot.io/lock": "kreboot-lock" } },
+                "spec": {
+                    "holderIdentity": holder, "leaseDurationSeconds": 3600,
+                    "acquireTime": now, "renewTime": now,
+                },
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+async fn free_lock(b: &Backend) {
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> = kube::Api::namespaced(b.client(), NS);
+    leases.delete("kreboot-lock", &Default::default()).await.unwrap();
+}
+
+async fn label(b: &Backend, node: &str, key: &str) -> Option<String> {
+    b.node(node).await?.metadata.labels?.get(key).cloned()
+}
+
+/// `kreboot pause` reaches an engaged agent through the ConfigMap it already watches: n0, queued
+/// behind n1's slot, records `paused` and leaves the queue within a second, reports it
+/// (`kreboot_paused`, the `RebootsPaused` Event, `kreboot status`), and does not take the slot
+/// when it frees. `kreboot resume` lets it go through its cycle.
+async fn pause_holds_a_waiting_node_and_resume_lets_it_go(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 2, &[]).await;
+    hold_lock_for(&b, "n1").await;
+    machines[0].require_reboot();
+    machines[0].start();
+    wait_until(LIMIT, "n0 queued for the lock", || async {
+        label(&b, "n0", LABEL_WAITING).await.as_deref() == Some("true")
+    })
+    .await;
+
+    let out = kreboot_cmd(&b, &["pause", "--namespace", NS, "--reason", "incident 42"]).await;
+    assert!(
+        out.status.success(),
+        "pause: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("reboots paused by "),
+        "{}",
+        text(&out.stdout)
+    );
+    let paused = Instant::now();
+    wait_until(LIMIT, "n0 records the pause", || async {
+        b.annotation("n0", kreboot::node::ANN_BLOCKED_BY).await.as_deref() == Some("paused")
+            && label(&b, "n0", LABEL_WAITING).await.is_none()
+    })
+    .await;
+    let reacted = paused.elapsed();
+    eprintln!("n0 recorded the pause and left the queue {reacted:?} after `kreboot pause` returned");
+    assert!(
+        reacted < Duration::from_secs(1),
+        "the pause took effect within a second: {reacted:?}"
+    );
+    let port = machines[0].metrics_port;
+    wait_until(LIMIT, "n0 reports the pause", || async move {
+        let m = scrape(port).await;
+        m.contains("kreboot_paused{node=\"n0\"} 1")
+            && m.contains("kreboot_reboot_blocked{node=\"n0\",reason=\"paused\"} 1")
+    })
+    .await;
+    wait_event(&b, "n0", "RebootsPaused", 1).await;
+    let status = kreboot_cmd(&b, &["status", "--namespace", NS]).await;
+    let table = text(&status.stdout);
+    assert!(status.status.success(), "status: {table}{}", text(&status.stderr));
+    assert!(
+        table.starts_with("PAUSED: reboots are paused by ") && table.contains(": incident 42"),
+        "{table}"
+    );
+    let row = table.lines().find(|l| l.starts_with("n0 ")).expect("n0's row");
+    assert!(row.contains(" pending ") && row.contains(" paused "), "{row}");
+
+    // The slot frees: a paused node does not take it.
+    free_lock(&b).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        b.holders().await.is_empty(),
+        "no slot taken while paused: {:?}",
+        b.leases().await
+    );
+    assert!(b.annotation("n0", ANN_PHASE).await.is_none());
+    assert!(!b.unschedulable("n0").await);
+
+    let out = kreboot_cmd(&b, &["resume", "--namespace", NS]).await;
+    assert!(
+        out.status.success(),
+        "resume: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("incident 42"), "{}", text(&out.stdout));
+    run_until(
+        &b,
+        &mut machines[..1],
+        LIMIT,
+        "n0 rebooted after the resume",
+        || completed(&b, "n0"),
+    )
+    .await;
+    assert_eq!(machines[0].reboots, 1);
+    let m = scrape(machines[0].metrics_port).await;
+    assert!(m.contains("kreboot_paused{node=\"n0\"} 0"), "{m}");
+    // A second resume has nothing to do and says so.
+    let out = kreboot_cmd(&b, &["resume", "--namespace", NS]).await;
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("were not paused"),
+        "{}",
+        text(&out.stdout)
+    );
 }
