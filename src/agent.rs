@@ -596,7 +596,8 @@ impl Agent {
     /// The startup check of an idle-looking node: does it record a cycle, or hold a slot?
     async fn needs_engagement(&self) -> Result<bool, kube::Error> {
         let node = self.node_api().get(&self.cfg.node_name).await?;
-        if node::view(&node).recorded.phase != Phase::Idle {
+        let recorded = node::view(&node).recorded;
+        if recorded.phase != Phase::Idle || recorded.reboot_requested.is_some() {
             return Ok(true);
         }
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.cfg.namespace);
@@ -648,13 +649,20 @@ where
     }
 }
 
-/// Keeps `kreboot_reboot_required` in step with the sentinel, independently of the lifecycle
-/// loop (so the metric follows the file within milliseconds even while a drain runs).
-pub fn spawn_sentinel_metrics(metrics: Metrics, mut rx: watch::Receiver<SentinelState>) -> JoinHandle<()> {
+/// Keeps `kreboot_reboot_required` in step with the sentinel and an operator's request
+/// (`requested`), independently of the lifecycle loop (so the metric follows the file within
+/// milliseconds even while a drain runs).
+pub fn spawn_sentinel_metrics(
+    metrics: Metrics,
+    mut rx: watch::Receiver<SentinelState>,
+    mut requested: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut was = None;
+        // A closed request channel (no sender) leaves the sentinel alone in charge.
+        let mut requests_open = true;
         loop {
-            let required = rx.borrow_and_update().required;
+            let required = rx.borrow_and_update().required || *requested.borrow_and_update();
             if was != Some(required) {
                 metrics.set(&metrics.reboot_required, i64::from(required));
                 let since = if required {
@@ -668,8 +676,9 @@ pub fn spawn_sentinel_metrics(metrics: Metrics, mut rx: watch::Receiver<Sentinel
                     .set(since);
                 was = Some(required);
             }
-            if rx.changed().await.is_err() {
-                return;
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                r = requested.changed(), if requests_open => if r.is_err() { requests_open = false },
             }
         }
     })
@@ -785,7 +794,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Outcome> {
     let me = agent.cfg.node_name.clone();
-    let _sentinel_metrics = AbortOnDrop(spawn_sentinel_metrics(agent.metrics.clone(), sentinel.clone()));
+    // Whether the Node carries an operator's request (`kreboot reboot`), for the metrics.
+    let (requested_tx, requested_rx) = watch::channel(false);
+    let _sentinel_metrics = AbortOnDrop(spawn_sentinel_metrics(
+        agent.metrics.clone(),
+        sentinel.clone(),
+        requested_rx,
+    ));
     let mut attempt = 0u32;
     // The preflight at start-up: a pod that cannot reboot its node says so at once, long before
     // a reboot is needed (it runs again right before every step that disrupts the node).
@@ -802,10 +817,36 @@ pub async fn run(
                     agent.metrics.set_state("idle");
                     agent.metrics.set_blocked(None);
                     agent.metrics.set(&agent.metrics.paused, 0);
-                    debug!(node = %me, "idle: waiting for the sentinel");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
-                        r = sentinel.changed() => if r.is_err() { return Ok(Outcome::Shutdown) },
+                    requested_tx.send_if_modified(|r| std::mem::replace(r, false));
+                    debug!(node = %me, "idle: waiting for the sentinel or an operator's request");
+                    // The one watch of an idle agent: its own Node, for `kreboot reboot`. Served
+                    // from the API server's watch cache; no polling.
+                    let (request_tx, mut request_rx) = watch::channel(false);
+                    let _requests = AbortOnDrop(tokio::spawn(follow_named(
+                        agent.node_api(),
+                        me.clone(),
+                        "own Node (reboot requests)",
+                        move |n: Option<Node>| {
+                            let asked = n.is_some_and(|n| node::view(&n).recorded.reboot_requested.is_some());
+                            request_tx.send_if_modified(|r| std::mem::replace(r, asked) != asked);
+                        },
+                    )));
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                            r = sentinel.changed() => if r.is_err() { return Ok(Outcome::Shutdown) } else { break },
+                            r = request_rx.changed() => {
+                                if r.is_err() {
+                                    // The watch task ended (it does not, short of a panic): the
+                                    // sentinel still works.
+                                    request_rx = watch::channel(false).1;
+                                }
+                                if *request_rx.borrow() {
+                                    info!(node = %me, "an operator asked for a reboot");
+                                    break;
+                                }
+                            }
+                        }
                     }
                     continue 'outer;
                 }
@@ -885,10 +926,14 @@ pub async fn run(
                 }
                 continue;
             }
+            let requested = view.recorded.reboot_requested.clone();
+            requested_tx
+                .send_if_modified(|r| std::mem::replace(r, requested.is_some()) != requested.is_some());
+            let required = sentinel_state.required || requested.is_some();
             let mut obs = Observations {
                 now,
                 node: view.clone(),
-                reboot_required: sentinel_state.required,
+                reboot_required: required,
                 window_open,
                 blocked_by: None,
                 held_lock: held.clone(),
@@ -992,10 +1037,9 @@ pub async fn run(
                 .metrics
                 .set(&agent.metrics.window_open, i64::from(window_open));
             // Only while this node has a reboot to do: a pause that holds nothing back is no news.
-            agent.metrics.set(
-                &agent.metrics.paused,
-                i64::from(paused.is_some() && sentinel_state.required),
-            );
+            agent
+                .metrics
+                .set(&agent.metrics.paused, i64::from(paused.is_some() && required));
             agent
                 .metrics
                 .set(&agent.metrics.lock_held, i64::from(held.is_some()));
@@ -1015,23 +1059,42 @@ pub async fn run(
             );
             debug!(node = %me, phase = view.recorded.phase.name(), ?action, "decided");
 
-            if sentinel_state.required && !announced_required && view.recorded.phase == Phase::Idle {
+            if required && !announced_required && view.recorded.phase == Phase::Idle {
                 announced_required = true;
-                let reason = if sentinel_state.packages.is_empty() {
-                    "the host requires a reboot".to_owned()
-                } else {
-                    format!(
-                        "the host requires a reboot for: {}",
-                        sentinel_state.packages.join(", ")
-                    )
+                let packages = sentinel_state.packages.join(", ");
+                let mut note = match (&requested, sentinel_state.required) {
+                    (Some(r), false) => format!("an operator asked for a reboot ({})", r.describe()),
+                    (Some(r), true) => format!(
+                        "an operator asked for a reboot ({}); the host requires one",
+                        r.describe()
+                    ),
+                    (None, _) => "the host requires a reboot".to_owned(),
                 };
-                agent.events.node(Reason::RebootRequired, reason);
-                let reason = sentinel_state.packages.join(", ");
-                agent
-                    .metrics
-                    .required_reason
-                    .with_label_values(&[me.as_str(), &crate::events::truncate(&reason, 200)])
-                    .set(1);
+                if !packages.is_empty() {
+                    note.push_str(&format!(" for: {packages}"));
+                }
+                agent.events.node(Reason::RebootRequired, note);
+                // `kreboot_reboot_required_info{reason}`: the packages, and `requested` for an
+                // operator's request (the sentinel's series keep their labels).
+                let mut reasons = Vec::new();
+                if sentinel_state.required {
+                    reasons.push(crate::events::truncate(&packages, 200));
+                }
+                if requested.is_some() {
+                    reasons.push("requested".to_owned());
+                }
+                for r in &reasons {
+                    agent
+                        .metrics
+                        .required_reason
+                        .with_label_values(&[me.as_str(), r])
+                        .set(1);
+                }
+                let reason = match &requested {
+                    Some(r) if packages.is_empty() => r.describe(),
+                    Some(r) => format!("{packages} ({})", r.describe()),
+                    None => packages,
+                };
                 let recorded = node_obj.metadata.annotations.as_ref();
                 if !agent.cfg.dry_run
                     && recorded
@@ -1049,7 +1112,7 @@ pub async fn run(
                     }
                 }
             }
-            if !sentinel_state.required {
+            if !required {
                 announced_required = false;
                 agent.metrics.required_reason.reset();
             }

@@ -49,6 +49,9 @@ pub enum Command {
     Pause(PauseArgs),
     /// Lift a pause: waiting nodes go on as the policy allows.
     Resume(ResumeArgs),
+    /// Ask for nodes to be rebooted without the sentinel: their agents treat the request like
+    /// the sentinel (window, lock, blockers, PDBs) and remove it once the reboot completed.
+    Reboot(RebootArgs),
     /// Run a command in the host's namespaces, as the agent runs its reboot command (for
     /// checking a node's set-up; prints the command's output and exits with its code).
     #[command(hide = true)]
@@ -236,6 +239,20 @@ pub struct PauseArgs {
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
     /// Who pauses [default: the user the API server knows you as, else $USER].
+    #[arg(long, value_name = "NAME")]
+    pub by: Option<String>,
+}
+
+/// Flags of `kreboot reboot`.
+#[derive(Debug, Clone, Args)]
+pub struct RebootArgs {
+    /// The nodes.
+    #[command(flatten)]
+    pub targets: NodeTargets,
+    /// Withdraw the request instead (a reboot already under way goes on).
+    #[arg(long)]
+    pub cancel: bool,
+    /// Who asks [default: the user the API server knows you as, else $USER].
     #[arg(long, value_name = "NAME")]
     pub by: Option<String>,
 }

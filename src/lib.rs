@@ -21,6 +21,7 @@ pub mod pause;
 pub mod policy;
 pub mod policy_check;
 pub mod reboot;
+pub mod request;
 pub mod sentinel;
 pub mod sim;
 pub mod status;

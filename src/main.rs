@@ -248,6 +248,10 @@ fn main() -> ExitCode {
                 init_logging(LogFormat::Text, "warn,kube_client=off");
                 kreboot::pause::run_pause(&args).await
             }
+            Command::Reboot(args) => {
+                init_logging(LogFormat::Text, "warn,kube_client=off");
+                kreboot::request::run(&args).await
+            }
             Command::Resume(args) => {
                 init_logging(LogFormat::Text, "warn,kube_client=off");
                 kreboot::pause::run_resume(&args).await

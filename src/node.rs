@@ -49,6 +49,47 @@ pub const LABEL_WAITING: &str = "kreboot.io/waiting";
 pub const LABEL_HOLDER: &str = "kreboot.io/lock-holder";
 /// Since when the node waits for a lock slot (RFC 3339 with microseconds): the queue order.
 pub const ANN_WAITING_SINCE: &str = "kreboot.io/waiting-since";
+/// An operator asked for a reboot (`kreboot reboot`), `{"by", "at"}` as JSON. Treated exactly
+/// like the sentinel (window, lock, blockers and PDBs apply) and removed with the cycle's other
+/// annotations when the reboot completes. Any other non-empty value (`kubectl annotate node N
+/// kreboot.io/reboot-requested=yes`) is a request too: whoever wrote it meant one.
+pub const ANN_REBOOT_REQUESTED: &str = "kreboot.io/reboot-requested";
+
+/// An operator's reboot request ([`ANN_REBOOT_REQUESTED`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RebootRequest {
+    /// Who asked.
+    #[serde(default)]
+    pub by: String,
+    /// When (RFC 3339, as written; empty when unknown).
+    #[serde(default)]
+    pub at: String,
+}
+
+impl RebootRequest {
+    /// Reads the annotation's value: JSON as `kreboot reboot` writes it, else a request by
+    /// `unknown` (None for an empty value).
+    pub fn parse(value: &str) -> Option<RebootRequest> {
+        if value.trim().is_empty() {
+            return None;
+        }
+        Some(
+            serde_json::from_str::<RebootRequest>(value).unwrap_or_else(|_| RebootRequest {
+                by: "unknown".into(),
+                at: String::new(),
+            }),
+        )
+    }
+
+    /// `requested by alice at 2026-12-01T10:00:00Z`.
+    pub fn describe(&self) -> String {
+        let by = if self.by.is_empty() { "unknown" } else { &self.by };
+        match self.at.as_str() {
+            "" => format!("requested by {by}"),
+            at => format!("requested by {by} at {at}"),
+        }
+    }
+}
 
 /// The step of the lifecycle a node is in, as recorded on the Node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -98,6 +139,8 @@ pub struct Recorded {
     pub last_failure: Option<DateTime<Utc>>,
     /// Why the node needs a reboot ([`ANN_REBOOT_REASON`]; empty when not recorded).
     pub reboot_reason: String,
+    /// An operator's reboot request ([`ANN_REBOOT_REQUESTED`]).
+    pub reboot_requested: Option<RebootRequest>,
     /// Annotations that could not be understood.
     pub problems: Vec<String>,
 }
@@ -154,6 +197,7 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
     r.pre_reboot_boot_id = get(ANN_PRE_REBOOT_BOOT_ID).map(str::to_owned);
     r.pre_reboot_kernel_boot_id = get(ANN_PRE_REBOOT_KERNEL_BOOT_ID).map(str::to_owned);
     r.reboot_reason = get(ANN_REBOOT_REASON).unwrap_or_default().to_owned();
+    r.reboot_requested = get(ANN_REBOOT_REQUESTED).and_then(RebootRequest::parse);
     let mut problems = std::mem::take(&mut r.problems);
     r.last_reboot = get(ANN_LAST_REBOOT).and_then(|v| parse_time(v, ANN_LAST_REBOOT, &mut problems));
     r.last_failure = get(ANN_LAST_FAILURE).and_then(|v| parse_time(v, ANN_LAST_FAILURE, &mut problems));
@@ -381,7 +425,11 @@ pub fn decide(o: &Observations) -> Action {
                 // the window or the back-offs say. Only a node with no cycle in progress waits:
                 // a slot handed over meanwhile is given back below, unused.
                 Some(wait(WaitReason::Paused, None))
-            } else if let Some(t) = until(r.last_reboot, o.reboot_loop_backoff, o.now) {
+            } else if let Some(t) =
+                until(r.last_reboot, o.reboot_loop_backoff, o.now).filter(|_| r.reboot_requested.is_none())
+            {
+                // The loop protection is about a sentinel that comes back by itself; an
+                // operator who asks for a reboot has looked at the node.
                 Some(wait(WaitReason::RebootLoopBackoff, Some(t)))
             } else if let Some(t) = until(r.last_failure, o.failure_backoff, o.now) {
                 Some(wait(WaitReason::FailureBackoff, Some(t)))
@@ -453,6 +501,10 @@ pub fn end_cycle_patch(node: &NodeView, outcome: CycleEnd<'_>, now: DateTime<Utc
         ANN_WAITING_SINCE,
     ] {
         annotations.insert(key.to_owned(), Value::Null);
+    }
+    if outcome == CycleEnd::Rebooted {
+        // The request is served; a failed or abandoned cycle keeps it for the next attempt.
+        annotations.insert(ANN_REBOOT_REQUESTED.to_owned(), Value::Null);
     }
     match outcome {
         CycleEnd::Rebooted => {
@@ -739,6 +791,39 @@ mod tests {
             change(&mut o);
             assert_eq!(decide(&o), want, "{name}");
         }
+    }
+
+    #[test]
+    fn a_reboot_request_is_read_leniently_and_cleared_only_by_the_reboot() {
+        assert_eq!(RebootRequest::parse(""), None);
+        assert_eq!(
+            RebootRequest::parse(r#"{"by":"alice","at":"2026-12-01T10:00:00Z"}"#)
+                .unwrap()
+                .describe(),
+            "requested by alice at 2026-12-01T10:00:00Z"
+        );
+        assert_eq!(
+            RebootRequest::parse("yes").unwrap().describe(),
+            "requested by unknown"
+        );
+        let a = BTreeMap::from([(ANN_REBOOT_REQUESTED.to_owned(), "yes".to_owned())]);
+        assert!(parse_recorded(&a).reboot_requested.is_some());
+        let n = NodeView::default();
+        let now = t("2026-11-24T22:00:00Z");
+        let done = end_cycle_patch(&n, CycleEnd::Rebooted, now);
+        assert_eq!(done["metadata"]["annotations"][ANN_REBOOT_REQUESTED], Value::Null);
+        for end in [CycleEnd::Failed("drain"), CycleEnd::Abandoned] {
+            let p = end_cycle_patch(&n, end, now);
+            assert!(
+                p["metadata"]["annotations"].get(ANN_REBOOT_REQUESTED).is_none(),
+                "{p}"
+            );
+        }
+        // A request is not held back by the reboot-loop protection (the operator looked).
+        let mut o = obs();
+        o.node.recorded.last_reboot = Some(t("2026-11-24T21:50:00Z"));
+        o.node.recorded.reboot_requested = Some(RebootRequest::default());
+        assert_eq!(decide(&o), Action::AcquireLock);
     }
 
     #[test]

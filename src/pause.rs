@@ -153,7 +153,7 @@ async fn client() -> Result<Client, String> {
 
 /// Who the operator is: the API server's own answer (SelfSubjectReview, allowed to every
 /// authenticated user), else `$USER`, else `unknown`.
-async fn whoami(client: &Client) -> String {
+pub(crate) async fn whoami(client: &Client) -> String {
     let api: Api<SelfSubjectReview> = Api::all(client.clone());
     if let Ok(r) = api
         .create(&PostParams::default(), &SelfSubjectReview::default())

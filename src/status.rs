@@ -67,8 +67,10 @@ pub struct NodeStatus {
     /// Since when a reboot is required.
     #[serde(serialize_with = "ser_opt_time")]
     pub since: Option<DateTime<Utc>>,
-    /// Why a reboot is required (the packages).
+    /// Why a reboot is required (the packages, or an operator's request).
     pub reason: Option<String>,
+    /// An operator's reboot request (`kreboot reboot`), until the reboot completes.
+    pub reboot_requested: Option<node::RebootRequest>,
     /// What holds the pending reboot back (`kreboot.io/blocked-by`).
     pub blocked_by: Option<String>,
     /// Since when the node waits for a lock slot.
@@ -343,7 +345,16 @@ fn node_status(
     let since = parse_time(&annotations, ANN_REBOOT_REQUIRED_SINCE, &mut problems);
     let waiting_since = parse_time(&annotations, ANN_WAITING_SINCE, &mut problems);
     let phase = non_empty(&annotations, ANN_PHASE);
-    let needs_reboot = annotations.contains_key(ANN_REBOOT_REQUIRED_SINCE) || phase.is_some();
+    let requested = view.recorded.reboot_requested.clone();
+    let needs_reboot =
+        annotations.contains_key(ANN_REBOOT_REQUIRED_SINCE) || phase.is_some() || requested.is_some();
+    // A request the agent has not taken up yet: pending since it was made.
+    let since = since.or_else(|| {
+        requested
+            .as_ref()
+            .and_then(|r| DateTime::parse_from_rfc3339(&r.at).ok())
+            .map(|t| t.with_timezone(&Utc))
+    });
     let state = match (&phase, view.waiting, needs_reboot) {
         // The phase as recorded, even one this version does not know.
         (Some(p), ..) => p.clone(),
@@ -372,7 +383,12 @@ fn node_status(
         state,
         needs_reboot,
         since,
-        reason: Some(view.recorded.reboot_reason.trim().to_owned()).filter(|r| !r.is_empty()),
+        // The agent records the request as the reason when it takes it up; until then, the
+        // request itself says why.
+        reason: Some(view.recorded.reboot_reason.trim().to_owned())
+            .filter(|r| !r.is_empty())
+            .or_else(|| requested.as_ref().map(node::RebootRequest::describe)),
+        reboot_requested: requested,
         blocked_by: non_empty(&annotations, ANN_BLOCKED_BY),
         waiting_since,
         lock: view.recorded.lock.clone().filter(|l| !l.is_empty()),

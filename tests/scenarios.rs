@@ -19,9 +19,9 @@ use common::{
     backend::{Backend, Kind, Machine, NS},
 };
 use kreboot::node::{
-    ANN_CORDONED_BY_KREBOOT, ANN_LAST_FAILURE, ANN_LAST_FAILURE_REASON, ANN_LAST_REBOOT, ANN_LOCK, ANN_PHASE,
-    ANN_PRE_REBOOT_BOOT_ID, ANN_REBOOT_REASON, ANN_REBOOT_REQUIRED_SINCE, ANN_WAITING_SINCE, LABEL_HOLDER,
-    LABEL_WAITING,
+    ANN_BLOCKED_BY, ANN_CORDONED_BY_KREBOOT, ANN_LAST_FAILURE, ANN_LAST_FAILURE_REASON, ANN_LAST_REBOOT,
+    ANN_LOCK, ANN_PHASE, ANN_PRE_REBOOT_BOOT_ID, ANN_REBOOT_REASON, ANN_REBOOT_REQUESTED,
+    ANN_REBOOT_REQUIRED_SINCE, ANN_WAITING_SINCE, LABEL_HOLDER, LABEL_WAITING,
 };
 use serde_json::{Value, json};
 
@@ -57,6 +57,7 @@ on_both!(
     status_golden_table,
     event_reasons_accepted,
     pause_holds_a_waiting_node_and_resume_lets_it_go,
+    reboot_on_request_goes_through_window_and_lock,
 );
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -1393,4 +1394,89 @@ async fn pause_holds_a_waiting_node_and_resume_lets_it_go(kind: Kind) {
         "{}",
         text(&out.stdout)
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operators in control: reboot on request, and the operator's drain.
+
+/// `kreboot reboot` asks two idle agents (no sentinel) for a reboot: each sees the request on
+/// its own Node within a second, and it is treated like the sentinel: nothing happens while the
+/// window is closed (no lock, no cordon), then the nodes go one lock slot at a time, and the
+/// request is removed when each reboot completed.
+async fn reboot_on_request_goes_through_window_and_lock(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 2, &[]).await;
+    b.set_policy(&window_policy(false)).await;
+    let monitor = OutMonitor::watch(b.client());
+    for m in machines.iter_mut() {
+        m.start();
+    }
+    let port = machines[0].metrics_port;
+    wait_until(LIMIT, "n0's agent is up and idle", || async move {
+        scrape(port)
+            .await
+            .contains("kreboot_state{node=\"n0\",state=\"idle\"} 1")
+    })
+    .await;
+    let out = kreboot_cmd(&b, &["reboot", "n0", "n1", "--by", "tester"]).await;
+    assert!(
+        out.status.success(),
+        "reboot: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "n0: reboot requested\nn1: reboot requested\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let asked = Instant::now();
+    wait_until(LIMIT, "both idle agents took the request up", || async {
+        b.annotation("n0", ANN_BLOCKED_BY).await.as_deref() == Some("window_closed")
+            && b.annotation("n1", ANN_BLOCKED_BY).await.as_deref() == Some("window_closed")
+    })
+    .await;
+    let took = asked.elapsed();
+    eprintln!("idle agents took the request up {took:?} after `kreboot reboot` returned");
+    assert!(took < Duration::from_secs(1), "within a second: {took:?}");
+    let m = scrape(port).await;
+    assert!(m.contains("kreboot_reboot_required{node=\"n0\"} 1"), "{m}");
+    assert!(
+        m.contains("kreboot_reboot_required_info{node=\"n0\",reason=\"requested\"} 1"),
+        "{m}"
+    );
+    let status = kreboot_cmd(&b, &["status", "--namespace", NS]).await;
+    let table = text(&status.stdout);
+    let row = table.lines().find(|l| l.starts_with("n0 ")).expect("n0's row");
+    assert!(
+        row.contains(" pending ") && row.contains("requested by tester") && row.contains("window_closed"),
+        "{table}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(b.holders().await.is_empty(), "no lock outside the window");
+    assert!(
+        !b.unschedulable("n0").await && !b.unschedulable("n1").await,
+        "no cordon outside the window"
+    );
+
+    b.set_policy(&window_policy(true)).await;
+    run_until(&b, &mut machines, LIMIT, "both requested reboots done", || {
+        all_completed(&b, &["n0", "n1"])
+    })
+    .await;
+    assert_eq!(monitor.max(), 1, "one node out at a time: the lock applies");
+    for m in &machines {
+        assert_eq!(m.reboots, 1, "{} rebooted once", m.node);
+        assert!(
+            b.annotation(&m.node, ANN_REBOOT_REQUESTED).await.is_none(),
+            "{}: request cleared",
+            m.node
+        );
+        assert!(!b.unschedulable(&m.node).await, "{} uncordoned", m.node);
+    }
+    // Nothing asks any more: the agents stay idle and do not reboot again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for m in machines.iter_mut() {
+        assert!(!m.supervise(&b).await, "{}: no second reboot", m.node);
+    }
 }

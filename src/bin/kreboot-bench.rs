@@ -53,7 +53,8 @@ async fn sentinel_latency(n: usize) -> Vec<f64> {
     let path = dir.path().join("reboot-required");
     let watch = SentinelWatch::start(path.clone()).expect("watch");
     let metrics = Metrics::new("bench");
-    let _task = kreboot::agent::spawn_sentinel_metrics(metrics.clone(), watch.receiver());
+    let (_requests, requested) = tokio::sync::watch::channel(false);
+    let _task = kreboot::agent::spawn_sentinel_metrics(metrics.clone(), watch.receiver(), requested);
     let gauge = metrics.reboot_required.with_label_values(&["bench"]);
     let mut out = Vec::new();
     for i in 0..n {
