@@ -994,7 +994,8 @@ pub async fn run(
                         | WaitReason::RebootLoopBackoff
                         | WaitReason::FailureBackoff
                         | WaitReason::HostAccess
-                        | WaitReason::Paused),
+                        | WaitReason::Paused
+                        | WaitReason::OperatorDrained),
                     ..
                 } => Some(r.label().to_owned()),
                 _ => None,

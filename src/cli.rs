@@ -51,6 +51,7 @@ pub enum Command {
     Resume(ResumeArgs),
     /// Ask for nodes to be rebooted without the sentinel: their agents treat the request like
     /// the sentinel (window, lock, blockers, PDBs) and remove it once the reboot completed.
+    /// Also lets an agent reboot a node drained with `kreboot drain`.
     Reboot(RebootArgs),
     /// Run a command in the host's namespaces, as the agent runs its reboot command (for
     /// checking a node's set-up; prints the command's output and exits with its code).

@@ -260,6 +260,7 @@ impl Metrics {
             "lock_held_elsewhere",
             "host_access",
             "paused",
+            "operator_drained",
         ] {
             self.blocked
                 .with_label_values(&[self.node.as_str(), r])

@@ -141,6 +141,9 @@ pub struct Recorded {
     pub reboot_reason: String,
     /// An operator's reboot request ([`ANN_REBOOT_REQUESTED`]).
     pub reboot_requested: Option<RebootRequest>,
+    /// An operator drained the node with `kreboot drain` (`kreboot.io/drained-by`): the agent
+    /// neither reboots nor uncordons it until the operator uncordons it or asks for the reboot.
+    pub operator_drained: bool,
     /// Annotations that could not be understood.
     pub problems: Vec<String>,
 }
@@ -198,6 +201,7 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
     r.pre_reboot_kernel_boot_id = get(ANN_PRE_REBOOT_KERNEL_BOOT_ID).map(str::to_owned);
     r.reboot_reason = get(ANN_REBOOT_REASON).unwrap_or_default().to_owned();
     r.reboot_requested = get(ANN_REBOOT_REQUESTED).and_then(RebootRequest::parse);
+    r.operator_drained = get(crate::drain_cli::ANN_DRAINED_BY).is_some_and(|v| !v.is_empty());
     let mut problems = std::mem::take(&mut r.problems);
     r.last_reboot = get(ANN_LAST_REBOOT).and_then(|v| parse_time(v, ANN_LAST_REBOOT, &mut problems));
     r.last_failure = get(ANN_LAST_FAILURE).and_then(|v| parse_time(v, ANN_LAST_FAILURE, &mut problems));
@@ -284,6 +288,9 @@ pub enum WaitReason {
     HostAccess,
     /// An operator paused reboots cluster-wide (`kreboot pause`).
     Paused,
+    /// An operator drained the node (`kreboot drain`) and has not uncordoned it or asked for
+    /// the reboot (`kreboot reboot`).
+    OperatorDrained,
 }
 
 impl WaitReason {
@@ -298,6 +305,7 @@ impl WaitReason {
             WaitReason::AwaitingReboot => "awaiting_reboot",
             WaitReason::HostAccess => "host_access",
             WaitReason::Paused => "paused",
+            WaitReason::OperatorDrained => "operator_drained",
         }
     }
 }
@@ -316,6 +324,9 @@ pub enum AbortReason {
     Blocked,
     /// The preflight failed mid-cycle: the reboot could not reach the host.
     HostAccess,
+    /// An operator drained the node mid-cycle (`kreboot drain` took the cordon over): the node is
+    /// theirs until they uncordon it or ask for the reboot.
+    OperatorDrained,
 }
 
 impl AbortReason {
@@ -327,6 +338,7 @@ impl AbortReason {
             AbortReason::LockLost => "lock_lost",
             AbortReason::Blocked => "blocked",
             AbortReason::HostAccess => "host_access",
+            AbortReason::OperatorDrained => "operator_drained",
         }
     }
 }
@@ -363,6 +375,11 @@ fn until(since: Option<DateTime<Utc>>, backoff: Duration, now: DateTime<Utc>) ->
     (end > now).then_some(end)
 }
 
+/// The operator drained the node and has not asked for its reboot: the agent keeps its hands off.
+fn operator_holds(r: &Recorded) -> bool {
+    r.operator_drained && r.reboot_requested.is_none()
+}
+
 /// Decides the next action from the observations alone.
 pub fn decide(o: &Observations) -> Action {
     let r = &o.node.recorded;
@@ -389,6 +406,8 @@ pub fn decide(o: &Observations) -> Action {
                 wait(WaitReason::AwaitingReboot, None)
             } else if o.held_lock.is_none() {
                 Action::Abort(AbortReason::LockLost)
+            } else if operator_holds(r) {
+                Action::Abort(AbortReason::OperatorDrained)
             } else if !o.window_open {
                 Action::Abort(AbortReason::WindowClosed)
             } else if o.blocked_by.is_some() {
@@ -404,6 +423,9 @@ pub fn decide(o: &Observations) -> Action {
         Phase::Draining => {
             if o.held_lock.is_none() {
                 Action::Abort(AbortReason::LockLost)
+            } else if operator_holds(r) {
+                // `kreboot drain` took the cordon over mid-cycle: the node is the operator's.
+                Action::Abort(AbortReason::OperatorDrained)
             } else if !o.reboot_required {
                 Action::Abort(AbortReason::NoLongerRequired)
             } else if !o.window_open {
@@ -425,6 +447,8 @@ pub fn decide(o: &Observations) -> Action {
                 // the window or the back-offs say. Only a node with no cycle in progress waits:
                 // a slot handed over meanwhile is given back below, unused.
                 Some(wait(WaitReason::Paused, None))
+            } else if operator_holds(r) {
+                Some(wait(WaitReason::OperatorDrained, None))
             } else if let Some(t) =
                 until(r.last_reboot, o.reboot_loop_backoff, o.now).filter(|_| r.reboot_requested.is_none())
             {
@@ -521,7 +545,8 @@ pub fn end_cycle_patch(node: &NodeView, outcome: CycleEnd<'_>, now: DateTime<Utc
         CycleEnd::Abandoned => {}
     }
     let mut patch = json!({ "metadata": { "annotations": annotations, "labels": { LABEL_WAITING: null, LABEL_HOLDER: null } } });
-    if node.recorded.cordoned_by_kreboot && node.unschedulable {
+    // Never lift an operator's drain, whatever the cordon record says.
+    if node.recorded.cordoned_by_kreboot && node.unschedulable && !node.recorded.operator_drained {
         patch["spec"] = json!({ "unschedulable": false });
     }
     with_resource_version(patch, node)
@@ -791,6 +816,47 @@ mod tests {
             change(&mut o);
             assert_eq!(decide(&o), want, "{name}");
         }
+    }
+
+    #[test]
+    fn an_operators_drain_is_respected_unless_they_ask_for_the_reboot() {
+        let drained = |mut o: Observations| {
+            o.node.recorded.operator_drained = true;
+            o.node.unschedulable = true;
+            o
+        };
+        let request = Some(RebootRequest {
+            by: "alice".into(),
+            at: String::new(),
+        });
+        // Idle: waits, never takes a lock; a slot handed over is given back.
+        assert_eq!(decide(&drained(obs())), wait(WaitReason::OperatorDrained));
+        let mut o = drained(obs());
+        o.held_lock = Some("l".into());
+        assert_eq!(decide(&o), Action::ReleaseLock);
+        // Mid-cycle (the drain took the cordon over): the cycle is abandoned.
+        let mut o = drained(obs());
+        o.node.recorded.phase = Phase::Draining;
+        o.held_lock = Some("l".into());
+        assert_eq!(decide(&o), Action::Abort(AbortReason::OperatorDrained));
+        assert_eq!(
+            decide(&rebooting(drained(obs()), "boot-a")),
+            Action::Abort(AbortReason::OperatorDrained)
+        );
+        // ... but a reboot that already happened completes (and, below, keeps the cordon).
+        assert_eq!(decide(&rebooting(drained(obs()), "boot-old")), Action::Complete);
+        // The operator asks for the reboot: it goes ahead, as for the sentinel.
+        let mut o = drained(obs());
+        o.node.recorded.reboot_requested = request.clone();
+        assert_eq!(decide(&o), Action::AcquireLock);
+        let mut o = rebooting(drained(obs()), "boot-a");
+        o.node.recorded.reboot_requested = request;
+        assert_eq!(decide(&o), Action::Reboot);
+        // The end of any cycle never uncordons a drained node.
+        let mut n = drained(obs()).node;
+        n.recorded.cordoned_by_kreboot = true;
+        let p = end_cycle_patch(&n, CycleEnd::Rebooted, t("2026-11-24T22:00:00Z"));
+        assert!(p.get("spec").is_none(), "{p}");
     }
 
     #[test]

@@ -58,6 +58,7 @@ on_both!(
     event_reasons_accepted,
     pause_holds_a_waiting_node_and_resume_lets_it_go,
     reboot_on_request_goes_through_window_and_lock,
+    operators_drain_is_respected,
 );
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -1479,4 +1480,99 @@ async fn reboot_on_request_goes_through_window_and_lock(kind: Kind) {
     for m in machines.iter_mut() {
         assert!(!m.supervise(&b).await, "{}: no second reboot", m.node);
     }
+}
+
+/// Nodes an operator drained with `kreboot drain` are left alone by their agents although their
+/// hosts need a reboot: no lock, no reboot, no uncordon. `kreboot reboot n0` lets n0's agent
+/// reboot it (it stays cordoned: the cordon is the operator's); `kreboot uncordon n1` gives n1
+/// back to its agent, which then reboots it like any node.
+async fn operators_drain_is_respected(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 2, &[]).await;
+    let out = kreboot_cmd(&b, &["drain", "n0", "n1", "--timeout", "60s"]).await;
+    assert!(
+        out.status.success(),
+        "drain: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    for m in machines.iter_mut() {
+        m.require_reboot();
+        m.start();
+    }
+    wait_until(
+        LIMIT,
+        "both agents hold back for the operator's drain",
+        || async {
+            b.annotation("n0", ANN_BLOCKED_BY).await.as_deref() == Some("operator_drained")
+                && b.annotation("n1", ANN_BLOCKED_BY).await.as_deref() == Some("operator_drained")
+        },
+    )
+    .await;
+    let port = machines[0].metrics_port;
+    wait_until(LIMIT, "n0 reports why it waits", || async move {
+        scrape(port)
+            .await
+            .contains("kreboot_reboot_blocked{node=\"n0\",reason=\"operator_drained\"} 1")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for m in machines.iter_mut() {
+        assert!(
+            !m.supervise(&b).await,
+            "{}: not rebooted while the operator holds it",
+            m.node
+        );
+        assert!(b.unschedulable(&m.node).await, "{}: still cordoned", m.node);
+        assert!(
+            b.annotation(&m.node, ANN_PHASE).await.is_none(),
+            "{}: no cycle",
+            m.node
+        );
+    }
+    assert!(b.holders().await.is_empty(), "no lock taken");
+
+    // The operator asks for n0's reboot: it goes, and stays cordoned afterwards.
+    let out = kreboot_cmd(&b, &["reboot", "n0"]).await;
+    assert!(
+        out.status.success(),
+        "reboot: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    run_until(&b, &mut machines, LIMIT, "n0 rebooted on request", || {
+        completed(&b, "n0")
+    })
+    .await;
+    assert_eq!(machines[0].reboots, 1);
+    assert!(
+        b.unschedulable("n0").await,
+        "the operator's cordon is kept after the reboot"
+    );
+    assert_eq!(
+        b.annotation("n0", kreboot::drain_cli::ANN_DRAINED_BY)
+            .await
+            .as_deref(),
+        Some("kreboot-cli")
+    );
+    assert!(b.annotation("n0", ANN_REBOOT_REQUESTED).await.is_none());
+    assert_eq!(machines[1].reboots, 0, "n1 still held by the operator");
+    assert_eq!(
+        b.annotation("n1", ANN_BLOCKED_BY).await.as_deref(),
+        Some("operator_drained")
+    );
+
+    // The operator uncordons n1: it is an ordinary node again, rebooted and uncordoned by kreboot.
+    let out = kreboot_cmd(&b, &["uncordon", "n1"]).await;
+    assert!(
+        out.status.success(),
+        "uncordon: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    run_until(&b, &mut machines, LIMIT, "n1 rebooted after the uncordon", || {
+        completed(&b, "n1")
+    })
+    .await;
+    assert_eq!(machines[1].reboots, 1);
+    assert!(!b.unschedulable("n1").await, "n1 uncordoned after its reboot");
 }
