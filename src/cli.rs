@@ -53,6 +53,11 @@ pub enum Command {
     /// the sentinel (window, lock, blockers, PDBs) and remove it once the reboot completed.
     /// Also lets an agent reboot a node drained with `kreboot drain`.
     Reboot(RebootArgs),
+    /// Print a shell completion script: `source <(kreboot completions bash)`, or write it where
+    /// the shell loads completions from (README, "Shell completion and man page").
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff): `kreboot man > kreboot.1 && man ./kreboot.1`.
+    Man,
     /// Run a command in the host's namespaces, as the agent runs its reboot command (for
     /// checking a node's set-up; prints the command's output and exits with its code).
     #[command(hide = true)]
@@ -256,6 +261,43 @@ pub struct RebootArgs {
     /// Who asks [default: the user the API server knows you as, else $USER].
     #[arg(long, value_name = "NAME")]
     pub by: Option<String>,
+}
+
+/// Flags of `kreboot completions`.
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+/// Shells `kreboot completions` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    /// GNU bash.
+    Bash,
+    /// Z shell.
+    Zsh,
+    /// fish.
+    Fish,
+}
+
+/// The name kreboot is known by when started as `argv0`: `kubectl kreboot` when run as the
+/// kubectl plugin (a file named `kubectl-kreboot` on the PATH, which kubectl runs for `kubectl
+/// kreboot ...`), else `kreboot`. Help, usage and completions then show what the user typed.
+pub fn bin_name(argv0: Option<&std::ffi::OsStr>) -> &'static str {
+    let base = argv0
+        .map(std::path::Path::new)
+        .and_then(std::path::Path::file_name)
+        .and_then(|n| n.to_str())
+        .unwrap_or("kreboot");
+    // kubectl finds plugins by the prefix `kubectl-` and the name up to an extension
+    // (`kubectl-kreboot.exe` elsewhere); anything else is the plain binary.
+    if base == "kubectl-kreboot" || base.starts_with("kubectl-kreboot.") {
+        "kubectl kreboot"
+    } else {
+        "kreboot"
+    }
 }
 
 /// Flags of `kreboot resume`.
@@ -775,6 +817,18 @@ mod tests {
             Command::Agent(a) => *a,
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn kubectl_plugin_is_recognised_by_its_file_name() {
+        let name = |s: &str| bin_name(Some(std::ffi::OsStr::new(s)));
+        assert_eq!(name("/usr/local/bin/kubectl-kreboot"), "kubectl kreboot");
+        assert_eq!(name("kubectl-kreboot"), "kubectl kreboot");
+        assert_eq!(name("kubectl-kreboot.exe"), "kubectl kreboot");
+        assert_eq!(name("/usr/bin/kreboot"), "kreboot");
+        assert_eq!(name("kubectl-krebootx"), "kreboot");
+        assert_eq!(name(""), "kreboot");
+        assert_eq!(bin_name(None), "kreboot");
     }
 
     #[test]

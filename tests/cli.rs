@@ -160,3 +160,74 @@ fn the_demo_ends_clean() {
         .collect();
     assert!(bad.is_empty(), "the demo logged:\n{}", bad.join("\n"));
 }
+
+/// Run as the kubectl plugin (a file named `kubectl-kreboot`, as kubectl finds plugins), the
+/// binary takes the same commands and its help names what the user typed.
+#[test]
+fn runs_as_the_kubectl_plugin() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plugin = dir.path().join("kubectl-kreboot");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_kreboot"), &plugin).expect("symlink");
+    let run_as = |args: &[&str]| {
+        let out = Command::new(&plugin)
+            .args(args)
+            .env_remove("NODE_NAME")
+            .env_remove("KREBOOT_NODE_NAME")
+            .output()
+            .expect("kubectl-kreboot runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let (code, text) = run_as(&["--help"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("Usage: kubectl kreboot <COMMAND>"), "{text}");
+    for sub in ["status", "drain", "pause", "resume", "reboot"] {
+        assert!(text.contains(sub), "{sub} listed: {text}");
+    }
+    let (code, text) = run_as(&["agent"]);
+    assert_eq!(code, 2, "same validation as kreboot: {text}");
+    assert!(text.contains("no node name"), "{text}");
+    let (code, text) = run_as(&["reboot"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("kubectl kreboot reboot"),
+        "usage names the plugin: {text}"
+    );
+    // The plain binary keeps its own name.
+    let (_, text) = run(&["--help"]);
+    assert!(text.contains("Usage: kreboot <COMMAND>"), "{text}");
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef kreboot"),
+        ("fish", "complete -c kreboot"),
+    ] {
+        let (code, text) = run(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {text}");
+        assert!(text.contains(marker), "{shell}: {}", &text[..text.len().min(300)]);
+        for sub in ["pause", "resume", "reboot", "status", "selector"] {
+            assert!(text.contains(sub), "{shell} completes {sub}");
+        }
+    }
+    let (code, text) = run(&["completions", "powershell-7"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("possible values: bash, zsh, fish"), "{text}");
+}
+
+#[test]
+fn man_page_is_roff_and_lists_the_commands() {
+    let (code, text) = run(&["man"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.starts_with(".ie \\n(.g .ds Aq") || text.contains(".TH kreboot 1"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    assert!(text.contains(".TH kreboot 1"), "a section-1 page");
+    for sub in ["pause", "resume", "reboot", "status", "drain"] {
+        assert!(text.contains(sub), "the page names {sub}");
+    }
+}
