@@ -831,17 +831,17 @@ pub async fn run(
                             request_tx.send_if_modified(|r| std::mem::replace(r, asked) != asked);
                         },
                     )));
+                    // False once the watch task ended (it does not, short of a panic): the
+                    // sentinel still works, and a closed channel must not be polled in a loop.
+                    let mut requests_open = true;
                     loop {
                         tokio::select! {
                             _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
                             r = sentinel.changed() => if r.is_err() { return Ok(Outcome::Shutdown) } else { break },
-                            r = request_rx.changed() => {
+                            r = request_rx.changed(), if requests_open => {
                                 if r.is_err() {
-                                    // The watch task ended (it does not, short of a panic): the
-                                    // sentinel still works.
-                                    request_rx = watch::channel(false).1;
-                                }
-                                if *request_rx.borrow() {
+                                    requests_open = false;
+                                } else if *request_rx.borrow() {
                                     info!(node = %me, "an operator asked for a reboot");
                                     break;
                                 }
