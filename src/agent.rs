@@ -42,6 +42,7 @@ use crate::{
     metrics::Metrics,
     node::{self, Action, CycleEnd, Observations, Phase, WaitReason},
     notify::{Notifier, NotifyEvent},
+    pause::{self, Pause},
     policy::Policy,
     reboot::Rebooter,
     sentinel::SentinelState,
@@ -166,6 +167,8 @@ struct PolicyState {
     synced: bool,
     /// The policy in force (None: an invalid ConfigMap and no good one seen yet: no reboots).
     policy: Option<Policy>,
+    /// An operator's pause recorded on the ConfigMap (read whether or not the policy is valid).
+    paused: Option<Pause>,
 }
 
 /// The lock Leases as the agent knows them.
@@ -502,8 +505,16 @@ impl Agent {
         let events = self.events.clone();
         let namespace = self.cfg.namespace.clone();
         let name = cm_name.clone();
+        let me = self.cfg.node_name.clone();
         let apply = move |cm: Option<ConfigMap>| {
             let cm = cm.as_ref();
+            let paused = pause::of_config_map(cm);
+            if paused != tx.borrow().paused {
+                match &paused {
+                    Some(p) => info!(node = %me, pause = %p.describe(), "reboots paused"),
+                    None => info!(node = %me, "reboots not paused"),
+                }
+            }
             let parsed = match cm {
                 None => Ok(Policy::default()),
                 Some(cm) => match cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) {
@@ -522,6 +533,7 @@ impl Agent {
                     tx.send_modify(|s| {
                         s.synced = true;
                         s.policy = Some(p);
+                        s.paused = paused;
                     });
                 }
                 Err(message) => {
@@ -538,7 +550,10 @@ impl Agent {
                             ..ObjectReference::default()
                         },
                     );
-                    tx.send_modify(|s| s.synced = true);
+                    tx.send_modify(|s| {
+                        s.synced = true;
+                        s.paused = paused;
+                    });
                 }
             }
         };
@@ -581,7 +596,8 @@ impl Agent {
     /// The startup check of an idle-looking node: does it record a cycle, or hold a slot?
     async fn needs_engagement(&self) -> Result<bool, kube::Error> {
         let node = self.node_api().get(&self.cfg.node_name).await?;
-        if node::view(&node).recorded.phase != Phase::Idle {
+        let recorded = node::view(&node).recorded;
+        if recorded.phase != Phase::Idle || recorded.reboot_requested.is_some() {
             return Ok(true);
         }
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.cfg.namespace);
@@ -633,13 +649,20 @@ where
     }
 }
 
-/// Keeps `kreboot_reboot_required` in step with the sentinel, independently of the lifecycle
-/// loop (so the metric follows the file within milliseconds even while a drain runs).
-pub fn spawn_sentinel_metrics(metrics: Metrics, mut rx: watch::Receiver<SentinelState>) -> JoinHandle<()> {
+/// Keeps `kreboot_reboot_required` in step with the sentinel and an operator's request
+/// (`requested`), independently of the lifecycle loop (so the metric follows the file within
+/// milliseconds even while a drain runs).
+pub fn spawn_sentinel_metrics(
+    metrics: Metrics,
+    mut rx: watch::Receiver<SentinelState>,
+    mut requested: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut was = None;
+        // A closed request channel (no sender) leaves the sentinel alone in charge.
+        let mut requests_open = true;
         loop {
-            let required = rx.borrow_and_update().required;
+            let required = rx.borrow_and_update().required || *requested.borrow_and_update();
             if was != Some(required) {
                 metrics.set(&metrics.reboot_required, i64::from(required));
                 let since = if required {
@@ -653,8 +676,9 @@ pub fn spawn_sentinel_metrics(metrics: Metrics, mut rx: watch::Receiver<Sentinel
                     .set(since);
                 was = Some(required);
             }
-            if rx.changed().await.is_err() {
-                return;
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                r = requested.changed(), if requests_open => if r.is_err() { requests_open = false },
             }
         }
     })
@@ -770,7 +794,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Outcome> {
     let me = agent.cfg.node_name.clone();
-    let _sentinel_metrics = AbortOnDrop(spawn_sentinel_metrics(agent.metrics.clone(), sentinel.clone()));
+    // Whether the Node carries an operator's request (`kreboot reboot`), for the metrics.
+    let (requested_tx, requested_rx) = watch::channel(false);
+    let _sentinel_metrics = AbortOnDrop(spawn_sentinel_metrics(
+        agent.metrics.clone(),
+        sentinel.clone(),
+        requested_rx,
+    ));
     let mut attempt = 0u32;
     // The preflight at start-up: a pod that cannot reboot its node says so at once, long before
     // a reboot is needed (it runs again right before every step that disrupts the node).
@@ -786,10 +816,37 @@ pub async fn run(
                     attempt = 0;
                     agent.metrics.set_state("idle");
                     agent.metrics.set_blocked(None);
-                    debug!(node = %me, "idle: waiting for the sentinel");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
-                        r = sentinel.changed() => if r.is_err() { return Ok(Outcome::Shutdown) },
+                    agent.metrics.set(&agent.metrics.paused, 0);
+                    requested_tx.send_if_modified(|r| std::mem::replace(r, false));
+                    debug!(node = %me, "idle: waiting for the sentinel or an operator's request");
+                    // The one watch of an idle agent: its own Node, for `kreboot reboot`. Served
+                    // from the API server's watch cache; no polling.
+                    let (request_tx, mut request_rx) = watch::channel(false);
+                    let _requests = AbortOnDrop(tokio::spawn(follow_named(
+                        agent.node_api(),
+                        me.clone(),
+                        "own Node (reboot requests)",
+                        move |n: Option<Node>| {
+                            let asked = n.is_some_and(|n| node::view(&n).recorded.reboot_requested.is_some());
+                            request_tx.send_if_modified(|r| std::mem::replace(r, asked) != asked);
+                        },
+                    )));
+                    // False once the watch task ended (it does not, short of a panic): the
+                    // sentinel still works, and a closed channel must not be polled in a loop.
+                    let mut requests_open = true;
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                            r = sentinel.changed() => if r.is_err() { return Ok(Outcome::Shutdown) } else { break },
+                            r = request_rx.changed(), if requests_open => {
+                                if r.is_err() {
+                                    requests_open = false;
+                                } else if *request_rx.borrow() {
+                                    info!(node = %me, "an operator asked for a reboot");
+                                    break;
+                                }
+                            }
+                        }
                     }
                     continue 'outer;
                 }
@@ -832,7 +889,10 @@ pub async fn run(
                 warn!(node = %me, problem = %p, "unexpected kreboot annotation");
             }
             let sentinel_state = sentinel.borrow_and_update().clone();
-            let policy = w.policy.borrow().policy.clone();
+            let (policy, paused) = {
+                let p = w.policy.borrow();
+                (p.policy.clone(), p.paused.clone())
+            };
             let window_open = policy.as_ref().is_some_and(|p| p.is_open(&view.labels, now));
             let slots = agent.slots_for(policy.as_ref(), &view.labels);
             let (leases, seen) = {
@@ -866,10 +926,14 @@ pub async fn run(
                 }
                 continue;
             }
+            let requested = view.recorded.reboot_requested.clone();
+            requested_tx
+                .send_if_modified(|r| std::mem::replace(r, requested.is_some()) != requested.is_some());
+            let required = sentinel_state.required || requested.is_some();
             let mut obs = Observations {
                 now,
                 node: view.clone(),
-                reboot_required: sentinel_state.required,
+                reboot_required: required,
                 window_open,
                 blocked_by: None,
                 held_lock: held.clone(),
@@ -879,6 +943,7 @@ pub async fn run(
                 failure_backoff: chrono::Duration::from_std(agent.cfg.failure_backoff)
                     .unwrap_or(chrono::Duration::zero()),
                 host_access_ok: true,
+                paused: paused.is_some(),
             };
             let mut action = node::decide(&obs);
             if matches!(
@@ -928,7 +993,9 @@ pub async fn run(
                         r @ (WaitReason::WindowClosed
                         | WaitReason::RebootLoopBackoff
                         | WaitReason::FailureBackoff
-                        | WaitReason::HostAccess),
+                        | WaitReason::HostAccess
+                        | WaitReason::Paused
+                        | WaitReason::OperatorDrained),
                     ..
                 } => Some(r.label().to_owned()),
                 _ => None,
@@ -940,6 +1007,16 @@ pub async fn run(
                 .and_then(|a| a.get(node::ANN_BLOCKED_BY))
                 .cloned();
             if held_back != recorded_held_back && !agent.cfg.dry_run {
+                if let Some(p) = paused.as_ref().filter(|_| held_back.as_deref() == Some("paused")) {
+                    agent.events.node(
+                        Reason::RebootsPaused,
+                        format!(
+                            "reboot held back: reboots are paused {} (kreboot resume lifts it)",
+                            p.describe()
+                        ),
+                    );
+                    info!(node = %me, pause = %p.describe(), "reboot held back: reboots are paused");
+                }
                 if let Some(reason) = obs.blocked_by.as_deref().filter(|_| held_back.is_some()) {
                     agent
                         .events
@@ -960,6 +1037,10 @@ pub async fn run(
             agent
                 .metrics
                 .set(&agent.metrics.window_open, i64::from(window_open));
+            // Only while this node has a reboot to do: a pause that holds nothing back is no news.
+            agent
+                .metrics
+                .set(&agent.metrics.paused, i64::from(paused.is_some() && required));
             agent
                 .metrics
                 .set(&agent.metrics.lock_held, i64::from(held.is_some()));
@@ -979,23 +1060,42 @@ pub async fn run(
             );
             debug!(node = %me, phase = view.recorded.phase.name(), ?action, "decided");
 
-            if sentinel_state.required && !announced_required && view.recorded.phase == Phase::Idle {
+            if required && !announced_required && view.recorded.phase == Phase::Idle {
                 announced_required = true;
-                let reason = if sentinel_state.packages.is_empty() {
-                    "the host requires a reboot".to_owned()
-                } else {
-                    format!(
-                        "the host requires a reboot for: {}",
-                        sentinel_state.packages.join(", ")
-                    )
+                let packages = sentinel_state.packages.join(", ");
+                let mut note = match (&requested, sentinel_state.required) {
+                    (Some(r), false) => format!("an operator asked for a reboot ({})", r.describe()),
+                    (Some(r), true) => format!(
+                        "an operator asked for a reboot ({}); the host requires one",
+                        r.describe()
+                    ),
+                    (None, _) => "the host requires a reboot".to_owned(),
                 };
-                agent.events.node(Reason::RebootRequired, reason);
-                let reason = sentinel_state.packages.join(", ");
-                agent
-                    .metrics
-                    .required_reason
-                    .with_label_values(&[me.as_str(), &crate::events::truncate(&reason, 200)])
-                    .set(1);
+                if !packages.is_empty() {
+                    note.push_str(&format!(" for: {packages}"));
+                }
+                agent.events.node(Reason::RebootRequired, note);
+                // `kreboot_reboot_required_info{reason}`: the packages, and `requested` for an
+                // operator's request (the sentinel's series keep their labels).
+                let mut reasons = Vec::new();
+                if sentinel_state.required {
+                    reasons.push(crate::events::truncate(&packages, 200));
+                }
+                if requested.is_some() {
+                    reasons.push("requested".to_owned());
+                }
+                for r in &reasons {
+                    agent
+                        .metrics
+                        .required_reason
+                        .with_label_values(&[me.as_str(), r])
+                        .set(1);
+                }
+                let reason = match &requested {
+                    Some(r) if packages.is_empty() => r.describe(),
+                    Some(r) => format!("{packages} ({})", r.describe()),
+                    None => packages,
+                };
                 let recorded = node_obj.metadata.annotations.as_ref();
                 if !agent.cfg.dry_run
                     && recorded
@@ -1013,7 +1113,7 @@ pub async fn run(
                     }
                 }
             }
-            if !sentinel_state.required {
+            if !required {
                 announced_required = false;
                 agent.metrics.required_reason.reset();
             }
@@ -1342,9 +1442,17 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
             .filter_map(|l| lock::holder(l).map(str::to_owned))
             .collect()
     };
-    let policy = w.policy.borrow().policy.clone();
+    let (policy, paused) = {
+        let p = w.policy.borrow();
+        (p.policy.clone(), p.paused.is_some())
+    };
     let slot = lease.name_any();
     let now = agent.clock.now();
+    if paused {
+        // Paused: a waiter handed this slot would only give it back (and hand it to the next,
+        // and so on). Free it; after the resume the waiters take it as a free slot.
+        return release_only(agent, w, &lock, lease, now).await;
+    }
     // Hand the slot to the node that has waited longest, if any: one write, no race.
     let waiting = ListParams::default().labels(&format!("{}=true", node::LABEL_WAITING));
     match agent.node_api().list(&waiting).await {
@@ -1375,6 +1483,17 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
             warn!(error = %e, "cannot list waiting nodes; releasing the lock instead of handing it over")
         }
     }
+    release_only(agent, w, &lock, lease, now).await
+}
+
+/// Frees `lease` (held by this node) without naming a successor.
+async fn release_only(
+    agent: &Agent,
+    w: &Watches,
+    lock: &LeaseLock,
+    lease: Lease,
+    now: DateTime<Utc>,
+) -> Result<(), StepError> {
     match lock.release(&lease, now).await {
         Ok(Some(l)) => {
             info!(node = %agent.cfg.node_name, lease = %l.name_any(), "lock released");

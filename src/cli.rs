@@ -43,6 +43,21 @@ pub enum Command {
     /// Show what kreboot is doing across the cluster: each node's state, the lock, the queue
     /// and the policy (reads the cluster with your kubeconfig; writes nothing).
     Status(StatusArgs),
+    /// Pause reboots cluster-wide: no node starts a reboot until `kreboot resume` (nodes already
+    /// draining or rebooting finish their cycle). Recorded on the policy ConfigMap, which every
+    /// agent with a reboot to do watches: they stop within a second.
+    Pause(PauseArgs),
+    /// Lift a pause: waiting nodes go on as the policy allows.
+    Resume(ResumeArgs),
+    /// Ask for nodes to be rebooted without the sentinel: their agents treat the request like
+    /// the sentinel (window, lock, blockers, PDBs) and remove it once the reboot completed.
+    /// Also lets an agent reboot a node drained with `kreboot drain`.
+    Reboot(RebootArgs),
+    /// Print a shell completion script: `source <(kreboot completions bash)`, or write it where
+    /// the shell loads completions from (README, "Shell completion and man page").
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff): `kreboot man > kreboot.1 && man ./kreboot.1`.
+    Man,
     /// Run a command in the host's namespaces, as the agent runs its reboot command (for
     /// checking a node's set-up; prints the command's output and exits with its code).
     #[command(hide = true)]
@@ -201,6 +216,96 @@ pub struct StatusArgs {
     /// The instant ages and windows are computed from, RFC 3339 (for tests) [default: now].
     #[arg(long, hide = true, value_parser = parse_instant)]
     pub now: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Where the pause is recorded: the policy ConfigMap.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigMapTarget {
+    /// Namespace of the agents' policy ConfigMap [default: $POD_NAMESPACE, else kreboot].
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "kreboot",
+        hide_env = true,
+        hide_default_value = true
+    )]
+    pub namespace: String,
+    /// Name of the policy ConfigMap (created, with an empty policy, if it does not exist).
+    #[arg(long, default_value = "kreboot-config")]
+    pub config_map: String,
+}
+
+/// Flags of `kreboot pause`.
+#[derive(Debug, Clone, Args)]
+pub struct PauseArgs {
+    /// Where.
+    #[command(flatten)]
+    pub target: ConfigMapTarget,
+    /// Why, shown by `kreboot status` and in the agents' Events.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// Who pauses [default: the user the API server knows you as, else $USER].
+    #[arg(long, value_name = "NAME")]
+    pub by: Option<String>,
+}
+
+/// Flags of `kreboot reboot`.
+#[derive(Debug, Clone, Args)]
+pub struct RebootArgs {
+    /// The nodes.
+    #[command(flatten)]
+    pub targets: NodeTargets,
+    /// Withdraw the request instead (a reboot already under way goes on).
+    #[arg(long)]
+    pub cancel: bool,
+    /// Who asks [default: the user the API server knows you as, else $USER].
+    #[arg(long, value_name = "NAME")]
+    pub by: Option<String>,
+}
+
+/// Flags of `kreboot completions`.
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+/// Shells `kreboot completions` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    /// GNU bash.
+    Bash,
+    /// Z shell.
+    Zsh,
+    /// fish.
+    Fish,
+}
+
+/// The name kreboot is known by when started as `argv0`: `kubectl kreboot` when run as the
+/// kubectl plugin (a file named `kubectl-kreboot` on the PATH, which kubectl runs for `kubectl
+/// kreboot ...`), else `kreboot`. Help, usage and completions then show what the user typed.
+pub fn bin_name(argv0: Option<&std::ffi::OsStr>) -> &'static str {
+    let base = argv0
+        .map(std::path::Path::new)
+        .and_then(std::path::Path::file_name)
+        .and_then(|n| n.to_str())
+        .unwrap_or("kreboot");
+    // kubectl finds plugins by the prefix `kubectl-` and the name up to an extension
+    // (`kubectl-kreboot.exe` elsewhere); anything else is the plain binary.
+    if base == "kubectl-kreboot" || base.starts_with("kubectl-kreboot.") {
+        "kubectl kreboot"
+    } else {
+        "kreboot"
+    }
+}
+
+/// Flags of `kreboot resume`.
+#[derive(Debug, Clone, Args)]
+pub struct ResumeArgs {
+    /// Where.
+    #[command(flatten)]
+    pub target: ConfigMapTarget,
 }
 
 /// Output format of `kreboot status`.
@@ -712,6 +817,18 @@ mod tests {
             Command::Agent(a) => *a,
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn kubectl_plugin_is_recognised_by_its_file_name() {
+        let name = |s: &str| bin_name(Some(std::ffi::OsStr::new(s)));
+        assert_eq!(name("/usr/local/bin/kubectl-kreboot"), "kubectl kreboot");
+        assert_eq!(name("kubectl-kreboot"), "kubectl kreboot");
+        assert_eq!(name("kubectl-kreboot.exe"), "kubectl kreboot");
+        assert_eq!(name("/usr/bin/kreboot"), "kreboot");
+        assert_eq!(name("kubectl-krebootx"), "kreboot");
+        assert_eq!(name(""), "kreboot");
+        assert_eq!(bin_name(None), "kreboot");
     }
 
     #[test]

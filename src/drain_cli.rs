@@ -270,7 +270,7 @@ pub fn describe(e: &kube::Error) -> String {
     }
 }
 
-async fn client() -> Result<Client, String> {
+pub(crate) async fn client() -> Result<Client, String> {
     let mut cfg = kube::Config::infer()
         .await
         .map_err(|e| format!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"))?;
@@ -281,7 +281,7 @@ async fn client() -> Result<Client, String> {
 }
 
 /// The nodes named or selected, sorted by name; an error if one is missing or none match.
-async fn resolve(api: &Api<Node>, targets: &NodeTargets) -> Result<Vec<Node>, String> {
+pub(crate) async fn resolve(api: &Api<Node>, targets: &NodeTargets) -> Result<Vec<Node>, String> {
     let mut nodes = match &targets.selector {
         Some(sel) => {
             let list = api

@@ -12,6 +12,14 @@ use kube::{
     Client,
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -47,6 +55,8 @@ pub enum Reason {
     /// The preflight failed: the agent cannot reach the host to reboot it (its namespaces or
     /// PID 1's signal refused), so it does not take the node out of service.
     HostAccessDenied,
+    /// A reboot is needed but an operator paused reboots cluster-wide (`kreboot pause`).
+    RebootsPaused,
 }
 
 impl Reason {
@@ -67,6 +77,7 @@ impl Reason {
             Reason::ConfigInvalid => "ConfigInvalid",
             Reason::SentinelPolling => "SentinelPolling",
             Reason::HostAccessDenied => "HostAccessDenied",
+            Reason::RebootsPaused => "RebootsPaused",
         }
     }
 
@@ -91,6 +102,9 @@ const QUEUE: usize = 64;
 pub struct Events {
     tx: mpsc::Sender<(Reason, String, ObjectReference)>,
     node_ref: ObjectReference,
+    /// Events queued or being sent: [`Events::flush`] waits for this to reach zero, so a caller
+    /// that stops the API server (the demo) does not cut the last Event off.
+    pending: Arc<AtomicUsize>,
 }
 
 impl Events {
@@ -104,6 +118,8 @@ impl Events {
                 instance: reporter_instance,
             },
         );
+        let pending = Arc::new(AtomicUsize::new(0));
+        let sent = pending.clone();
         tokio::spawn(async move {
             while let Some((reason, note, reference)) = rx.recv().await {
                 let ev = Event {
@@ -120,6 +136,7 @@ impl Events {
                 if let Err(e) = recorder.publish(&ev, &reference).await {
                     warn!(reason = reason.as_str(), error = %e, "failed to publish event");
                 }
+                sent.fetch_sub(1, Ordering::AcqRel);
             }
         });
         Events {
@@ -130,7 +147,21 @@ impl Events {
                 name: Some(node.into()),
                 ..ObjectReference::default()
             },
+            pending,
         }
+    }
+
+    /// Waits until every queued Event was sent (or failed), at most `limit`. True when none is
+    /// left. For a caller about to stop the API server the Events go to (the demo).
+    pub async fn flush(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.pending.load(Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 
     /// Queues an Event about the node.
@@ -145,7 +176,10 @@ impl Events {
 
     fn send(&self, reason: Reason, note: String, reference: ObjectReference) {
         debug!(reason = reason.as_str(), %note, "event");
+        // Counted before the send: the publisher may finish it before try_send returns.
+        self.pending.fetch_add(1, Ordering::AcqRel);
         if self.tx.try_send((reason, note, reference)).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
             warn!(reason = reason.as_str(), "event queue full, event dropped");
         }
     }

@@ -2,11 +2,10 @@
 
 use std::{io::IsTerminal, process::ExitCode, sync::Arc};
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use kreboot::{
     agent::{self, Agent, Clock},
-    cli::HostExecArgs,
-    cli::{AgentArgs, Cli, Command, LogFormat},
+    cli::{self, AgentArgs, Cli, Command, CompletionShell, HostExecArgs, LogFormat},
     events::Events,
     host::{self, HostExec},
     metrics::{self, Metrics},
@@ -22,6 +21,9 @@ const EXIT_USAGE: u8 = 2;
 
 /// How long queued notifications may hold up the exit.
 const NOTIFY_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long queued Events may hold up the exit.
+const EVENTS_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -142,6 +144,7 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
         info!(?targets, "sending notifications");
     }
     let events = Events::start(client.clone(), &cfg.node_name, std::env::var("POD_NAME").ok());
+    let exit_events = events.clone();
     let _sentinel_mode = sentinel::spawn_mode_reporter(sentinel.mode(), metrics.clone(), events.clone());
     let agent = Agent {
         notifier: notifier.clone(),
@@ -160,6 +163,10 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
     // moment to leave.
     if !notifier.flush(NOTIFY_FLUSH).await {
         warn!("notifications still queued at exit were not sent");
+    }
+    // And the last Events (e.g. `Rebooting`), so the Node's story is complete.
+    if !exit_events.flush(EVENTS_FLUSH).await {
+        warn!("Events still queued at exit were not sent");
     }
     match result {
         Ok(outcome) => {
@@ -195,8 +202,48 @@ async fn run_host_exec(args: HostExecArgs) -> ExitCode {
     }
 }
 
+/// Writes the completion script for `shell` to stdout.
+fn print_completions(shell: CompletionShell, bin: &str) -> ExitCode {
+    use clap_complete::Shell;
+    let mut cmd = Cli::command();
+    let shell = match shell {
+        CompletionShell::Bash => Shell::Bash,
+        CompletionShell::Zsh => Shell::Zsh,
+        CompletionShell::Fish => Shell::Fish,
+    };
+    // As the kubectl plugin, kubectl completes `kubectl kreboot` through the plugin's own
+    // `kubectl_complete-kreboot`, not through a script for this name; the script is for the
+    // plain binary.
+    let name = if bin == "kreboot" { bin } else { "kreboot" };
+    clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
+
+/// Writes the man page (roff) to stdout.
+fn print_man() -> ExitCode {
+    match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the man page: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `kubectl kreboot ...` runs this binary as `kubectl-kreboot`: the same commands, with help
+    // and usage naming what the user typed.
+    let bin = cli::bin_name(std::env::args_os().next().as_deref());
+    let matches = Cli::command().bin_name(bin).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match cli.command {
+        Command::Completions(args) => return print_completions(args.shell, bin),
+        Command::Man => return print_man(),
+        _ => {}
+    }
     // The agent is one node's worth of work: a single-threaded runtime keeps its memory small.
     // The demo runs a whole simulated cluster and wants every core.
     let runtime = match cli.command {
@@ -235,7 +282,21 @@ fn main() -> ExitCode {
                 init_logging(LogFormat::Text, "warn,kube_client=off");
                 kreboot::drain_cli::run_uncordon(&args).await
             }
+            // Printed above, before any runtime was needed.
+            Command::Completions(_) | Command::Man => ExitCode::SUCCESS,
             Command::Status(args) => kreboot::status::run(&args).await,
+            Command::Pause(args) => {
+                init_logging(LogFormat::Text, "warn,kube_client=off");
+                kreboot::pause::run_pause(&args).await
+            }
+            Command::Reboot(args) => {
+                init_logging(LogFormat::Text, "warn,kube_client=off");
+                kreboot::request::run(&args).await
+            }
+            Command::Resume(args) => {
+                init_logging(LogFormat::Text, "warn,kube_client=off");
+                kreboot::pause::run_resume(&args).await
+            }
             Command::Demo(args) => {
                 // The demo prints its own progress; agents' logs only when something goes wrong.
                 init_logging(LogFormat::Text, "warn");

@@ -65,6 +65,8 @@ pub struct Metrics {
     pub sentinel_watch_mode: IntGaugeVec,
     /// 1 when the last preflight proved the reboot can reach the host, 0 when refused.
     pub host_access_ok: IntGaugeVec,
+    /// 1 while this node needs a reboot and reboots are paused (`kreboot pause`).
+    pub paused: IntGaugeVec,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -208,6 +210,12 @@ impl Metrics {
                 "1 when the last preflight proved the reboot can reach the host (its namespaces open, PID 1 may be signalled); 0 when refused.",
                 n,
             ),
+            paused: gauge(
+                &r,
+                "kreboot_paused",
+                "1 while this node needs a reboot and an operator has paused reboots cluster-wide (kreboot pause); 0 otherwise.",
+                n,
+            ),
             sentinel_watch_mode: gauge(
                 &r,
                 "kreboot_sentinel_watch_mode",
@@ -222,6 +230,7 @@ impl Metrics {
         m.config_valid.with_label_values(&[node]).set(1);
         m.set_state("idle");
         m.reboot_required.with_label_values(&[node]).set(0);
+        m.paused.with_label_values(&[node]).set(0);
         m
     }
 
@@ -250,6 +259,8 @@ impl Metrics {
             "failure_backoff",
             "lock_held_elsewhere",
             "host_access",
+            "paused",
+            "operator_drained",
         ] {
             self.blocked
                 .with_label_values(&[self.node.as_str(), r])

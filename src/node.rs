@@ -49,6 +49,47 @@ pub const LABEL_WAITING: &str = "kreboot.io/waiting";
 pub const LABEL_HOLDER: &str = "kreboot.io/lock-holder";
 /// Since when the node waits for a lock slot (RFC 3339 with microseconds): the queue order.
 pub const ANN_WAITING_SINCE: &str = "kreboot.io/waiting-since";
+/// An operator asked for a reboot (`kreboot reboot`), `{"by", "at"}` as JSON. Treated exactly
+/// like the sentinel (window, lock, blockers and PDBs apply) and removed with the cycle's other
+/// annotations when the reboot completes. Any other non-empty value (`kubectl annotate node N
+/// kreboot.io/reboot-requested=yes`) is a request too: whoever wrote it meant one.
+pub const ANN_REBOOT_REQUESTED: &str = "kreboot.io/reboot-requested";
+
+/// An operator's reboot request ([`ANN_REBOOT_REQUESTED`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RebootRequest {
+    /// Who asked.
+    #[serde(default)]
+    pub by: String,
+    /// When (RFC 3339, as written; empty when unknown).
+    #[serde(default)]
+    pub at: String,
+}
+
+impl RebootRequest {
+    /// Reads the annotation's value: JSON as `kreboot reboot` writes it, else a request by
+    /// `unknown` (None for an empty value).
+    pub fn parse(value: &str) -> Option<RebootRequest> {
+        if value.trim().is_empty() {
+            return None;
+        }
+        Some(
+            serde_json::from_str::<RebootRequest>(value).unwrap_or_else(|_| RebootRequest {
+                by: "unknown".into(),
+                at: String::new(),
+            }),
+        )
+    }
+
+    /// `requested by alice at 2026-12-01T10:00:00Z`.
+    pub fn describe(&self) -> String {
+        let by = if self.by.is_empty() { "unknown" } else { &self.by };
+        match self.at.as_str() {
+            "" => format!("requested by {by}"),
+            at => format!("requested by {by} at {at}"),
+        }
+    }
+}
 
 /// The step of the lifecycle a node is in, as recorded on the Node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -98,6 +139,11 @@ pub struct Recorded {
     pub last_failure: Option<DateTime<Utc>>,
     /// Why the node needs a reboot ([`ANN_REBOOT_REASON`]; empty when not recorded).
     pub reboot_reason: String,
+    /// An operator's reboot request ([`ANN_REBOOT_REQUESTED`]).
+    pub reboot_requested: Option<RebootRequest>,
+    /// An operator drained the node with `kreboot drain` (`kreboot.io/drained-by`): the agent
+    /// neither reboots nor uncordons it until the operator uncordons it or asks for the reboot.
+    pub operator_drained: bool,
     /// Annotations that could not be understood.
     pub problems: Vec<String>,
 }
@@ -154,6 +200,8 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
     r.pre_reboot_boot_id = get(ANN_PRE_REBOOT_BOOT_ID).map(str::to_owned);
     r.pre_reboot_kernel_boot_id = get(ANN_PRE_REBOOT_KERNEL_BOOT_ID).map(str::to_owned);
     r.reboot_reason = get(ANN_REBOOT_REASON).unwrap_or_default().to_owned();
+    r.reboot_requested = get(ANN_REBOOT_REQUESTED).and_then(RebootRequest::parse);
+    r.operator_drained = get(crate::drain_cli::ANN_DRAINED_BY).is_some_and(|v| !v.is_empty());
     let mut problems = std::mem::take(&mut r.problems);
     r.last_reboot = get(ANN_LAST_REBOOT).and_then(|v| parse_time(v, ANN_LAST_REBOOT, &mut problems));
     r.last_failure = get(ANN_LAST_FAILURE).and_then(|v| parse_time(v, ANN_LAST_FAILURE, &mut problems));
@@ -215,6 +263,9 @@ pub struct Observations {
     /// The preflight proved that the reboot can reach the host (its namespaces can be opened,
     /// PID 1 may be signalled). When false the node is never taken out of service.
     pub host_access_ok: bool,
+    /// An operator paused reboots cluster-wide (`kreboot pause`): no new cycle starts; one in
+    /// progress finishes (see [`crate::pause`] for why).
+    pub paused: bool,
 }
 
 /// Why the agent does nothing right now.
@@ -235,6 +286,11 @@ pub enum WaitReason {
     /// The preflight failed: the agent cannot reach the host to reboot it (an LSM or a missing
     /// capability refuses), so it does not cordon or drain.
     HostAccess,
+    /// An operator paused reboots cluster-wide (`kreboot pause`).
+    Paused,
+    /// An operator drained the node (`kreboot drain`) and has not uncordoned it or asked for
+    /// the reboot (`kreboot reboot`).
+    OperatorDrained,
 }
 
 impl WaitReason {
@@ -248,6 +304,8 @@ impl WaitReason {
             WaitReason::FailureBackoff => "failure_backoff",
             WaitReason::AwaitingReboot => "awaiting_reboot",
             WaitReason::HostAccess => "host_access",
+            WaitReason::Paused => "paused",
+            WaitReason::OperatorDrained => "operator_drained",
         }
     }
 }
@@ -266,6 +324,9 @@ pub enum AbortReason {
     Blocked,
     /// The preflight failed mid-cycle: the reboot could not reach the host.
     HostAccess,
+    /// An operator drained the node mid-cycle (`kreboot drain` took the cordon over): the node is
+    /// theirs until they uncordon it or ask for the reboot.
+    OperatorDrained,
 }
 
 impl AbortReason {
@@ -277,6 +338,7 @@ impl AbortReason {
             AbortReason::LockLost => "lock_lost",
             AbortReason::Blocked => "blocked",
             AbortReason::HostAccess => "host_access",
+            AbortReason::OperatorDrained => "operator_drained",
         }
     }
 }
@@ -313,6 +375,11 @@ fn until(since: Option<DateTime<Utc>>, backoff: Duration, now: DateTime<Utc>) ->
     (end > now).then_some(end)
 }
 
+/// The operator drained the node and has not asked for its reboot: the agent keeps its hands off.
+fn operator_holds(r: &Recorded) -> bool {
+    r.operator_drained && r.reboot_requested.is_none()
+}
+
 /// Decides the next action from the observations alone.
 pub fn decide(o: &Observations) -> Action {
     let r = &o.node.recorded;
@@ -339,6 +406,8 @@ pub fn decide(o: &Observations) -> Action {
                 wait(WaitReason::AwaitingReboot, None)
             } else if o.held_lock.is_none() {
                 Action::Abort(AbortReason::LockLost)
+            } else if operator_holds(r) {
+                Action::Abort(AbortReason::OperatorDrained)
             } else if !o.window_open {
                 Action::Abort(AbortReason::WindowClosed)
             } else if o.blocked_by.is_some() {
@@ -354,6 +423,9 @@ pub fn decide(o: &Observations) -> Action {
         Phase::Draining => {
             if o.held_lock.is_none() {
                 Action::Abort(AbortReason::LockLost)
+            } else if operator_holds(r) {
+                // `kreboot drain` took the cordon over mid-cycle: the node is the operator's.
+                Action::Abort(AbortReason::OperatorDrained)
             } else if !o.reboot_required {
                 Action::Abort(AbortReason::NoLongerRequired)
             } else if !o.window_open {
@@ -370,7 +442,18 @@ pub fn decide(o: &Observations) -> Action {
         Phase::Idle => {
             let blocking_wait = if !o.reboot_required {
                 Some(wait(WaitReason::NotRequired, None))
-            } else if let Some(t) = until(r.last_reboot, o.reboot_loop_backoff, o.now) {
+            } else if o.paused {
+                // First among the reasons to wait: the operator's word is the news, whatever
+                // the window or the back-offs say. Only a node with no cycle in progress waits:
+                // a slot handed over meanwhile is given back below, unused.
+                Some(wait(WaitReason::Paused, None))
+            } else if operator_holds(r) {
+                Some(wait(WaitReason::OperatorDrained, None))
+            } else if let Some(t) =
+                until(r.last_reboot, o.reboot_loop_backoff, o.now).filter(|_| r.reboot_requested.is_none())
+            {
+                // The loop protection is about a sentinel that comes back by itself; an
+                // operator who asks for a reboot has looked at the node.
                 Some(wait(WaitReason::RebootLoopBackoff, Some(t)))
             } else if let Some(t) = until(r.last_failure, o.failure_backoff, o.now) {
                 Some(wait(WaitReason::FailureBackoff, Some(t)))
@@ -443,6 +526,10 @@ pub fn end_cycle_patch(node: &NodeView, outcome: CycleEnd<'_>, now: DateTime<Utc
     ] {
         annotations.insert(key.to_owned(), Value::Null);
     }
+    if outcome == CycleEnd::Rebooted {
+        // The request is served; a failed or abandoned cycle keeps it for the next attempt.
+        annotations.insert(ANN_REBOOT_REQUESTED.to_owned(), Value::Null);
+    }
     match outcome {
         CycleEnd::Rebooted => {
             annotations.insert(ANN_LAST_REBOOT.to_owned(), json!(format_time(now)));
@@ -458,7 +545,8 @@ pub fn end_cycle_patch(node: &NodeView, outcome: CycleEnd<'_>, now: DateTime<Utc
         CycleEnd::Abandoned => {}
     }
     let mut patch = json!({ "metadata": { "annotations": annotations, "labels": { LABEL_WAITING: null, LABEL_HOLDER: null } } });
-    if node.recorded.cordoned_by_kreboot && node.unschedulable {
+    // Never lift an operator's drain, whatever the cordon record says.
+    if node.recorded.cordoned_by_kreboot && node.unschedulable && !node.recorded.operator_drained {
         patch["spec"] = json!({ "unschedulable": false });
     }
     with_resource_version(patch, node)
@@ -602,6 +690,7 @@ mod tests {
             reboot_loop_backoff: Duration::minutes(30),
             failure_backoff: Duration::minutes(10),
             host_access_ok: true,
+            paused: false,
         }
     }
 
@@ -688,6 +777,35 @@ mod tests {
                 wait(WaitReason::NotRequired),
             ),
             (
+                "paused: wait, never take a lock",
+                Box::new(|o| o.paused = true),
+                wait(WaitReason::Paused),
+            ),
+            (
+                "paused outside the window: the pause is the news",
+                Box::new(|o| {
+                    o.paused = true;
+                    o.window_open = false;
+                }),
+                wait(WaitReason::Paused),
+            ),
+            (
+                "paused with a slot handed over before the cycle began: give it back",
+                Box::new(|o| {
+                    o.paused = true;
+                    o.held_lock = Some("l".into());
+                }),
+                Action::ReleaseLock,
+            ),
+            (
+                "paused but nothing needed",
+                Box::new(|o| {
+                    o.paused = true;
+                    o.reboot_required = false;
+                }),
+                wait(WaitReason::NotRequired),
+            ),
+            (
                 "old reboot does not hold back",
                 Box::new(|o| o.node.recorded.last_reboot = Some(t("2026-11-24T21:00:00Z"))),
                 Action::AcquireLock,
@@ -698,6 +816,80 @@ mod tests {
             change(&mut o);
             assert_eq!(decide(&o), want, "{name}");
         }
+    }
+
+    #[test]
+    fn an_operators_drain_is_respected_unless_they_ask_for_the_reboot() {
+        let drained = |mut o: Observations| {
+            o.node.recorded.operator_drained = true;
+            o.node.unschedulable = true;
+            o
+        };
+        let request = Some(RebootRequest {
+            by: "alice".into(),
+            at: String::new(),
+        });
+        // Idle: waits, never takes a lock; a slot handed over is given back.
+        assert_eq!(decide(&drained(obs())), wait(WaitReason::OperatorDrained));
+        let mut o = drained(obs());
+        o.held_lock = Some("l".into());
+        assert_eq!(decide(&o), Action::ReleaseLock);
+        // Mid-cycle (the drain took the cordon over): the cycle is abandoned.
+        let mut o = drained(obs());
+        o.node.recorded.phase = Phase::Draining;
+        o.held_lock = Some("l".into());
+        assert_eq!(decide(&o), Action::Abort(AbortReason::OperatorDrained));
+        assert_eq!(
+            decide(&rebooting(drained(obs()), "boot-a")),
+            Action::Abort(AbortReason::OperatorDrained)
+        );
+        // ... but a reboot that already happened completes (and, below, keeps the cordon).
+        assert_eq!(decide(&rebooting(drained(obs()), "boot-old")), Action::Complete);
+        // The operator asks for the reboot: it goes ahead, as for the sentinel.
+        let mut o = drained(obs());
+        o.node.recorded.reboot_requested = request.clone();
+        assert_eq!(decide(&o), Action::AcquireLock);
+        let mut o = rebooting(drained(obs()), "boot-a");
+        o.node.recorded.reboot_requested = request;
+        assert_eq!(decide(&o), Action::Reboot);
+        // The end of any cycle never uncordons a drained node.
+        let mut n = drained(obs()).node;
+        n.recorded.cordoned_by_kreboot = true;
+        let p = end_cycle_patch(&n, CycleEnd::Rebooted, t("2026-11-24T22:00:00Z"));
+        assert!(p.get("spec").is_none(), "{p}");
+    }
+
+    #[test]
+    fn a_reboot_request_is_read_leniently_and_cleared_only_by_the_reboot() {
+        assert_eq!(RebootRequest::parse(""), None);
+        assert_eq!(
+            RebootRequest::parse(r#"{"by":"alice","at":"2026-12-01T10:00:00Z"}"#)
+                .unwrap()
+                .describe(),
+            "requested by alice at 2026-12-01T10:00:00Z"
+        );
+        assert_eq!(
+            RebootRequest::parse("yes").unwrap().describe(),
+            "requested by unknown"
+        );
+        let a = BTreeMap::from([(ANN_REBOOT_REQUESTED.to_owned(), "yes".to_owned())]);
+        assert!(parse_recorded(&a).reboot_requested.is_some());
+        let n = NodeView::default();
+        let now = t("2026-11-24T22:00:00Z");
+        let done = end_cycle_patch(&n, CycleEnd::Rebooted, now);
+        assert_eq!(done["metadata"]["annotations"][ANN_REBOOT_REQUESTED], Value::Null);
+        for end in [CycleEnd::Failed("drain"), CycleEnd::Abandoned] {
+            let p = end_cycle_patch(&n, end, now);
+            assert!(
+                p["metadata"]["annotations"].get(ANN_REBOOT_REQUESTED).is_none(),
+                "{p}"
+            );
+        }
+        // A request is not held back by the reboot-loop protection (the operator looked).
+        let mut o = obs();
+        o.node.recorded.last_reboot = Some(t("2026-11-24T21:50:00Z"));
+        o.node.recorded.reboot_requested = Some(RebootRequest::default());
+        assert_eq!(decide(&o), Action::AcquireLock);
     }
 
     #[test]
@@ -745,6 +937,14 @@ mod tests {
         let mut refused = o.clone();
         refused.host_access_ok = false;
         assert_eq!(decide(&refused), Action::Abort(AbortReason::HostAccess));
+        // A pause lets a cycle in progress finish: abandoning a half-drained node is riskier.
+        let mut paused = o.clone();
+        paused.paused = true;
+        assert_eq!(decide(&paused), Action::Drain);
+        assert_eq!(decide(&rebooting(paused, "boot-a")), Action::Reboot);
+        let mut paused = rebooting(obs(), "boot-old");
+        paused.paused = true;
+        assert_eq!(decide(&paused), Action::Complete);
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct ClusterStatus {
     pub queue: Vec<QueueEntry>,
     /// The policy in force.
     pub policy: PolicyStatus,
+    /// An operator's cluster-wide pause (`kreboot pause`; None: not paused).
+    pub paused: Option<crate::pause::Pause>,
     /// Counts over the nodes and slots.
     pub summary: Summary,
 }
@@ -65,8 +67,10 @@ pub struct NodeStatus {
     /// Since when a reboot is required.
     #[serde(serialize_with = "ser_opt_time")]
     pub since: Option<DateTime<Utc>>,
-    /// Why a reboot is required (the packages).
+    /// Why a reboot is required (the packages, or an operator's request).
     pub reason: Option<String>,
+    /// An operator's reboot request (`kreboot reboot`), until the reboot completes.
+    pub reboot_requested: Option<node::RebootRequest>,
     /// What holds the pending reboot back (`kreboot.io/blocked-by`).
     pub blocked_by: Option<String>,
     /// Since when the node waits for a lock slot.
@@ -266,6 +270,7 @@ pub fn build_with(
         locks,
         queue,
         policy: policy_status,
+        paused: None,
         summary,
     }
 }
@@ -340,7 +345,16 @@ fn node_status(
     let since = parse_time(&annotations, ANN_REBOOT_REQUIRED_SINCE, &mut problems);
     let waiting_since = parse_time(&annotations, ANN_WAITING_SINCE, &mut problems);
     let phase = non_empty(&annotations, ANN_PHASE);
-    let needs_reboot = annotations.contains_key(ANN_REBOOT_REQUIRED_SINCE) || phase.is_some();
+    let requested = view.recorded.reboot_requested.clone();
+    let needs_reboot =
+        annotations.contains_key(ANN_REBOOT_REQUIRED_SINCE) || phase.is_some() || requested.is_some();
+    // A request the agent has not taken up yet: pending since it was made.
+    let since = since.or_else(|| {
+        requested
+            .as_ref()
+            .and_then(|r| DateTime::parse_from_rfc3339(&r.at).ok())
+            .map(|t| t.with_timezone(&Utc))
+    });
     let state = match (&phase, view.waiting, needs_reboot) {
         // The phase as recorded, even one this version does not know.
         (Some(p), ..) => p.clone(),
@@ -369,7 +383,12 @@ fn node_status(
         state,
         needs_reboot,
         since,
-        reason: Some(view.recorded.reboot_reason.trim().to_owned()).filter(|r| !r.is_empty()),
+        // The agent records the request as the reason when it takes it up; until then, the
+        // request itself says why.
+        reason: Some(view.recorded.reboot_reason.trim().to_owned())
+            .filter(|r| !r.is_empty())
+            .or_else(|| requested.as_ref().map(node::RebootRequest::describe)),
+        reboot_requested: requested,
         blocked_by: non_empty(&annotations, ANN_BLOCKED_BY),
         waiting_since,
         lock: view.recorded.lock.clone().filter(|l| !l.is_empty()),
@@ -559,6 +578,18 @@ fn failure_cell(n: &NodeStatus, now: DateTime<Utc>) -> String {
 pub fn render_table(s: &ClusterStatus) -> String {
     let now = s.now;
     let mut out = String::new();
+    if let Some(p) = &s.paused {
+        // First: it explains every `paused` below.
+        let ago =
+            p.at.map(|at| format!(" ({} ago)", age(Some(at), now)))
+                .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "PAUSED: reboots are paused {}{ago}; no node starts a reboot until `kreboot resume`
+",
+            cell(Some(&p.describe()), 200)
+        );
+    }
     if s.nodes.is_empty() {
         out.push_str("No nodes.\n");
     } else {
@@ -778,6 +809,7 @@ async fn gather(args: &StatusArgs) -> anyhow::Result<ClusterStatus> {
         },
     };
     let mut status = build_with(&nodes, &leases, input, now);
+    status.paused = crate::pause::of_config_map(cm.as_ref());
     status.policy.source = Some(format!("{ns}/{}", args.config_map));
     Ok(status)
 }
@@ -1215,6 +1247,29 @@ rules:
             "SUMMARY: 7 nodes, 4 need a reboot (1 pending, 2 waiting, 1 in a cycle), 2 cordoned (1 by kreboot), 1 not Ready; 1 of 1 lock slots held\n"
         ), "{table}");
         assert!(!table.lines().any(|l| l.ends_with(' ')), "no trailing spaces");
+    }
+
+    #[test]
+    fn status_shows_a_pause_first_and_in_json() {
+        let mut s = build(&fleet(), &[], None, t(NOW));
+        assert!(!render_table(&s).contains("PAUSED"));
+        s.paused = Some(crate::pause::Pause {
+            by: "alice".into(),
+            at: Some(t(NOW) - Duration::minutes(5)),
+            reason: Some("kernel\nregression".into()),
+            problem: None,
+        });
+        let table = render_table(&s);
+        assert!(
+            table.starts_with(&format!(
+                "PAUSED: reboots are paused by alice at {}: kernel regression (5m ago); no node starts a reboot until `kreboot resume`\n\n",
+                node::format_time(t(NOW) - Duration::minutes(5))
+            )),
+            "{table}"
+        );
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(j["paused"]["by"], "alice");
+        assert_eq!(j["paused"]["reason"], "kernel\nregression");
     }
 
     #[test]

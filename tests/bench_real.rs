@@ -828,7 +828,7 @@ fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
     );
     let _ = writeln!(
         md,
-        "Hand-over = the previous holder's Lease write naming the next node (or clearing it) → that node's cordon (`kreboot.io/phase` appears). Targets (DESIGN §7): p99 < 250 ms with 100 waiting, < 1 s with 1,000.\n"
+        "Hand-over = the previous holder's Lease write naming the next node (or clearing it) → that node's cordon (`kreboot.io/phase` appears). Targets: p99 < 250 ms with 100 waiting, < 1 s with 1,000.\n"
     );
     let _ = writeln!(
         md,
@@ -860,7 +860,7 @@ fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
     }
     let _ = writeln!(
         md,
-        "\n### API requests per hand-over (kube-apiserver's `apiserver_request_total`)\n\nCounted from the moment every node had queued up to the end (the start-up race for the first, not yet existing Lease excluded; the whole rollout in the last column). Target (DESIGN §7): ≤ 3 API writes per hand-over with 1,000 waiting. Writes exclude Events.\n"
+        "\n### API requests per hand-over (kube-apiserver's `apiserver_request_total`)\n\nCounted from the moment every node had queued up to the end (the start-up race for the first, not yet existing Lease excluded; the whole rollout in the last column). Target: ≤ 3 API writes per hand-over with 1,000 waiting. Writes exclude Events.\n"
     );
     let _ = writeln!(
         md,

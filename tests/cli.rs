@@ -138,3 +138,96 @@ fn unreachable_api_server_is_retried_with_backoff() {
     assert!(retries >= 2, "retries are logged ({retries}):\n{log}");
     assert!(log.contains("retry_in=2s"), "back-off grows:\n{log}");
 }
+
+/// What a new user runs first (README, "Two commands"): the demo finishes, and ends clean —
+/// no ERROR or WARN line (it once ended with a client error and a failed Event because the
+/// simulated cluster stopped before the last Event was sent).
+#[test]
+fn the_demo_ends_clean() {
+    let out = kreboot()
+        .args(["demo", "--nodes", "3", "--reboot-duration", "1s"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("kreboot runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("summary: 3 nodes rebooted"), "{stdout}");
+    let bad: Vec<&str> = stdout
+        .lines()
+        .chain(stderr.lines())
+        .filter(|l| l.split_whitespace().any(|w| w == "ERROR" || w == "WARN"))
+        .collect();
+    assert!(bad.is_empty(), "the demo logged:\n{}", bad.join("\n"));
+}
+
+/// Run as the kubectl plugin (a file named `kubectl-kreboot`, as kubectl finds plugins), the
+/// binary takes the same commands and its help names what the user typed.
+#[test]
+fn runs_as_the_kubectl_plugin() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plugin = dir.path().join("kubectl-kreboot");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_kreboot"), &plugin).expect("symlink");
+    let run_as = |args: &[&str]| {
+        let out = Command::new(&plugin)
+            .args(args)
+            .env_remove("NODE_NAME")
+            .env_remove("KREBOOT_NODE_NAME")
+            .output()
+            .expect("kubectl-kreboot runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let (code, text) = run_as(&["--help"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("Usage: kubectl kreboot <COMMAND>"), "{text}");
+    for sub in ["status", "drain", "pause", "resume", "reboot"] {
+        assert!(text.contains(sub), "{sub} listed: {text}");
+    }
+    let (code, text) = run_as(&["agent"]);
+    assert_eq!(code, 2, "same validation as kreboot: {text}");
+    assert!(text.contains("no node name"), "{text}");
+    let (code, text) = run_as(&["reboot"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("kubectl kreboot reboot"),
+        "usage names the plugin: {text}"
+    );
+    // The plain binary keeps its own name.
+    let (_, text) = run(&["--help"]);
+    assert!(text.contains("Usage: kreboot <COMMAND>"), "{text}");
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef kreboot"),
+        ("fish", "complete -c kreboot"),
+    ] {
+        let (code, text) = run(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {text}");
+        assert!(text.contains(marker), "{shell}: {}", &text[..text.len().min(300)]);
+        for sub in ["pause", "resume", "reboot", "status", "selector"] {
+            assert!(text.contains(sub), "{shell} completes {sub}");
+        }
+    }
+    let (code, text) = run(&["completions", "powershell-7"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("possible values: bash, zsh, fish"), "{text}");
+}
+
+#[test]
+fn man_page_is_roff_and_lists_the_commands() {
+    let (code, text) = run(&["man"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.starts_with(".ie \\n(.g .ds Aq") || text.contains(".TH kreboot 1"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    assert!(text.contains(".TH kreboot 1"), "a section-1 page");
+    for sub in ["pause", "resume", "reboot", "status", "drain"] {
+        assert!(text.contains(sub), "the page names {sub}");
+    }
+}

@@ -118,6 +118,9 @@ fn every_reason_is_documented() {
         RebootCompleted,
         CycleAborted,
         ConfigInvalid,
+        SentinelPolling,
+        HostAccessDenied,
+        RebootsPaused,
     ] {
         assert!(
             readme.contains(&format!("`{}`", r.as_str())),

@@ -74,7 +74,8 @@ async fn one_full_cycle() {
         .all(|r| reasons.iter().any(|x| x == r))
     })
     .await;
-    // After the cycle the agent is idle again: it holds no watch and makes no requests.
+    // After the cycle the agent is idle again: it holds one watch (its own Node, for reboot
+    // requests; opened before the count starts) and makes no requests.
     tokio::time::sleep(Duration::from_millis(300)).await;
     sim.reset_request_counts();
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -19,9 +19,9 @@ use common::{
     backend::{Backend, Kind, Machine, NS},
 };
 use kreboot::node::{
-    ANN_CORDONED_BY_KREBOOT, ANN_LAST_FAILURE, ANN_LAST_FAILURE_REASON, ANN_LAST_REBOOT, ANN_LOCK, ANN_PHASE,
-    ANN_PRE_REBOOT_BOOT_ID, ANN_REBOOT_REASON, ANN_REBOOT_REQUIRED_SINCE, ANN_WAITING_SINCE, LABEL_HOLDER,
-    LABEL_WAITING,
+    ANN_BLOCKED_BY, ANN_CORDONED_BY_KREBOOT, ANN_LAST_FAILURE, ANN_LAST_FAILURE_REASON, ANN_LAST_REBOOT,
+    ANN_LOCK, ANN_PHASE, ANN_PRE_REBOOT_BOOT_ID, ANN_REBOOT_REASON, ANN_REBOOT_REQUESTED,
+    ANN_REBOOT_REQUIRED_SINCE, ANN_WAITING_SINCE, LABEL_HOLDER, LABEL_WAITING,
 };
 use serde_json::{Value, json};
 
@@ -56,6 +56,9 @@ on_both!(
     drain_and_uncordon_commands,
     status_golden_table,
     event_reasons_accepted,
+    pause_holds_a_waiting_node_and_resume_lets_it_go,
+    reboot_on_request_goes_through_window_and_lock,
+    operators_drain_is_respected,
 );
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -1263,4 +1266,313 @@ async fn event_reasons_accepted(kind: Kind) {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operators in control: pause and resume.
+
+/// A Lease of the lock held by `holder` (fresh, for an hour): the node's agent is not running,
+/// so the slot stays taken until the test frees it.
+async fn hold_lock_for(b: &Backend, holder: &str) {
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> = kube::Api::namespaced(b.client(), NS);
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    leases
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "metadata": { "name": "kreboot-lock", "labels": { "kreboot.io/lock": "kreboot-lock" } },
+                "spec": {
+                    "holderIdentity": holder, "leaseDurationSeconds": 3600,
+                    "acquireTime": now, "renewTime": now,
+                },
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+async fn free_lock(b: &Backend) {
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> = kube::Api::namespaced(b.client(), NS);
+    leases.delete("kreboot-lock", &Default::default()).await.unwrap();
+}
+
+async fn label(b: &Backend, node: &str, key: &str) -> Option<String> {
+    b.node(node).await?.metadata.labels?.get(key).cloned()
+}
+
+/// `kreboot pause` reaches an engaged agent through the ConfigMap it already watches: n0, queued
+/// behind n1's slot, records `paused` and leaves the queue within a second, reports it
+/// (`kreboot_paused`, the `RebootsPaused` Event, `kreboot status`), and does not take the slot
+/// when it frees. `kreboot resume` lets it go through its cycle.
+async fn pause_holds_a_waiting_node_and_resume_lets_it_go(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 2, &[]).await;
+    hold_lock_for(&b, "n1").await;
+    machines[0].require_reboot();
+    machines[0].start();
+    wait_until(LIMIT, "n0 queued for the lock", || async {
+        label(&b, "n0", LABEL_WAITING).await.as_deref() == Some("true")
+    })
+    .await;
+
+    let out = kreboot_cmd(&b, &["pause", "--namespace", NS, "--reason", "incident 42"]).await;
+    assert!(
+        out.status.success(),
+        "pause: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("reboots paused by "),
+        "{}",
+        text(&out.stdout)
+    );
+    let paused = Instant::now();
+    wait_until(LIMIT, "n0 records the pause", || async {
+        b.annotation("n0", kreboot::node::ANN_BLOCKED_BY).await.as_deref() == Some("paused")
+            && label(&b, "n0", LABEL_WAITING).await.is_none()
+    })
+    .await;
+    let reacted = paused.elapsed();
+    eprintln!("n0 recorded the pause and left the queue {reacted:?} after `kreboot pause` returned");
+    assert!(
+        reacted < Duration::from_secs(1),
+        "the pause took effect within a second: {reacted:?}"
+    );
+    let port = machines[0].metrics_port;
+    wait_until(LIMIT, "n0 reports the pause", || async move {
+        let m = scrape(port).await;
+        m.contains("kreboot_paused{node=\"n0\"} 1")
+            && m.contains("kreboot_reboot_blocked{node=\"n0\",reason=\"paused\"} 1")
+    })
+    .await;
+    wait_event(&b, "n0", "RebootsPaused", 1).await;
+    let status = kreboot_cmd(&b, &["status", "--namespace", NS]).await;
+    let table = text(&status.stdout);
+    assert!(status.status.success(), "status: {table}{}", text(&status.stderr));
+    assert!(
+        table.starts_with("PAUSED: reboots are paused by ") && table.contains(": incident 42"),
+        "{table}"
+    );
+    let row = table.lines().find(|l| l.starts_with("n0 ")).expect("n0's row");
+    assert!(row.contains(" pending ") && row.contains(" paused "), "{row}");
+
+    // The slot frees: a paused node does not take it.
+    free_lock(&b).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        b.holders().await.is_empty(),
+        "no slot taken while paused: {:?}",
+        b.leases().await
+    );
+    assert!(b.annotation("n0", ANN_PHASE).await.is_none());
+    assert!(!b.unschedulable("n0").await);
+
+    let out = kreboot_cmd(&b, &["resume", "--namespace", NS]).await;
+    assert!(
+        out.status.success(),
+        "resume: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("incident 42"), "{}", text(&out.stdout));
+    run_until(
+        &b,
+        &mut machines[..1],
+        LIMIT,
+        "n0 rebooted after the resume",
+        || completed(&b, "n0"),
+    )
+    .await;
+    assert_eq!(machines[0].reboots, 1);
+    let m = scrape(machines[0].metrics_port).await;
+    assert!(m.contains("kreboot_paused{node=\"n0\"} 0"), "{m}");
+    // A second resume has nothing to do and says so.
+    let out = kreboot_cmd(&b, &["resume", "--namespace", NS]).await;
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("were not paused"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operators in control: reboot on request, and the operator's drain.
+
+/// `kreboot reboot` asks two idle agents (no sentinel) for a reboot: each sees the request on
+/// its own Node within a second, and it is treated like the sentinel: nothing happens while the
+/// window is closed (no lock, no cordon), then the nodes go one lock slot at a time, and the
+/// request is removed when each reboot completed.
+async fn reboot_on_request_goes_through_window_and_lock(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 2, &[]).await;
+    b.set_policy(&window_policy(false)).await;
+    let monitor = OutMonitor::watch(b.client());
+    for m in machines.iter_mut() {
+        m.start();
+    }
+    let port = machines[0].metrics_port;
+    wait_until(LIMIT, "n0's agent is up and idle", || async move {
+        scrape(port)
+            .await
+            .contains("kreboot_state{node=\"n0\",state=\"idle\"} 1")
+    })
+    .await;
+    let out = kreboot_cmd(&b, &["reboot", "n0", "n1", "--by", "tester"]).await;
+    assert!(
+        out.status.success(),
+        "reboot: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "n0: reboot requested\nn1: reboot requested\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let asked = Instant::now();
+    wait_until(LIMIT, "both idle agents took the request up", || async {
+        b.annotation("n0", ANN_BLOCKED_BY).await.as_deref() == Some("window_closed")
+            && b.annotation("n1", ANN_BLOCKED_BY).await.as_deref() == Some("window_closed")
+    })
+    .await;
+    let took = asked.elapsed();
+    eprintln!("idle agents took the request up {took:?} after `kreboot reboot` returned");
+    assert!(took < Duration::from_secs(1), "within a second: {took:?}");
+    let m = scrape(port).await;
+    assert!(m.contains("kreboot_reboot_required{node=\"n0\"} 1"), "{m}");
+    assert!(
+        m.contains("kreboot_reboot_required_info{node=\"n0\",reason=\"requested\"} 1"),
+        "{m}"
+    );
+    let status = kreboot_cmd(&b, &["status", "--namespace", NS]).await;
+    let table = text(&status.stdout);
+    let row = table.lines().find(|l| l.starts_with("n0 ")).expect("n0's row");
+    assert!(
+        row.contains(" pending ") && row.contains("requested by tester") && row.contains("window_closed"),
+        "{table}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(b.holders().await.is_empty(), "no lock outside the window");
+    assert!(
+        !b.unschedulable("n0").await && !b.unschedulable("n1").await,
+        "no cordon outside the window"
+    );
+
+    b.set_policy(&window_policy(true)).await;
+    run_until(&b, &mut machines, LIMIT, "both requested reboots done", || {
+        all_completed(&b, &["n0", "n1"])
+    })
+    .await;
+    assert_eq!(monitor.max(), 1, "one node out at a time: the lock applies");
+    for m in &machines {
+        assert_eq!(m.reboots, 1, "{} rebooted once", m.node);
+        assert!(
+            b.annotation(&m.node, ANN_REBOOT_REQUESTED).await.is_none(),
+            "{}: request cleared",
+            m.node
+        );
+        assert!(!b.unschedulable(&m.node).await, "{} uncordoned", m.node);
+    }
+    // Nothing asks any more: the agents stay idle and do not reboot again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for m in machines.iter_mut() {
+        assert!(!m.supervise(&b).await, "{}: no second reboot", m.node);
+    }
+}
+
+/// Nodes an operator drained with `kreboot drain` are left alone by their agents although their
+/// hosts need a reboot: no lock, no reboot, no uncordon. `kreboot reboot n0` lets n0's agent
+/// reboot it (it stays cordoned: the cordon is the operator's); `kreboot uncordon n1` gives n1
+/// back to its agent, which then reboots it like any node.
+async fn operators_drain_is_respected(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 2, &[]).await;
+    let out = kreboot_cmd(&b, &["drain", "n0", "n1", "--timeout", "60s"]).await;
+    assert!(
+        out.status.success(),
+        "drain: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    for m in machines.iter_mut() {
+        m.require_reboot();
+        m.start();
+    }
+    wait_until(
+        LIMIT,
+        "both agents hold back for the operator's drain",
+        || async {
+            b.annotation("n0", ANN_BLOCKED_BY).await.as_deref() == Some("operator_drained")
+                && b.annotation("n1", ANN_BLOCKED_BY).await.as_deref() == Some("operator_drained")
+        },
+    )
+    .await;
+    let port = machines[0].metrics_port;
+    wait_until(LIMIT, "n0 reports why it waits", || async move {
+        scrape(port)
+            .await
+            .contains("kreboot_reboot_blocked{node=\"n0\",reason=\"operator_drained\"} 1")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for m in machines.iter_mut() {
+        assert!(
+            !m.supervise(&b).await,
+            "{}: not rebooted while the operator holds it",
+            m.node
+        );
+        assert!(b.unschedulable(&m.node).await, "{}: still cordoned", m.node);
+        assert!(
+            b.annotation(&m.node, ANN_PHASE).await.is_none(),
+            "{}: no cycle",
+            m.node
+        );
+    }
+    assert!(b.holders().await.is_empty(), "no lock taken");
+
+    // The operator asks for n0's reboot: it goes, and stays cordoned afterwards.
+    let out = kreboot_cmd(&b, &["reboot", "n0"]).await;
+    assert!(
+        out.status.success(),
+        "reboot: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    run_until(&b, &mut machines, LIMIT, "n0 rebooted on request", || {
+        completed(&b, "n0")
+    })
+    .await;
+    assert_eq!(machines[0].reboots, 1);
+    assert!(
+        b.unschedulable("n0").await,
+        "the operator's cordon is kept after the reboot"
+    );
+    assert_eq!(
+        b.annotation("n0", kreboot::drain_cli::ANN_DRAINED_BY)
+            .await
+            .as_deref(),
+        Some("kreboot-cli")
+    );
+    assert!(b.annotation("n0", ANN_REBOOT_REQUESTED).await.is_none());
+    assert_eq!(machines[1].reboots, 0, "n1 still held by the operator");
+    assert_eq!(
+        b.annotation("n1", ANN_BLOCKED_BY).await.as_deref(),
+        Some("operator_drained")
+    );
+
+    // The operator uncordons n1: it is an ordinary node again, rebooted and uncordoned by kreboot.
+    let out = kreboot_cmd(&b, &["uncordon", "n1"]).await;
+    assert!(
+        out.status.success(),
+        "uncordon: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    run_until(&b, &mut machines, LIMIT, "n1 rebooted after the uncordon", || {
+        completed(&b, "n1")
+    })
+    .await;
+    assert_eq!(machines[1].reboots, 1);
+    assert!(!b.unschedulable("n1").await, "n1 uncordoned after its reboot");
 }

@@ -1,4 +1,4 @@
-//! kreboot's benchmark: measures the figures of DESIGN §7 on the simulated cluster, side by side
+//! kreboot's benchmark: measures the figures kreboot is held to (README, BENCHMARKS.md) on the simulated cluster, side by side
 //! with a kured-like baseline where there is one, prints them and writes `BENCHMARKS.md`.
 //!
 //! Run: `cargo build --release --bins && ./target/release/kreboot-bench` (add `--quick` for a
@@ -53,7 +53,8 @@ async fn sentinel_latency(n: usize) -> Vec<f64> {
     let path = dir.path().join("reboot-required");
     let watch = SentinelWatch::start(path.clone()).expect("watch");
     let metrics = Metrics::new("bench");
-    let _task = kreboot::agent::spawn_sentinel_metrics(metrics.clone(), watch.receiver());
+    let (_requests, requested) = tokio::sync::watch::channel(false);
+    let _task = kreboot::agent::spawn_sentinel_metrics(metrics.clone(), watch.receiver(), requested);
     let gauge = metrics.reboot_required.with_label_values(&["bench"]);
     let mut out = Vec::new();
     for i in 0..n {

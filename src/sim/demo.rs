@@ -170,6 +170,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.concurrency,
         counts.total()
     );
+    // Stop the agents and send their last Events before the server goes: the demo ends clean.
+    fleet.shutdown(Duration::from_secs(5)).await;
     drop(fleet);
     sim.shutdown().await;
     Ok(())

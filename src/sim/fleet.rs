@@ -91,6 +91,8 @@ struct Member {
     metrics: Metrics,
     clock: Clock,
     starts: u32,
+    /// The Event publisher of the running agent (kept to flush it on [`Fleet::shutdown`]).
+    events: Option<Events>,
 }
 
 /// The fleet.
@@ -133,6 +135,7 @@ impl Fleet {
                         metrics,
                         clock: Clock::default(),
                         starts: 0,
+                        events: None,
                     },
                 )
             })
@@ -213,6 +216,30 @@ impl Fleet {
         }
     }
 
+    /// Stops the whole fleet cleanly, before the simulated cluster goes away: no agent is
+    /// restarted any more, every agent is stopped as by SIGTERM (a write in progress finishes)
+    /// and the Events they queued are sent, at most `limit` for those. Without this the last
+    /// Events of a run would meet a stopped server (a client error in the log).
+    pub async fn shutdown(&self, limit: Duration) {
+        self.supervisor.abort();
+        let (tasks, events): (Vec<_>, Vec<_>) = {
+            let mut ms = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            ms.values_mut().map(|m| (m.task.take(), m.events.take())).unzip()
+        };
+        for (task, token) in tasks.into_iter().flatten() {
+            token.cancel();
+            let _ = task.await;
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        for e in events.into_iter().flatten() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !e.flush(left).await {
+                warn!("Events still queued when the fleet stopped");
+                return;
+            }
+        }
+    }
+
     /// Whether the agent of `node` runs.
     pub fn running(&self, node: &str) -> bool {
         self.with(node, |m| m.task.as_ref().is_some_and(|(t, _)| !t.is_finished()))
@@ -288,8 +315,10 @@ fn start_member(sim: &SimCluster, m: &mut Member) {
         warn!(node = %m.cfg.node_name, error = %e, "notifications disabled");
         Notifier::disabled()
     });
+    let events = Events::start(client.clone(), &m.cfg.node_name, None);
+    m.events = Some(events.clone());
     let agent = Agent {
-        events: Events::start(client.clone(), &m.cfg.node_name, None),
+        events,
         notifier,
         rebooter: Arc::new(SimRebooter {
             sim: sim.clone(),
