@@ -65,6 +65,15 @@ const UNLABELLED_GRACE: Duration = Duration::from_secs(2);
 /// short enough that a deleted holder's slot is freed within about a second.
 const LEFT_GRACE: Duration = Duration::from_millis(500);
 
+/// How old a count of a node's pool (for a percentage `concurrency`) may be while the node
+/// waits for a slot: a waiter counts again at most this often (and at least this often, to see
+/// a pool that grew). One metadata-only Node list, served from the API server's watch cache.
+const POOL_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// How old that count may be when the node is about to take a slot: a shrunken pool must not
+/// hand out a slot it no longer has, so the count is redone unless it is this fresh.
+const POOL_FRESH: Duration = Duration::from_secs(2);
+
 /// Upper bound of the random delay before trying a free lock slot (see the AcquireLock arm).
 const FREE_SLOT_JITTER_MS: u64 = 200;
 
@@ -193,6 +202,44 @@ impl LeaseState {
             self.seen.insert(name.clone(), now);
         }
         self.leases.insert(name, l);
+    }
+}
+
+/// The last count of this node's pool, for a percentage `concurrency`; valid for the policy
+/// and the labels it was made for.
+struct PoolCount {
+    policy: Policy,
+    labels: crate::policy::Labels,
+    size: usize,
+    at: Instant,
+}
+
+impl PoolCount {
+    /// The pool's size, counted again when the last count is older than `max_age` or was made
+    /// for another policy or other labels.
+    async fn size(
+        cache: &mut Option<PoolCount>,
+        agent: &Agent,
+        policy: &Policy,
+        labels: &crate::policy::Labels,
+        max_age: Duration,
+    ) -> Result<(usize, Instant), kube::Error> {
+        if let Some(c) = cache.as_ref()
+            && c.at.elapsed() <= max_age
+            && c.policy == *policy
+            && c.labels == *labels
+        {
+            return Ok((c.size, c.at));
+        }
+        let size = agent.count_pool(policy, labels).await?;
+        let at = Instant::now();
+        *cache = Some(PoolCount {
+            policy: policy.clone(),
+            labels: labels.clone(),
+            size,
+            at,
+        });
+        Ok((size, at))
     }
 }
 
@@ -386,10 +433,48 @@ impl Agent {
     }
 
     /// The slots a node with `labels` competes for under `policy` (lock groups and per-rule
-    /// concurrency have their own).
-    fn slots_for(&self, policy: Option<&Policy>, labels: &crate::policy::Labels) -> Vec<String> {
+    /// concurrency have their own); `pool` is the size of its pool, for a percentage budget.
+    fn slots_for(
+        &self,
+        policy: Option<&Policy>,
+        labels: &crate::policy::Labels,
+        pool: Option<usize>,
+    ) -> Vec<String> {
         let rule = policy.map(|p| p.rule_for(labels));
-        lock::slot_set(&self.cfg.lock_name, self.cfg.concurrency, rule.as_ref())
+        lock::slot_set(&self.cfg.lock_name, self.cfg.concurrency, rule.as_ref(), pool)
+    }
+
+    /// Counts the nodes that share lock slots with a node labelled `labels` (for a percentage
+    /// `concurrency`). The agent keeps no Node cache (an idle agent holds no watch, and a
+    /// waiter watches only lock holders), so it lists: metadata only (no status, no spec: about
+    /// a tenth of a full Node), narrowed by the rule's selector (and the group's label), and at
+    /// resourceVersion 0, so the API server answers from its watch cache without reading etcd.
+    /// It is asked only by a node that competes for a slot or hands one over, at most once a
+    /// [`POOL_MAX_AGE`] while it waits.
+    async fn count_pool(
+        &self,
+        policy: &Policy,
+        labels: &crate::policy::Labels,
+    ) -> Result<usize, kube::Error> {
+        let params = ListParams::default()
+            .labels(&policy.pool_selector(labels))
+            .match_any();
+        let list = self.node_api().list_metadata(&params).await?;
+        let empty = BTreeMap::new();
+        Ok(policy.pool_size(
+            labels,
+            list.items
+                .iter()
+                .map(|n| n.metadata.labels.as_ref().unwrap_or(&empty)),
+        ))
+    }
+
+    /// Whether a node with `labels` has a percentage budget under `policy` (its slots depend on
+    /// the size of its pool).
+    fn needs_pool(policy: Option<&Policy>, labels: &crate::policy::Labels) -> bool {
+        policy
+            .and_then(|p| p.rule_for(labels).concurrency)
+            .is_some_and(crate::policy::Budget::needs_pool)
     }
 
     fn engage(&self) -> Watches {
@@ -811,6 +896,7 @@ pub async fn run(
         let _renewer = AbortOnDrop(spawn_renewer(agent.clone(), w.leases.clone()));
         let mut announced_required = false;
         let mut block_cache: Option<(Instant, Option<String>)> = None;
+        let mut pool_count: Option<PoolCount> = None;
         loop {
             changes.mark_seen();
             if !w.synced() {
@@ -834,7 +920,10 @@ pub async fn run(
             let sentinel_state = sentinel.borrow_and_update().clone();
             let policy = w.policy.borrow().policy.clone();
             let window_open = policy.as_ref().is_some_and(|p| p.is_open(&view.labels, now));
-            let slots = agent.slots_for(policy.as_ref(), &view.labels);
+            // Without the pool's size (a percentage budget), slot 0 only: enough to know which
+            // slot this node holds (every Lease of the lock is looked at for that); the pool is
+            // counted when the node competes for a slot (the AcquireLock arm).
+            let slots = agent.slots_for(policy.as_ref(), &view.labels, None);
             let (leases, seen) = {
                 let s = w.leases.borrow();
                 (s.leases.clone(), s.seen.clone())
@@ -1078,7 +1167,39 @@ pub async fn run(
                     Ok(())
                 }
                 Action::AcquireLock => {
-                    match lock::pick_slot(&slots, &leases, &seen, now, |h| w.holder_node(h)) {
+                    let pooled = Agent::needs_pool(policy.as_ref(), &view.labels);
+                    let mut counted_at = None;
+                    let slots = match policy.as_ref().filter(|_| pooled) {
+                        None => slots,
+                        Some(p) => {
+                            match PoolCount::size(&mut pool_count, &agent, p, &view.labels, POOL_MAX_AGE)
+                                .await
+                            {
+                                Ok((size, at)) => {
+                                    counted_at = Some(at);
+                                    agent.slots_for(policy.as_ref(), &view.labels, Some(size))
+                                }
+                                Err(e) => {
+                                    // No count, no slot: the budget cannot be known.
+                                    warn!(node = %me, error = %e, "cannot count the nodes of the rule's pool");
+                                    tokio::select! {
+                                        _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                                        _ = tokio::time::sleep(backoff(attempt)) => {}
+                                    }
+                                    attempt += 1;
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    let picked = lock::pick_slot(&slots, &leases, &seen, now, |h| w.holder_node(h));
+                    if picked.is_some() && counted_at.is_some_and(|t| t.elapsed() > POOL_FRESH) {
+                        // About to take a slot on an old count: count again first (a pool that
+                        // shrank has fewer slots), then decide again.
+                        pool_count = None;
+                        continue;
+                    }
+                    match picked {
                         Some(slot) => {
                             // Slots normally pass from holder to waiter directly; a free slot
                             // means start-up or a holder that could not hand over. A short
@@ -1128,6 +1249,9 @@ pub async fn run(
                             let expiry = lock::next_expiry(&slots, &leases, &seen, now);
                             let next_window =
                                 policy.as_ref().and_then(|p| p.next_transition(&view.labels, now));
+                            // A percentage budget: count the pool again now and then, to see
+                            // it grow (a new slot) without a Lease change.
+                            let recount = counted_at.map(|t| t + POOL_MAX_AGE);
                             let deadline = [expiry, next_window]
                                 .into_iter()
                                 .flatten()
@@ -1135,6 +1259,7 @@ pub async fn run(
                                 .map(|t| instant_at(now, t))
                                 .into_iter()
                                 .chain(look_again)
+                                .chain(recount)
                                 .min();
                             if !wait_for_change(&mut changes, &mut sentinel, deadline, &shutdown).await {
                                 return Ok(Outcome::Shutdown);
@@ -1344,6 +1469,25 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
     };
     let policy = w.policy.borrow().policy.clone();
     let slot = lease.name_any();
+    let my_labels = w
+        .node
+        .borrow()
+        .node
+        .as_ref()
+        .map(|n| n.labels().clone())
+        .unwrap_or_default();
+    // A percentage budget: the slots that exist for the pool as it is now. A slot beyond them
+    // (the pool shrank) is handed to nobody (no waiter's set contains it) and is released.
+    let pool = match policy.as_ref() {
+        Some(p) if Agent::needs_pool(Some(p), &my_labels) => match agent.count_pool(p, &my_labels).await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                warn!(error = %e, "cannot count the rule's pool; handing over slot 0 only");
+                None
+            }
+        },
+        _ => None,
+    };
     let now = agent.clock.now();
     // Hand the slot to the node that has waited longest, if any: one write, no race.
     let waiting = ListParams::default().labels(&format!("{}=true", node::LABEL_WAITING));
@@ -1355,7 +1499,7 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
                 .into_iter()
                 .filter(|n| {
                     agent
-                        .slots_for(policy.as_ref(), &n.labels().clone())
+                        .slots_for(policy.as_ref(), &n.labels().clone(), pool)
                         .contains(&slot)
                 })
                 .collect();

@@ -45,16 +45,20 @@ pub const HANDOFF_SECONDS: i32 = 10;
 /// The slots a node competes for, given the policy rule that selects it (None: no policy):
 /// with a `lockGroup`, its group's own `concurrency` slots (`{lock}-g-{group}`, …); with only a
 /// rule `concurrency`, the rule's own slots (`{lock}-r-{rule}`, …); otherwise the cluster-wide
-/// `--concurrency` slots.
+/// `--concurrency` slots. A percentage `concurrency` is a share of `pool_size`, the number of
+/// nodes that share these slots (None: not known, which gives one slot: the cautious answer).
 pub fn slot_set(
     lock_name: &str,
     default_concurrency: u32,
     rule: Option<&crate::policy::RuleView>,
+    pool_size: Option<usize>,
 ) -> Vec<String> {
     let Some(rule) = rule else {
         return slot_names(lock_name, default_concurrency);
     };
-    let concurrency = rule.concurrency.unwrap_or(default_concurrency);
+    let concurrency = rule.concurrency.map_or(default_concurrency, |b| {
+        crate::policy::slots(b, pool_size.unwrap_or(0))
+    });
     match (&rule.lock_group, &rule.name) {
         // Each group (value of the label) has its own slots: groups progress side by side.
         (Some(g), _) => slot_names(
@@ -461,7 +465,7 @@ mod tests {
         .unwrap();
         let labels = |k: &str, v: &str| [(k.to_string(), v.to_string())].into();
         let rule = |l| -> RuleView { p.rule_for(&l) };
-        let set = |l| slot_set("kreboot-lock", 3, Some(&rule(l)));
+        let set = |l| slot_set("kreboot-lock", 3, Some(&rule(l)), None);
         assert_eq!(set(labels("pool", "a")), ["kreboot-lock-g-a"]);
         assert_eq!(set(labels("pool", "b")), ["kreboot-lock-g-b"]);
         assert_ne!(
@@ -476,9 +480,27 @@ mod tests {
             ["kreboot-lock", "kreboot-lock-1", "kreboot-lock-2"]
         );
         assert_eq!(
-            slot_set("kreboot-lock", 2, None),
+            slot_set("kreboot-lock", 2, None, None),
             ["kreboot-lock", "kreboot-lock-1"]
         );
+    }
+
+    #[test]
+    fn a_percentage_budget_follows_the_pool() {
+        use crate::policy::Policy;
+        let p = Policy::parse(
+            "rules:\n  - name: web\n    nodeSelector: {matchLabels: {role: web}}\n    concurrency: \"25%\"\n",
+        )
+        .unwrap();
+        let rule = p.rule_for(&[("role".to_string(), "web".to_string())].into());
+        let set = |pool| slot_set("kreboot-lock", 5, Some(&rule), pool);
+        assert_eq!(set(Some(8)), ["kreboot-lock-r-web", "kreboot-lock-r-web-1"]);
+        assert_eq!(set(Some(12)).len(), 3, "the pool grew");
+        assert_eq!(set(Some(7)).len(), 1, "rounded down");
+        assert_eq!(set(Some(2)).len(), 1, "at least one");
+        assert_eq!(set(None), ["kreboot-lock-r-web"], "unknown pool: one slot");
+        // Slot 0 keeps its name whatever the size: a holder's slot survives a resize.
+        assert_eq!(set(Some(8))[0], set(Some(40))[0]);
     }
 
     fn t(s: &str) -> DateTime<Utc> {

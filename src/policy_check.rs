@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use crate::{
     cli::{PolicyArgs, PolicyCheckArgs, PolicyCommand},
-    policy::{HORIZON_DAYS, Labels, Policy, PolicyError, Zone},
+    policy::{Budget, HORIZON_DAYS, Labels, Policy, PolicyError, Zone},
 };
 
 /// Exit code of an invalid (or unreadable) policy file: the same as for bad usage.
@@ -37,6 +37,14 @@ pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Re
     out += &format!("time zone: {zone}\n");
     if rule.name.is_some() {
         match rule.concurrency {
+            Some(b @ Budget::Percent(_)) => {
+                let pool = if rule.lock_group.is_some() {
+                    "the lock group's nodes"
+                } else {
+                    "the rule's nodes"
+                };
+                out += &format!("concurrency: {b} of {pool} (rounded down, at least 1)\n");
+            }
             Some(n) => out += &format!("concurrency: {n}\n"),
             None => out += "concurrency: the agent's --concurrency\n",
         }

@@ -46,6 +46,7 @@ on_both!(
     admin_cordon_is_kept,
     window_opened_by_live_configmap_edit,
     concurrency_two_never_three,
+    percent_budget_two_of_eight,
     drain_waits_for_pdb,
     ghost_lock_is_freed,
     crash_after_lock_resumes,
@@ -227,6 +228,36 @@ async fn concurrency_two_never_three(kind: Kind) {
     })
     .await;
     assert_eq!(monitor.max(), 2, "two nodes out at once, never three");
+}
+
+/// A rule `concurrency: "25%"` over eight nodes: two out at once (25% of 8), never three; the
+/// agents' own `--concurrency` (5) does not apply to the rule's nodes.
+async fn percent_budget_two_of_eight(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 8, &["--concurrency", "5"]).await;
+    b.set_policy("rules:\n  - name: all\n    nodeSelector: {}\n    concurrency: \"25%\"\n")
+        .await;
+    let monitor = OutMonitor::watch(b.client());
+    for m in machines.iter_mut() {
+        m.require_reboot();
+        m.start();
+    }
+    let nodes: Vec<String> = (0..8).map(|i| format!("n{i}")).collect();
+    let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    run_until(&b, &mut machines, LIMIT, "every node rebooted", || {
+        all_completed(&b, &nodes)
+    })
+    .await;
+    assert_eq!(monitor.max(), 2, "25% of 8 nodes: two out at once, never three");
+    let names: Vec<String> = b
+        .leases()
+        .await
+        .iter()
+        .filter_map(|l| l.metadata.name.clone())
+        .collect();
+    assert!(
+        names.iter().all(|n| n.starts_with("kreboot-lock-r-all")) && names.len() == 2,
+        "the rule's two slots, none of the agents' own: {names:?}"
+    );
 }
 
 /// A PDB with `minAvailable` equal to the Ready pods refuses the eviction (429 from the real

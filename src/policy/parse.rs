@@ -9,7 +9,8 @@ use chrono_tz::Tz;
 use serde::{Deserialize, Deserializer};
 
 use super::{
-    Every, LockGroup, MonthDay, Operator, Policy, Requirement, Rule, Schedule, Selector, Weekly, Window, Zone,
+    Budget, Every, LockGroup, MonthDay, Operator, Policy, Requirement, Rule, Schedule, Selector, Weekly,
+    Window, Zone,
 };
 
 /// The longest `duration` a monthly or cron window may have. Bounded so that a lookup needs to
@@ -213,6 +214,39 @@ fn number(s: &str, path: &str, min: u32, max: u32) -> Result<u32, PolicyError> {
         .ok()
         .filter(|n| (min..=max).contains(n))
         .ok_or_else(|| err(path, format!("{s:?} is not a whole number from {min} to {max}")))
+}
+
+/// A `concurrency`: a whole number of nodes, or a percentage `"25%"` of the pool (1% to 100%).
+fn budget(s: &str, path: &str) -> Result<Budget, PolicyError> {
+    let t = s.trim();
+    match t.strip_suffix('%') {
+        Some(p) => p
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|p| (1..=100).contains(p))
+            .map(Budget::Percent)
+            .ok_or_else(|| {
+                err(
+                    path,
+                    format!("{s:?} is not a percentage from 1% to 100% (whole percent, e.g. \"25%\")"),
+                )
+            }),
+        None => t
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_CONCURRENCY).contains(n))
+            .map(Budget::Nodes)
+            .ok_or_else(|| {
+                err(
+                    path,
+                    format!(
+                        "{s:?} is not a whole number from 1 to {MAX_CONCURRENCY} nor a percentage of the \
+                         rule's nodes such as \"25%\""
+                    ),
+                )
+            }),
+    }
 }
 
 fn duration(v: &Option<Scalar>, path: &str) -> Result<chrono::Duration, PolicyError> {
@@ -533,7 +567,7 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
         schedule.blackouts.extend(top_blackouts.iter().copied());
         let concurrency = match &r.concurrency {
             None => None,
-            Some(n) => Some(number(&n.0, &format!("{p}.concurrency"), 1, MAX_CONCURRENCY)?),
+            Some(n) => Some(budget(&n.0, &format!("{p}.concurrency"))?),
         };
         let lock_group = match &r.lock_group {
             None => None,
