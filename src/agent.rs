@@ -968,7 +968,19 @@ pub async fn run(
                 failure_backoff: chrono::Duration::from_std(agent.cfg.failure_backoff)
                     .unwrap_or(chrono::Duration::zero()),
                 host_access_ok: true,
+                soak_until: None,
             };
+            // The rule's soak, counted from the last release of a slot of this node's set (the
+            // Leases it watches already carry it). Only for a claimed slot: a slot handed over
+            // is claimed (full TTL) first, or it would expire while the node soaks.
+            if let Some(slot) = held.as_ref()
+                && let Some(soak) = policy.as_ref().and_then(|p| p.rule_for(&view.labels).soak)
+                && leases
+                    .get(slot)
+                    .is_some_and(|l| !agent.lease_lock().needs_claim(l))
+            {
+                obs.soak_until = lock::soak_until(&slots[0], &leases, soak);
+            }
             let mut action = node::decide(&obs);
             if matches!(
                 action,
@@ -1020,6 +1032,13 @@ pub async fn run(
                         | WaitReason::HostAccess),
                     ..
                 } => Some(r.label().to_owned()),
+                Action::Wait {
+                    reason: WaitReason::Soaking,
+                    until,
+                } => Some(match until {
+                    Some(t) => format!("soaking until {}", node::format_time(*t)),
+                    None => "soaking".to_owned(),
+                }),
                 _ => None,
             };
             let recorded_held_back = node_obj

@@ -37,6 +37,11 @@ pub type Seen = BTreeMap<String, DateTime<Utc>>;
 /// Label carried by every Lease kreboot creates; its value is the lock name.
 pub const LOCK_LABEL: &str = "kreboot.io/lock";
 
+/// Annotation on a slot's Lease: when its holder last released it or handed it on (RFC 3339,
+/// microseconds, the releasing node's clock). Waiters of a rule with a `soak` read it from the
+/// Leases they already watch: no new request, no polling.
+pub const ANN_RELEASED_AT: &str = "kreboot.io/released-at";
+
 /// Lease duration of a slot handed to a waiter: the waiter claims it with the full `--lock-ttl`
 /// as soon as it sees it. If the waiter is gone, the slot frees itself after this long, instead
 /// of after a whole TTL.
@@ -105,6 +110,38 @@ pub fn slot_names(lock_name: &str, concurrency: u32) -> Vec<String> {
             }
         })
         .collect()
+}
+
+/// Whether Lease `name` is one of the slots of the set whose slot 0 is `stem` (`stem`,
+/// `stem-1`, `stem-2`, …), whatever the set's current size.
+pub fn in_set(stem: &str, name: &str) -> bool {
+    name == stem
+        || name
+            .strip_prefix(stem)
+            .and_then(|r| r.strip_prefix('-'))
+            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// When `lease` was last released or handed on, if recorded.
+pub fn released_at(lease: &Lease) -> Option<DateTime<Utc>> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ANN_RELEASED_AT)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// The end of the soak of the slot set whose slot 0 is `stem`: the latest release of any of
+/// its slots plus `soak`. None when no slot was ever released (nothing to soak after).
+pub fn soak_until(stem: &str, leases: &BTreeMap<String, Lease>, soak: Duration) -> Option<DateTime<Utc>> {
+    leases
+        .iter()
+        .filter(|(name, _)| in_set(stem, name))
+        .filter_map(|(_, l)| released_at(l))
+        .max()
+        .and_then(|t| t.checked_add_signed(soak))
 }
 
 /// The state of one slot.
@@ -319,6 +356,18 @@ pub struct LeaseLock {
     pub ttl: Duration,
 }
 
+/// Records on `lease` that it was released (or handed on) at `now`, in the same write.
+fn mark_released(lease: &mut Lease, now: DateTime<Utc>) {
+    lease
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(
+            ANN_RELEASED_AT.to_owned(),
+            now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        );
+}
+
 /// k8s-openapi stores times as `jiff` timestamps; kreboot computes with `chrono`.
 fn micro(t: DateTime<Utc>) -> MicroTime {
     MicroTime(k8s_openapi::jiff::Timestamp::from_microsecond(t.timestamp_micros()).unwrap_or_default())
@@ -434,6 +483,7 @@ impl LeaseLock {
         let mut spec = self.spec(Some(successor), Some(now), now);
         spec.lease_duration_seconds = Some(HANDOFF_SECONDS);
         lease.spec = Some(spec);
+        mark_released(&mut lease, now);
         self.replace_versioned(&name, &lease).await
     }
 
@@ -448,6 +498,7 @@ impl LeaseLock {
         let name = lease.name_any();
         let mut lease = lease.clone();
         lease.spec = Some(self.spec(None, None, now));
+        mark_released(&mut lease, now);
         self.replace_versioned(&name, &lease).await.map(Some)
     }
 }
@@ -520,6 +571,37 @@ mod tests {
                 ..LeaseSpec::default()
             }),
         }
+    }
+
+    #[test]
+    fn soak_follows_the_latest_release_of_the_set() {
+        let mut leases = BTreeMap::new();
+        let mut released = |name: &str, at: &str| {
+            let mut l = lease(name, None, "2026-11-24T09:00:00Z", 60);
+            mark_released(&mut l, t(at));
+            leases.insert(name.to_owned(), l);
+        };
+        released("kreboot-lock-r-web", "2026-11-24T10:00:00Z");
+        released("kreboot-lock-r-web-1", "2026-11-24T10:02:00Z");
+        released("kreboot-lock-r-web-x", "2026-11-24T10:09:00Z");
+        released("kreboot-lock", "2026-11-24T10:08:00Z");
+        let soak = Duration::minutes(10);
+        assert_eq!(
+            soak_until("kreboot-lock-r-web", &leases, soak),
+            Some(t("2026-11-24T10:12:00Z")),
+            "the latest release of the set's own slots, not another set's"
+        );
+        assert_eq!(
+            soak_until("kreboot-lock-r-db", &leases, soak),
+            None,
+            "never released"
+        );
+        assert!(in_set("l", "l") && in_set("l", "l-12"));
+        assert!(!in_set("l", "l-") && !in_set("l", "l-a") && !in_set("l", "l2"));
+        assert_eq!(
+            released_at(&leases["kreboot-lock"]),
+            Some(t("2026-11-24T10:08:00Z"))
+        );
     }
 
     #[test]

@@ -215,6 +215,10 @@ pub struct Observations {
     /// The preflight proved that the reboot can reach the host (its namespaces can be opened,
     /// PID 1 may be signalled). When false the node is never taken out of service.
     pub host_access_ok: bool,
+    /// The rule's soak: no node of its slot set starts before this instant (the last release
+    /// of one of its slots plus `soak`). Only set once the slot this node holds is claimed:
+    /// a handed-over slot must be claimed first, or it would expire during the soak.
+    pub soak_until: Option<DateTime<Utc>>,
 }
 
 /// Why the agent does nothing right now.
@@ -235,6 +239,9 @@ pub enum WaitReason {
     /// The preflight failed: the agent cannot reach the host to reboot it (an LSM or a missing
     /// capability refuses), so it does not cordon or drain.
     HostAccess,
+    /// The node holds a lock slot but the rule's `soak` after the last release has not ended:
+    /// it starts (cordons) when it has.
+    Soaking,
 }
 
 impl WaitReason {
@@ -248,6 +255,7 @@ impl WaitReason {
             WaitReason::FailureBackoff => "failure_backoff",
             WaitReason::AwaitingReboot => "awaiting_reboot",
             WaitReason::HostAccess => "host_access",
+            WaitReason::Soaking => "soaking",
         }
     }
 }
@@ -387,7 +395,11 @@ pub fn decide(o: &Observations) -> Action {
             match (blocking_wait, &o.held_lock) {
                 (Some(_), Some(_)) => Action::ReleaseLock,
                 (Some(w), None) => w,
-                (None, Some(_)) => Action::Cordon,
+                // The slot is kept through the soak: the next node is this one, whoever asks.
+                (None, Some(_)) => match o.soak_until.filter(|t| *t > o.now) {
+                    Some(t) => wait(WaitReason::Soaking, Some(t)),
+                    None => Action::Cordon,
+                },
                 (None, None) => Action::AcquireLock,
             }
         }
@@ -602,7 +614,36 @@ mod tests {
             reboot_loop_backoff: Duration::minutes(30),
             failure_backoff: Duration::minutes(10),
             host_access_ok: true,
+            soak_until: None,
         }
+    }
+
+    #[test]
+    fn a_holder_soaks_before_it_starts() {
+        let mut o = obs();
+        o.held_lock = Some("kreboot-lock".into());
+        o.soak_until = Some(t("2026-11-24T22:05:00Z"));
+        assert_eq!(
+            decide(&o),
+            Action::Wait {
+                reason: WaitReason::Soaking,
+                until: Some(t("2026-11-24T22:05:00Z"))
+            }
+        );
+        o.now = t("2026-11-24T22:05:00Z");
+        assert_eq!(decide(&o), Action::Cordon, "the soak has ended");
+        // A closed window still gives the slot back: soaking never holds a slot for nothing.
+        o.now = t("2026-11-24T22:00:00Z");
+        o.window_open = false;
+        assert_eq!(decide(&o), Action::ReleaseLock);
+        // Without a slot there is nothing to soak on: the node competes for one first.
+        o.window_open = true;
+        o.held_lock = None;
+        assert_eq!(decide(&o), Action::AcquireLock);
+        // A node in a cycle is never held back by a soak.
+        o.held_lock = Some("kreboot-lock".into());
+        o.node.recorded.phase = Phase::Draining;
+        assert_eq!(decide(&o), Action::Drain);
     }
 
     fn rebooting(mut o: Observations, before: &str) -> Observations {

@@ -48,6 +48,12 @@ pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Re
             Some(n) => out += &format!("concurrency: {n}\n"),
             None => out += "concurrency: the agent's --concurrency\n",
         }
+        if let Some(soak) = rule.soak.and_then(|d| d.to_std().ok()) {
+            out += &format!(
+                "soak: {} between a release of one of the rule's slots and the next node's start\n",
+                humantime::format_duration(soak)
+            );
+        }
         if let Some(g) = &rule.lock_group {
             let value = g.value.as_deref().unwrap_or("(label absent)");
             out += &format!("lock group: {}={value}", g.label);

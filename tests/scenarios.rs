@@ -47,6 +47,7 @@ on_both!(
     window_opened_by_live_configmap_edit,
     concurrency_two_never_three,
     percent_budget_two_of_eight,
+    soak_between_nodes,
     drain_waits_for_pdb,
     ghost_lock_is_freed,
     crash_after_lock_resumes,
@@ -258,6 +259,93 @@ async fn percent_budget_two_of_eight(kind: Kind) {
         names.iter().all(|n| n.starts_with("kreboot-lock-r-all")) && names.len() == 2,
         "the rule's two slots, none of the agents' own: {names:?}"
     );
+}
+
+/// A rule `soak: 8s`: the second node gets the slot when the first hands it over, keeps it,
+/// and starts (cordons) no sooner than 8 s after the hand-over, and soon after; meanwhile its
+/// Node and `kreboot status` say it is soaking.
+async fn soak_between_nodes(kind: Kind) {
+    const SOAK: Duration = Duration::from_secs(8);
+    const SLOT: &str = "kreboot-lock-r-all";
+    let (b, mut machines) = cluster(kind, 2, &[]).await;
+    b.set_policy("rules:\n  - name: all\n    nodeSelector: {}\n    concurrency: 1\n    soak: 8s\n")
+        .await;
+    let monitor = OutMonitor::watch(b.client());
+    for m in machines.iter_mut() {
+        m.require_reboot();
+        m.start();
+    }
+    let deadline = Instant::now() + LIMIT;
+    let mut first: Option<&str> = None;
+    let mut released: Option<chrono::DateTime<chrono::Utc>> = None;
+    let mut second_start: Option<chrono::DateTime<chrono::Utc>> = None;
+    let mut status_shown = false;
+    loop {
+        for m in machines.iter_mut() {
+            m.supervise(&b).await;
+        }
+        if first.is_none() {
+            for n in ["n0", "n1"] {
+                if completed(&b, n).await {
+                    first = Some(n);
+                }
+            }
+        }
+        if let Some(f) = first {
+            let second = if f == "n0" { "n1" } else { "n0" };
+            if released.is_none() {
+                // The hand-over time, as the first node recorded it on the slot.
+                released = b
+                    .leases()
+                    .await
+                    .iter()
+                    .find(|l| l.metadata.name.as_deref() == Some(SLOT))
+                    .and_then(kreboot::lock::released_at);
+            }
+            if second_start.is_none() && b.annotation(second, ANN_PHASE).await.is_some() {
+                second_start = Some(chrono::Utc::now());
+            }
+            let blocked = b.annotation(second, "kreboot.io/blocked-by").await;
+            if second_start.is_none()
+                && !status_shown
+                && blocked
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("soaking until "))
+            {
+                assert_eq!(b.holders().await, [second], "the soaking node keeps the slot");
+                let out = kreboot_cmd(&b, &["status", "--namespace", NS]).await;
+                let table = text(&out.stdout);
+                assert!(
+                    table
+                        .lines()
+                        .any(|l| l.starts_with(second) && l.contains("soaking until")),
+                    "status shows why {second} waits:\n{table}"
+                );
+                status_shown = true;
+            }
+        }
+        if all_completed(&b, &["n0", "n1"]).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out: both nodes rebooted with a soak between"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let released = released.expect("the first node recorded its hand-over on the Lease");
+    let started = second_start.expect("the second node was seen starting");
+    let gap = (started - released).to_std().unwrap_or(Duration::ZERO);
+    assert!(
+        gap >= SOAK,
+        "the second node started {gap:?} after the hand-over, inside the soak"
+    );
+    assert!(
+        gap < SOAK + Duration::from_secs(5),
+        "and soon after the soak: {gap:?}"
+    );
+    assert!(status_shown, "the soak was seen in kreboot status");
+    assert_eq!(monitor.max(), 1, "one at a time");
 }
 
 /// A PDB with `minAvailable` equal to the Ready pods refuses the eviction (429 from the real

@@ -33,6 +33,9 @@
 //! - A rule's `concurrency` is a number of nodes or a percentage (`"25%"`) of the nodes that
 //!   share its slots (its pool: [`Policy::same_pool`]); [`slots`] turns it into a slot count
 //!   for a pool of a given size. Counting the pool is the agent's business (it lists Nodes).
+//! - A rule's `soak` (1s..7d) is the least time between a release of one of its slots and the
+//!   next start (cordon) of a node of the same slot set; the agent reads the release times from
+//!   the Leases (`kreboot.io/released-at`).
 //! - Unknown keys are rejected: a typo must not silently widen a window.
 
 mod parse;
@@ -195,6 +198,8 @@ struct Rule {
     schedule: Schedule,
     concurrency: Option<Budget>,
     lock_group: Option<LockGroup>,
+    /// The pause between a release of one of the rule's slots and the next start.
+    soak: Option<chrono::Duration>,
 }
 
 /// A rule's `concurrency`: how many nodes sharing its slots may be out at once, as a number, or
@@ -331,6 +336,9 @@ pub struct RuleView {
     pub concurrency: Option<Budget>,
     /// The rule's lock group, if it has one.
     pub lock_group: Option<LockGroupView>,
+    /// The rule's `soak`: after a node of its slot set releases its slot, the next one starts
+    /// no sooner than this.
+    pub soak: Option<chrono::Duration>,
 }
 
 /// A rule's `lockGroup` as seen by one node.
@@ -649,6 +657,7 @@ impl Policy {
                 zone: self.default.zone,
                 concurrency: None,
                 lock_group: None,
+                soak: None,
             },
             Some((i, r)) => RuleView {
                 name: Some(r.name.clone()),
@@ -660,6 +669,7 @@ impl Policy {
                     value: labels.get(&g.by_label).cloned(),
                     max_concurrent: g.max_concurrent,
                 }),
+                soak: r.soak,
             },
         }
     }

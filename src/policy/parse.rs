@@ -101,6 +101,7 @@ struct RawRule {
     blackouts: Option<Vec<RawBlackout>>,
     concurrency: Option<Scalar>,
     lock_group: Option<RawLockGroup>,
+    soak: Option<Scalar>,
 }
 
 #[derive(Deserialize)]
@@ -257,6 +258,22 @@ fn duration(v: &Option<Scalar>, path: &str) -> Result<chrono::Duration, PolicyEr
     let d = chrono::Duration::from_std(d).map_err(|_| bad("is too long"))?;
     if d < chrono::Duration::minutes(1) {
         return Err(bad("is shorter than a minute"));
+    }
+    if d > chrono::Duration::days(MAX_DURATION_DAYS) {
+        return Err(bad(&format!("is longer than {MAX_DURATION_DAYS} days")));
+    }
+    Ok(d)
+}
+
+/// A rule's `soak`: 1s to 7 days. Shorter than a window's minute, because a soak is a pause
+/// between two nodes, not a schedule.
+fn soak(s: &str, path: &str) -> Result<chrono::Duration, PolicyError> {
+    let bad = |why: &str| err(path, format!("{s:?} {why}"));
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| bad(&format!("is not a duration ({e}; examples: 10m, 90s, 1h)")))?;
+    let d = chrono::Duration::from_std(d).map_err(|_| bad("is too long"))?;
+    if d < chrono::Duration::seconds(1) {
+        return Err(bad("is shorter than a second (leave soak out for none)"));
     }
     if d > chrono::Duration::days(MAX_DURATION_DAYS) {
         return Err(bad(&format!("is longer than {MAX_DURATION_DAYS} days")));
@@ -594,12 +611,17 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
                 })
             }
         };
+        let soak = match &r.soak {
+            None => None,
+            Some(d) => Some(soak(&d.0, &format!("{p}.soak"))?),
+        };
         rules.push(Rule {
             name,
             selector,
             schedule,
             concurrency,
             lock_group,
+            soak,
         });
     }
     Ok(Policy { default, rules })

@@ -677,6 +677,21 @@ fn new_fields_errors_name_the_key() {
             "whole percent",
         ),
         (
+            "rules: [{name: a, nodeSelector: {}, soak: soon}]",
+            "rules[0].soak",
+            "not a duration",
+        ),
+        (
+            "rules: [{name: a, nodeSelector: {}, soak: 0s}]",
+            "rules[0].soak",
+            "shorter than a second",
+        ),
+        (
+            "rules: [{name: a, nodeSelector: {}, soak: 8d}]",
+            "rules[0].soak",
+            "longer than 7 days",
+        ),
+        (
             "rules: [{name: a, nodeSelector: {}, concurrency: quarter}]",
             "rules[0].concurrency",
             "nor a percentage",
@@ -1068,4 +1083,21 @@ fn pools_are_the_nodes_sharing_slots() {
     let g = policy("rules: [{name: g, nodeSelector: {}, lockGroup: {byLabel: pool}}]");
     assert_eq!(g.pool_selector(&labels(&[])), "!pool");
     assert_eq!(g.pool_selector(&labels(&[("pool", "a")])), "pool=a");
+}
+
+#[test]
+fn soak_is_a_duration_per_rule() {
+    let p = policy(
+        "rules: [{name: a, nodeSelector: {matchLabels: {role: db}}, soak: 10m}, {name: b, nodeSelector: {}, soak: 1h30m}]",
+    );
+    assert_eq!(
+        p.rule_for(&labels(&[("role", "db")])).soak,
+        Some(chrono::Duration::minutes(10))
+    );
+    assert_eq!(p.rule_for(NONE).soak, Some(chrono::Duration::minutes(90)));
+    assert_eq!(
+        policy("rules: [{name: a, nodeSelector: {}}]").rule_for(NONE).soak,
+        None
+    );
+    assert_eq!(Policy::default().rule_for(NONE).soak, None);
 }
