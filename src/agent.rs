@@ -753,13 +753,16 @@ fn spawn_renewer(agent: Agent, leases: watch::Sender<LeaseState>) -> JoinHandle<
         let period = agent.cfg.lock_ttl / 3;
         loop {
             tokio::time::sleep(period).await;
-            let held = {
-                let s = leases.borrow();
-                // Any of the lock's Leases: the slot set may have changed with the policy.
-                let all: Vec<String> = s.leases.keys().cloned().collect();
-                lock::held_slot(&all, &s.leases, &agent.cfg.node_name).and_then(|n| s.leases.get(&n).cloned())
-            };
-            if let Some(lease) = held {
+            // Any of the lock's Leases (the slot set may have changed with the policy), and
+            // all of them: a node may hold its group's slot and a cap slot.
+            let held: Vec<Lease> = leases
+                .borrow()
+                .leases
+                .values()
+                .filter(|l| lock::holder(l) == Some(agent.cfg.node_name.as_str()))
+                .cloned()
+                .collect();
+            for lease in held {
                 match lock.renew(&lease, agent.clock.now()).await {
                     Ok(l) => leases.send_modify(|s| s.put(l, agent.clock.now())),
                     Err(e) => warn!(error = %e, "failed to renew the lock"),
@@ -928,13 +931,35 @@ pub async fn run(
                 let s = w.leases.borrow();
                 (s.leases.clone(), s.seen.clone())
             };
+            // A rule with `lockGroup.maxConcurrent`: a node also needs one of the rule's cap
+            // slots to start, taken after its group's slot (see `lock::cap_slot_set`).
+            let cap_slots = lock::cap_slot_set(
+                &agent.cfg.lock_name,
+                policy.as_ref().map(|p| p.rule_for(&view.labels)).as_ref(),
+            );
+            let is_cap = |n: &String| lock::is_cap_slot(&agent.cfg.lock_name, n);
             // A slot held from before a policy change still counts as held.
-            let held = lock::held_slot(&all_slots(&slots, &leases), &leases, &me);
-            // Two holders finishing at once may both hand their slot to this node: keep one,
-            // pass any other on at once.
+            let group_all: Vec<String> = all_slots(&slots, &leases)
+                .into_iter()
+                .filter(|n| !is_cap(n))
+                .collect();
+            let held = lock::held_slot(&group_all, &leases, &me);
+            let cap_all: Vec<String> = all_slots(cap_slots.as_deref().unwrap_or_default(), &leases)
+                .into_iter()
+                .filter(|n| is_cap(n))
+                .collect();
+            // A cap slot counts only beside a slot of the group (it is taken second).
+            let held_cap = lock::held_slot(&cap_all, &leases, &me).filter(|_| held.is_some());
+            // Holding the group's slot but not yet a cap slot: not ready to start.
+            let partial = cap_slots.is_some()
+                && view.recorded.phase == Phase::Idle
+                && held.is_some()
+                && held_cap.is_none();
+            // Two holders finishing at once may both hand their slot to this node: keep one
+            // (and one cap slot), pass any other on at once.
             if let Some(extra) = all_slots(&slots, &leases)
                 .iter()
-                .filter(|n| Some(*n) != held.as_ref())
+                .filter(|n| Some(*n) != held.as_ref() && Some(*n) != held_cap.as_ref())
                 .find(|n| leases.get(*n).and_then(lock::holder) == Some(me.as_str()))
                 .and_then(|n| leases.get(n).cloned())
                 && !agent.cfg.dry_run
@@ -961,7 +986,9 @@ pub async fn run(
                 reboot_required: sentinel_state.required,
                 window_open,
                 blocked_by: None,
-                held_lock: held.clone(),
+                // Without its cap slot a node has no lock to start on (it competes for one);
+                // a node already in its cycle goes on with its group's slot.
+                held_lock: if partial { None } else { held.clone() },
                 kernel_boot_id: (agent.kernel_boot_id)(),
                 reboot_loop_backoff: chrono::Duration::from_std(agent.cfg.reboot_loop_backoff)
                     .unwrap_or(chrono::Duration::zero()),
@@ -975,9 +1002,10 @@ pub async fn run(
             // is claimed (full TTL) first, or it would expire while the node soaks.
             if let Some(slot) = held.as_ref()
                 && let Some(soak) = policy.as_ref().and_then(|p| p.rule_for(&view.labels).soak)
-                && leases
-                    .get(slot)
-                    .is_some_and(|l| !agent.lease_lock().needs_claim(l))
+                && [Some(slot), held_cap.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .all(|s| leases.get(s).is_some_and(|l| !agent.lease_lock().needs_claim(l)))
             {
                 obs.soak_until = lock::soak_until(&slots[0], &leases, soak);
             }
@@ -1017,6 +1045,11 @@ pub async fn run(
                     obs.blocked_by = Some(reason);
                     action = node::decide(&obs);
                 }
+            }
+            // A node holding only its group's slot that may not go on gives it back (it would
+            // hold its group up for nothing).
+            if partial && matches!(action, Action::Wait { .. }) {
+                action = Action::ReleaseLock;
             }
             // Why the reboot is held back, on the Node for operators; written only on change.
             let held_back = match &action {
@@ -1185,10 +1218,34 @@ pub async fn run(
                     }
                     Ok(())
                 }
+                Action::AcquireLock
+                    if partial
+                        && let Some((slot, lease)) = held
+                            .as_ref()
+                            .and_then(|h| leases.get(h).map(|l| (h, l)))
+                            .filter(|(_, l)| agent.lease_lock().needs_claim(l)) =>
+                {
+                    // The group's slot was handed over (short duration): claim it with the full
+                    // TTL before waiting for a cap slot, or it would expire meanwhile.
+                    match agent.lease_lock().acquire(slot, Some(lease), now).await {
+                        Ok(l) => {
+                            info!(node = %me, lease = %slot, "lock handed over and claimed; waiting for a cap slot");
+                            w.set_lease(l, agent.clock.now());
+                            agent
+                                .events
+                                .node(Reason::LockAcquired, format!("reboot lock {slot} handed over"));
+                            Ok(())
+                        }
+                        Err(lock::LockError::Conflict { .. }) => wait_briefly(&w, &shutdown).await,
+                        Err(e) => Err(StepError::Api(e.to_string())),
+                    }
+                }
                 Action::AcquireLock => {
-                    let pooled = Agent::needs_pool(policy.as_ref(), &view.labels);
+                    let pooled = !partial && Agent::needs_pool(policy.as_ref(), &view.labels);
                     let mut counted_at = None;
                     let slots = match policy.as_ref().filter(|_| pooled) {
+                        // Holding the group's slot: compete for a cap slot.
+                        None if partial => cap_slots.clone().unwrap_or_default(),
                         None => slots,
                         Some(p) => {
                             match PoolCount::size(&mut pool_count, &agent, p, &view.labels, POOL_MAX_AGE)
@@ -1290,15 +1347,24 @@ pub async fn run(
                 Action::Cordon => {
                     let slot = held.clone().unwrap_or_default();
                     let lock = agent.lease_lock();
-                    if let Some(lease) = leases.get(&slot).filter(|l| lock.needs_claim(l)) {
+                    let to_claim = [Some(&slot), held_cap.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .find_map(|s| {
+                            leases
+                                .get(s)
+                                .filter(|l| lock.needs_claim(l))
+                                .map(|l| (s.clone(), l))
+                        });
+                    if let Some((claim, lease)) = to_claim {
                         // Handed to us by the previous holder: claim it with our full TTL first.
-                        match lock.acquire(&slot, Some(lease), now).await {
+                        match lock.acquire(&claim, Some(lease), now).await {
                             Ok(l) => {
-                                info!(node = %me, lease = %slot, "lock handed over and claimed");
+                                info!(node = %me, lease = %claim, "lock handed over and claimed");
                                 w.set_lease(l, agent.clock.now());
                                 agent
                                     .events
-                                    .node(Reason::LockAcquired, format!("reboot lock {slot} handed over"));
+                                    .node(Reason::LockAcquired, format!("reboot lock {claim} handed over"));
                                 continue;
                             }
                             Err(lock::LockError::Conflict { .. }) => {
@@ -1458,14 +1524,23 @@ async fn wait_briefly(w: &Watches, shutdown: &CancellationToken) -> Result<(), S
     }
 }
 
+/// Hands on (or releases) every slot this node holds: its cap slot first, then its group's
+/// (while the cap slot is still held, its group slot cannot be taken by a group waiter that
+/// then finds the cap full because of this very node).
 async fn release(agent: &Agent, w: &Watches) -> Result<(), StepError> {
-    let held = {
-        let s = w.leases.borrow();
-        let all: Vec<String> = s.leases.keys().cloned().collect();
-        lock::held_slot(&all, &s.leases, &agent.cfg.node_name).and_then(|n| s.leases.get(&n).cloned())
-    };
-    let Some(lease) = held else { return Ok(()) };
-    pass_on(agent, w, lease).await
+    let mut held: Vec<Lease> = w
+        .leases
+        .borrow()
+        .leases
+        .values()
+        .filter(|l| lock::holder(l) == Some(agent.cfg.node_name.as_str()))
+        .cloned()
+        .collect();
+    held.sort_by_key(|l| !lock::is_cap_slot(&agent.cfg.lock_name, &l.name_any()));
+    for lease in held {
+        pass_on(agent, w, lease).await?;
+    }
+    Ok(())
 }
 
 /// `slots` and every other Lease of the lock, sorted (the slot set follows the policy; a slot
@@ -1479,12 +1554,18 @@ fn all_slots(slots: &[String], leases: &BTreeMap<String, Lease>) -> Vec<String> 
 /// Hands `lease` (held by this node) to the longest waiter, or releases it if nobody waits.
 async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepError> {
     let lock = agent.lease_lock();
-    let holders: Vec<String> = {
+    let lock_name = &agent.cfg.lock_name;
+    // Holders of any slot, and of cap slots alone.
+    let (holders, cap_holders): (Vec<String>, Vec<String>) = {
         let s = w.leases.borrow();
-        s.leases
-            .values()
-            .filter_map(|l| lock::holder(l).map(str::to_owned))
-            .collect()
+        let of = |cap: Option<bool>| -> Vec<String> {
+            s.leases
+                .values()
+                .filter(|l| cap.is_none_or(|c| lock::is_cap_slot(lock_name, &l.name_any()) == c))
+                .filter_map(|l| lock::holder(l).map(str::to_owned))
+                .collect()
+        };
+        (of(None), of(Some(true)))
     };
     let policy = w.policy.borrow().policy.clone();
     let slot = lease.name_any();
@@ -1512,17 +1593,33 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
     let waiting = ListParams::default().labels(&format!("{}=true", node::LABEL_WAITING));
     match agent.node_api().list(&waiting).await {
         Ok(list) => {
-            // Only a waiter that competes for this very slot (same lock group or rule).
-            let eligible: Vec<Node> = list
-                .items
-                .into_iter()
-                .filter(|n| {
-                    agent
-                        .slots_for(policy.as_ref(), &n.labels().clone(), pool)
-                        .contains(&slot)
-                })
-                .collect();
-            if let Some(next) = node::pick_successor(&eligible, &agent.cfg.node_name, &holders) {
+            let successor = if lock::is_cap_slot(lock_name, &slot) {
+                // A cap slot: only to a waiter of the same rule that holds its group's slot
+                // and waits for a cap slot (it starts at once).
+                let eligible: Vec<Node> = list
+                    .items
+                    .into_iter()
+                    .filter(|n| {
+                        let rule = policy.as_ref().map(|p| p.rule_for(n.labels()));
+                        lock::cap_slot_set(lock_name, rule.as_ref()).is_some_and(|c| c.contains(&slot))
+                            && holders.contains(&n.name_any())
+                    })
+                    .collect();
+                node::pick_successor(&eligible, &agent.cfg.node_name, &cap_holders)
+            } else {
+                // Only a waiter that competes for this very slot (same lock group or rule).
+                let eligible: Vec<Node> = list
+                    .items
+                    .into_iter()
+                    .filter(|n| {
+                        agent
+                            .slots_for(policy.as_ref(), &n.labels().clone(), pool)
+                            .contains(&slot)
+                    })
+                    .collect();
+                node::pick_successor(&eligible, &agent.cfg.node_name, &holders)
+            };
+            if let Some(next) = successor {
                 match lock.hand_off(&lease, &next, now).await {
                     Ok(l) => {
                         info!(node = %agent.cfg.node_name, lease = %l.name_any(), successor = %next, "lock handed over");

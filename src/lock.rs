@@ -14,6 +14,12 @@
 //! [`CLOCK_SKEW_ALLOWANCE`]. An agent whose clock is 30 s off therefore cannot steal a lease
 //! that is being renewed. The pure part ([`slot_status`], [`pick_slot`], [`held_slot`]) reads no
 //! clock; [`LeaseLock`] does the API calls.
+//!
+//! A policy rule may have slots of its own (`{lock}-r-{rule}`, per lock group `{lock}-g-{value}`,
+//! as many as its `concurrency`, a number or a share of its pool), and with
+//! `lockGroup.maxConcurrent` a second set over all its groups (`{lock}-c-{rule}`, see
+//! [`cap_slot_set`]). Releases are stamped on the Lease ([`ANN_RELEASED_AT`]) for the rule's
+//! `soak`.
 
 use std::collections::BTreeMap;
 
@@ -76,6 +82,24 @@ pub fn slot_set(
         }
         _ => slot_names(lock_name, default_concurrency),
     }
+}
+
+/// The rule-wide cap slots of a rule with `lockGroup.maxConcurrent`: `maxConcurrent` slots
+/// `{lock}-c-{rule}`, … shared by every group of the rule. A node of such a rule starts only
+/// while it holds a slot of its group *and* one of these; it takes them in that order (the
+/// group's first), so a cap slot is only ever held by a node that holds its group's slot, and
+/// two nodes never hold one each of what the other waits for. None: no cap.
+pub fn cap_slot_set(lock_name: &str, rule: Option<&crate::policy::RuleView>) -> Option<Vec<String>> {
+    let rule = rule?;
+    let max = rule.lock_group.as_ref()?.max_concurrent?;
+    let name = rule.name.as_deref()?;
+    Some(slot_names(&format!("{lock_name}-c-{}", name_part(name)), max))
+}
+
+/// Whether Lease `name` is a cap slot of lock `lock_name` (of any rule).
+pub fn is_cap_slot(lock_name: &str, name: &str) -> bool {
+    name.strip_prefix(lock_name)
+        .is_some_and(|rest| rest.starts_with("-c-"))
 }
 
 /// A label value or rule name as part of a Lease name: kept when it is already a lowercase DNS
@@ -534,6 +558,34 @@ mod tests {
             slot_set("kreboot-lock", 2, None, None),
             ["kreboot-lock", "kreboot-lock-1"]
         );
+    }
+
+    #[test]
+    fn a_cap_over_groups_has_slots_of_its_own() {
+        use crate::policy::Policy;
+        let p = Policy::parse(
+            "rules:\n  - name: pools\n    nodeSelector: {}\n    concurrency: 1\n    lockGroup: {byLabel: pool, maxConcurrent: 2}\n  - name: free\n    nodeSelector: {}\n    lockGroup: {byLabel: pool}\n",
+        )
+        .unwrap();
+        let a = p.rule_for(&[("pool".to_string(), "a".to_string())].into());
+        let caps = cap_slot_set("kreboot-lock", Some(&a)).unwrap();
+        assert_eq!(caps, ["kreboot-lock-c-pools", "kreboot-lock-c-pools-1"]);
+        assert!(caps.iter().all(|c| is_cap_slot("kreboot-lock", c)));
+        assert!(
+            slot_set("kreboot-lock", 1, Some(&a), None)
+                .iter()
+                .all(|g| !is_cap_slot("kreboot-lock", g)),
+            "group slots are not cap slots"
+        );
+        assert!(!is_cap_slot("kreboot-lock", "kreboot-lock-g-c"));
+        assert!(!is_cap_slot("kreboot-lock", "other-c-pools"));
+        let no_cap =
+            Policy::parse("rules: [{name: free, nodeSelector: {}, lockGroup: {byLabel: pool}}]").unwrap();
+        assert_eq!(
+            cap_slot_set("kreboot-lock", Some(&no_cap.rule_for(&BTreeMap::new()))),
+            None
+        );
+        assert_eq!(cap_slot_set("kreboot-lock", None), None);
     }
 
     #[test]

@@ -47,6 +47,7 @@ on_both!(
     window_opened_by_live_configmap_edit,
     concurrency_two_never_three,
     percent_budget_two_of_eight,
+    max_concurrent_across_groups,
     soak_between_nodes,
     drain_waits_for_pdb,
     ghost_lock_is_freed,
@@ -258,6 +259,40 @@ async fn percent_budget_two_of_eight(kind: Kind) {
     assert!(
         names.iter().all(|n| n.starts_with("kreboot-lock-r-all")) && names.len() == 2,
         "the rule's two slots, none of the agents' own: {names:?}"
+    );
+}
+
+/// Three pools of two nodes, one slot per pool (`lockGroup`), `maxConcurrent: 2` over them: two
+/// nodes out at once, never three, and every node rebooted.
+async fn max_concurrent_across_groups(kind: Kind) {
+    let b = Backend::start(kind).await;
+    let mut machines = Vec::new();
+    for i in 0..6 {
+        let name = format!("n{i}");
+        b.add_node(&name, &[("pool", ["a", "b", "c"][i % 3])]).await;
+        b.add_pod("apps", &format!("{name}-app-0"), &name, &[("app", "web")])
+            .await;
+        machines.push(Machine::new(&name, &b.kubeconfig(), &[]));
+    }
+    b.wait_pods_ready("apps").await;
+    b.set_policy(
+        "rules:\n  - name: pools\n    nodeSelector: {}\n    concurrency: 1\n    lockGroup: {byLabel: pool, maxConcurrent: 2}\n",
+    )
+    .await;
+    let monitor = OutMonitor::watch(b.client());
+    for m in machines.iter_mut() {
+        m.require_reboot();
+        m.start();
+    }
+    let nodes = ["n0", "n1", "n2", "n3", "n4", "n5"];
+    run_until(&b, &mut machines, LIMIT, "every node rebooted", || {
+        all_completed(&b, &nodes)
+    })
+    .await;
+    assert_eq!(
+        monitor.max(),
+        2,
+        "two of the three pools out at once, never three"
     );
 }
 

@@ -595,15 +595,12 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
                 }
                 let max_concurrent = match &g.max_concurrent {
                     None => None,
-                    Some(n) => {
-                        number(&n.0, &format!("{p}.lockGroup.maxConcurrent"), 1, MAX_CONCURRENCY)?;
-                        // Accepting a cap the lock does not enforce would be worse than refusing it.
-                        return Err(err(
-                            format!("{p}.lockGroup.maxConcurrent"),
-                            "is not supported yet: each group has `concurrency` slots of its own; \
-                             remove maxConcurrent (or use no lockGroup and a rule concurrency)",
-                        ));
-                    }
+                    Some(n) => Some(number(
+                        &n.0,
+                        &format!("{p}.lockGroup.maxConcurrent"),
+                        1,
+                        MAX_CONCURRENCY,
+                    )?),
                 };
                 Some(LockGroup {
                     by_label: label.to_owned(),

@@ -707,10 +707,9 @@ fn new_fields_errors_name_the_key() {
             "whole number",
         ),
         (
-            // A cap the lock does not enforce is refused, not ignored.
-            "rules: [{name: a, nodeSelector: {}, lockGroup: {byLabel: pool, maxConcurrent: 2}}]",
+            "rules: [{name: a, nodeSelector: {}, lockGroup: {byLabel: pool, maxConcurrent: \"50%\"}}]",
             "rules[0].lockGroup.maxConcurrent",
-            "not supported yet",
+            "whole number from 1 to 10000",
         ),
         (
             "rules: [{name: a, nodeSelector: {}, timezone: Moon/Base}]",
@@ -1100,4 +1099,19 @@ fn soak_is_a_duration_per_rule() {
         None
     );
     assert_eq!(Policy::default().rule_for(NONE).soak, None);
+}
+
+#[test]
+fn max_concurrent_caps_a_rule_across_its_groups() {
+    let p = policy(
+        "rules: [{name: a, nodeSelector: {}, concurrency: 1, lockGroup: {byLabel: pool, maxConcurrent: 3}}]",
+    );
+    assert_eq!(
+        p.rule_for(&labels(&[("pool", "x")])).lock_group,
+        Some(LockGroupView {
+            label: "pool".into(),
+            value: Some("x".into()),
+            max_concurrent: Some(3)
+        })
+    );
 }
