@@ -250,6 +250,7 @@ impl Metrics {
             "failure_backoff",
             "lock_held_elsewhere",
             "host_access",
+            "soaking",
         ] {
             self.blocked
                 .with_label_values(&[self.node.as_str(), r])

@@ -315,6 +315,7 @@ async fn soak_between_nodes(kind: Kind) {
     let mut released: Option<chrono::DateTime<chrono::Utc>> = None;
     let mut second_start: Option<chrono::DateTime<chrono::Utc>> = None;
     let mut status_shown = false;
+    let mut metric_seen = false;
     loop {
         for m in machines.iter_mut() {
             m.supervise(&b).await;
@@ -341,6 +342,14 @@ async fn soak_between_nodes(kind: Kind) {
                 second_start = Some(chrono::Utc::now());
             }
             let blocked = b.annotation(second, "kreboot.io/blocked-by").await;
+            if second_start.is_none() && !metric_seen {
+                let port = machines.iter().find(|m| m.node == second).map(|m| m.metrics_port);
+                if let Some(port) = port {
+                    metric_seen = scrape(port).await.contains(&format!(
+                        "kreboot_reboot_blocked{{node=\"{second}\",reason=\"soaking\"}} 1"
+                    ));
+                }
+            }
             if second_start.is_none()
                 && !status_shown
                 && blocked
@@ -380,6 +389,10 @@ async fn soak_between_nodes(kind: Kind) {
         "and soon after the soak: {gap:?}"
     );
     assert!(status_shown, "the soak was seen in kreboot status");
+    assert!(
+        metric_seen,
+        "kreboot_reboot_blocked{{reason=\"soaking\"}} was 1 during the soak"
+    );
     assert_eq!(monitor.max(), 1, "one at a time");
 }
 
