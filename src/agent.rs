@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::{ConfigMap, Node, ObjectReference},
+    core::v1::{ConfigMap, Node, ObjectReference, Pod},
 };
 use kube::{
     Api, Client,
@@ -38,9 +38,10 @@ use crate::{
     cli::AgentConfig,
     drain::{self, DrainConfig},
     events::{Events, Reason},
+    health,
     lock::{self, LeaseLock},
     metrics::Metrics,
-    node::{self, Action, CycleEnd, Observations, Phase, WaitReason},
+    node::{self, Action, CycleEnd, HealthGate, Observations, Phase, WaitReason},
     notify::{Notifier, NotifyEvent},
     policy::Policy,
     reboot::Rebooter,
@@ -294,6 +295,10 @@ struct Watches {
     unlabelled_since: BTreeMap<String, Instant>,
     holder_tasks: BTreeMap<String, JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The pods bound to this node (None until listed), watched only while the health gate
+    /// holds (phase `verifying`): the watch starts with the gate, not before.
+    pods: watch::Sender<Option<Vec<Pod>>>,
+    pods_watched: bool,
 }
 
 impl Drop for Watches {
@@ -629,6 +634,7 @@ impl Agent {
         };
         tasks.push(tokio::spawn(follow_named(api, name, "policy ConfigMap", apply)));
 
+        let (pods_tx, _) = watch::channel(None);
         Watches {
             node: node_tx,
             leases: lease_tx,
@@ -638,7 +644,52 @@ impl Agent {
             unlabelled_since: BTreeMap::new(),
             holder_tasks: BTreeMap::new(),
             tasks,
+            pods: pods_tx,
+            pods_watched: false,
         }
+    }
+
+    /// Starts the watch of the pods bound to this node (for the health gate), once.
+    fn watch_pods(&self, w: &mut Watches) {
+        if w.pods_watched {
+            return;
+        }
+        w.pods_watched = true;
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let tx = w.pods.clone();
+        let selector = format!("spec.nodeName={}", self.cfg.node_name);
+        w.tasks.push(tokio::spawn(async move {
+            let stream = watcher(api, watcher::Config::default().fields(&selector)).default_backoff();
+            futures::pin_mut!(stream);
+            let mut pods: BTreeMap<(String, String), Pod> = BTreeMap::new();
+            let mut listing = BTreeMap::new();
+            let key = |p: &Pod| (p.namespace().unwrap_or_default(), p.name_any());
+            while let Some(ev) = stream.next().await {
+                // Published once listed, then on every change (never a half-done relist).
+                match ev {
+                    Ok(watcher::Event::Init) => {
+                        listing.clear();
+                        continue;
+                    }
+                    Ok(watcher::Event::InitApply(p)) => {
+                        listing.insert(key(&p), p);
+                        continue;
+                    }
+                    Ok(watcher::Event::InitDone) => pods = std::mem::take(&mut listing),
+                    Ok(watcher::Event::Apply(p)) => {
+                        pods.insert(key(&p), p);
+                    }
+                    Ok(watcher::Event::Delete(p)) => {
+                        pods.remove(&key(&p));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "watch of the node's pods failed; retrying with back-off");
+                        continue;
+                    }
+                }
+                tx.send_replace(Some(pods.values().cloned().collect()));
+            }
+        }));
     }
 
     /// Adds the `--prefer-no-schedule-taint` change to `patch` (present while the node waits
@@ -785,6 +836,7 @@ struct Changes {
     policy: watch::Receiver<PolicyState>,
     holders: watch::Receiver<BTreeMap<String, lock::HolderNode>>,
     labelled: watch::Receiver<BTreeMap<String, Labelled>>,
+    pods: watch::Receiver<Option<Vec<Pod>>>,
 }
 
 impl Changes {
@@ -795,6 +847,7 @@ impl Changes {
             policy: w.policy.subscribe(),
             holders: w.holder_nodes.subscribe(),
             labelled: w.labelled_holders.subscribe(),
+            pods: w.pods.subscribe(),
         }
     }
 
@@ -806,6 +859,7 @@ impl Changes {
         self.policy.mark_unchanged();
         self.holders.mark_unchanged();
         self.labelled.mark_unchanged();
+        self.pods.mark_unchanged();
     }
 }
 
@@ -823,6 +877,7 @@ async fn wait_for_change(
         policy,
         holders: gone,
         labelled,
+        pods,
     } = c;
     let sleep = async {
         match deadline {
@@ -837,6 +892,7 @@ async fn wait_for_change(
         _ = policy.changed() => true,
         _ = gone.changed() => true,
         _ = labelled.changed() => true,
+        _ = pods.changed() => true,
         _ = sentinel.changed() => true,
         _ = sleep => true,
     }
@@ -996,7 +1052,21 @@ pub async fn run(
                     .unwrap_or(chrono::Duration::zero()),
                 host_access_ok: true,
                 soak_until: None,
+                health_gate: None,
             };
+            if view.recorded.phase == Phase::Verifying {
+                // The health gate: the Node's Ready condition (own Node watch) and the pods
+                // bound to it (a watch that runs only while the gate holds).
+                agent.watch_pods(&mut w);
+                let pods = w.pods.borrow().clone();
+                obs.health_gate = policy
+                    .as_ref()
+                    .and_then(|p| p.rule_for(&view.labels).health_gate)
+                    .map(|timeout| HealthGate {
+                        timeout,
+                        unhealthy: health::unhealthy(view.ready, pods.as_deref()),
+                    });
+            }
             // The rule's soak, counted from the last release of a slot of this node's set (the
             // Leases it watches already carry it). Only for a claimed slot: a slot handed over
             // is claimed (full TTL) first, or it would expire while the node soaks.
@@ -1066,6 +1136,19 @@ pub async fn run(
                     ..
                 } => Some(r.label().to_owned()),
                 Action::Wait {
+                    reason: WaitReason::HealthGate,
+                    ..
+                } => Some(crate::events::truncate(
+                    &format!(
+                        "health_gate: {}",
+                        obs.health_gate
+                            .as_ref()
+                            .map(|g| g.unhealthy.join(", "))
+                            .unwrap_or_default()
+                    ),
+                    200,
+                )),
+                Action::Wait {
                     reason: WaitReason::Soaking,
                     until,
                 } => Some(match until {
@@ -1107,6 +1190,12 @@ pub async fn run(
             agent.metrics.set(
                 &agent.metrics.cordoned,
                 i64::from(view.unschedulable && view.recorded.cordoned_by_kreboot),
+            );
+            agent.metrics.set(
+                &agent.metrics.health_gate_failed,
+                i64::from(
+                    view.recorded.phase == Phase::Verifying && view.recorded.health_gate_failed.is_some(),
+                ),
             );
             agent.metrics.set(
                 &agent.metrics.reboot_loop_backoff,
@@ -1186,10 +1275,10 @@ pub async fn run(
                             Err(e) => warn!(node = %me, error = %e, "failed to leave the lock queue"),
                         }
                     }
-                    let state = if reason == WaitReason::AwaitingReboot {
-                        "rebooting"
-                    } else {
-                        "pending"
+                    let state = match reason {
+                        WaitReason::AwaitingReboot => "rebooting",
+                        WaitReason::HealthGate => "verifying",
+                        _ => "pending",
                     };
                     agent.metrics.set_state(state);
                     agent.metrics.set_blocked(match reason {
@@ -1407,14 +1496,19 @@ pub async fn run(
                 Action::Drain => run_drain(&agent, &w, &view, &shutdown).await,
                 Action::Reboot => run_reboot(&agent, &w, &view, policy.as_ref(), &shutdown).await,
                 Action::Complete => {
+                    // With a health gate the node is uncordoned but keeps its slot (phase
+                    // `verifying`) until it is healthy.
+                    let gate = policy
+                        .as_ref()
+                        .and_then(|p| p.rule_for(&view.labels).health_gate)
+                        .and(held.as_ref());
+                    let end = match gate {
+                        Some(slot) => node::verifying_patch(&view, slot, now),
+                        None => node::end_cycle_patch(&view, CycleEnd::Rebooted, now),
+                    };
                     match agent
                         .patch_node(&node::with_label_changes(
-                            agent.taint_change(
-                                node::end_cycle_patch(&view, CycleEnd::Rebooted, now),
-                                &view,
-                                &node_obj,
-                                false,
-                            ),
+                            agent.taint_change(end, &view, &node_obj, false),
                             &agent.cfg.post_reboot_labels,
                             agent.cfg.pre_reboot_labels.keys(),
                         ))
@@ -1435,7 +1529,45 @@ pub async fn run(
                                 .notifier
                                 .send(NotifyEvent::Uncordon, &view.recorded.reboot_reason);
                             info!(node = %me, boot_id = %view.boot_id, "reboot completed");
-                            release(&agent, &w).await
+                            if gate.is_some() {
+                                info!(node = %me, "health gate: keeping the lock until the node and its DaemonSet pods are Ready");
+                                Ok(())
+                            } else {
+                                release(&agent, &w).await
+                            }
+                        }
+                        Err(e) => Err(node_write_error(e)),
+                    }
+                }
+                Action::Verified => match agent.patch_node(&node::verified_patch(&view)).await {
+                    Ok(n) => {
+                        w.set_node(n);
+                        info!(node = %me, "health gate passed; handing the lock on");
+                        release(&agent, &w).await
+                    }
+                    Err(e) => Err(node_write_error(e)),
+                },
+                Action::FailHealthGate => {
+                    match agent
+                        .patch_node(&node::health_gate_failed_patch(&view, now))
+                        .await
+                    {
+                        Ok(n) => {
+                            w.set_node(n);
+                            let what = obs
+                                .health_gate
+                                .as_ref()
+                                .map(|g| g.unhealthy.join(", "))
+                                .unwrap_or_default();
+                            error!(node = %me, %what, "health gate timed out; keeping the lock: the rollout stops here");
+                            agent.metrics.fail("health_gate", "timeout");
+                            agent.events.node(
+                                Reason::HealthGateFailed,
+                                format!(
+                                    "not healthy within the health gate timeout ({what}); the node keeps its lock slot, so no other node starts until it is healthy"
+                                ),
+                            );
+                            Ok(())
                         }
                         Err(e) => Err(node_write_error(e)),
                     }

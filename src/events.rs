@@ -47,6 +47,9 @@ pub enum Reason {
     /// The preflight failed: the agent cannot reach the host to reboot it (its namespaces or
     /// PID 1's signal refused), so it does not take the node out of service.
     HostAccessDenied,
+    /// A rebooted node did not become healthy (Ready, DaemonSet pods Ready) within its rule's
+    /// health gate timeout; it keeps its lock slot, so the rollout stops.
+    HealthGateFailed,
 }
 
 impl Reason {
@@ -67,6 +70,7 @@ impl Reason {
             Reason::ConfigInvalid => "ConfigInvalid",
             Reason::SentinelPolling => "SentinelPolling",
             Reason::HostAccessDenied => "HostAccessDenied",
+            Reason::HealthGateFailed => "HealthGateFailed",
         }
     }
 
@@ -79,6 +83,7 @@ impl Reason {
                 | Reason::ConfigInvalid
                 | Reason::SentinelPolling
                 | Reason::HostAccessDenied
+                | Reason::HealthGateFailed
         )
     }
 }

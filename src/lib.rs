@@ -11,6 +11,7 @@ pub mod cli;
 pub mod drain;
 pub mod drain_cli;
 pub mod events;
+pub mod health;
 pub mod host;
 pub mod kubelet_sim;
 pub mod lock;

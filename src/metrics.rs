@@ -13,7 +13,14 @@ use prometheus::{
 use tokio::sync::watch;
 
 /// Lifecycle states reported by `kreboot_state`.
-pub const STATES: &[&str] = &["idle", "pending", "waiting_for_lock", "draining", "rebooting"];
+pub const STATES: &[&str] = &[
+    "idle",
+    "pending",
+    "waiting_for_lock",
+    "draining",
+    "rebooting",
+    "verifying",
+];
 
 /// Ways of watching the sentinel reported by `kreboot_sentinel_watch_mode`.
 pub const SENTINEL_WATCH_MODES: &[&str] = &["inotify", "poll"];
@@ -65,6 +72,8 @@ pub struct Metrics {
     pub sentinel_watch_mode: IntGaugeVec,
     /// 1 when the last preflight proved the reboot can reach the host, 0 when refused.
     pub host_access_ok: IntGaugeVec,
+    /// 1 while a rebooted node holds its slot past its rule's health gate timeout.
+    pub health_gate_failed: IntGaugeVec,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -202,6 +211,12 @@ impl Metrics {
                 "Operator notifications (--notify-url) by target kind and result (sent, failed, dropped).",
                 &["target_kind", "result"],
             ),
+            health_gate_failed: gauge(
+                &r,
+                "kreboot_health_gate_failed",
+                "1 while the node, rebooted, is past its rule's health gate timeout and keeps its lock slot (the rollout is stopped): the Node or a DaemonSet pod on it is not Ready.",
+                n,
+            ),
             host_access_ok: gauge(
                 &r,
                 "kreboot_host_access_ok",
@@ -251,6 +266,7 @@ impl Metrics {
             "lock_held_elsewhere",
             "host_access",
             "soaking",
+            "health_gate",
         ] {
             self.blocked
                 .with_label_values(&[self.node.as_str(), r])

@@ -54,6 +54,12 @@ pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Re
                 humantime::format_duration(soak)
             );
         }
+        if let Some(timeout) = rule.health_gate.and_then(|d| d.to_std().ok()) {
+            out += &format!(
+                "health gate: after its reboot the node keeps its slot until it and its DaemonSet pods are Ready; after {} the rollout stops\n",
+                humantime::format_duration(timeout)
+            );
+        }
         if let Some(g) = &rule.lock_group {
             let value = g.value.as_deref().unwrap_or("(label absent)");
             out += &format!("lock group: {}={value}", g.label);

@@ -166,6 +166,15 @@ fn budgets_and_soak_are_summarised() {
         "{out}"
     );
     assert!(!out.contains("soak"), "{out}");
+    let (code, out, _) = check(
+        "rules: [{name: g, nodeSelector: {}, healthGate: {timeout: 15m}}]",
+        &["--count", "1"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("health gate: after its reboot the node keeps its slot until it and its DaemonSet pods are Ready; after 15m the rollout stops\n"),
+        "{out}"
+    );
     let (code, _, err) = check(&doc.replace("\"25%\"", "\"25.5%\""), &["--labels", "role=web"]);
     assert_eq!(code, 2);
     assert!(

@@ -49,6 +49,7 @@ on_both!(
     percent_budget_two_of_eight,
     max_concurrent_across_groups,
     soak_between_nodes,
+    health_gate_holds_the_lock,
     drain_waits_for_pdb,
     ghost_lock_is_freed,
     crash_after_lock_resumes,
@@ -394,6 +395,121 @@ async fn soak_between_nodes(kind: Kind) {
         "kreboot_reboot_blocked{{reason=\"soaking\"}} was 1 during the soak"
     );
     assert_eq!(monitor.max(), 1, "one at a time");
+}
+
+/// Sets a pod's Ready condition, as its kubelet would.
+async fn set_pod_ready(b: &Backend, ns: &str, name: &str, ready: bool) {
+    let status = if ready { "True" } else { "False" };
+    kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(b.client(), ns)
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"status": {"conditions": [{"type": "Ready", "status": status}]}}),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("set {ns}/{name} Ready={ready}: {e}"));
+}
+
+/// A rule `healthGate: {timeout: 4s}`: after its reboot the first node is uncordoned but keeps
+/// its slot while its DaemonSet pod is not Ready; past the timeout the cycle fails (Event
+/// `HealthGateFailed`, `kreboot_health_gate_failed 1`) and the slot is still kept, so the second
+/// node does not start; once the pod is Ready the slot goes on and the rollout finishes.
+async fn health_gate_holds_the_lock(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 2, &[]).await;
+    for n in ["n0", "n1"] {
+        b.add_daemonset_pod("apps", &format!("{n}-ds"), n).await;
+    }
+    b.wait_pods_ready("apps").await;
+    for n in ["n0", "n1"] {
+        set_pod_ready(&b, "apps", &format!("{n}-ds"), false).await;
+    }
+    b.set_policy(
+        "rules:\n  - name: all\n    nodeSelector: {}\n    concurrency: 1\n    healthGate: {timeout: 4s}\n",
+    )
+    .await;
+    let monitor = OutMonitor::watch(b.client());
+    for m in machines.iter_mut() {
+        m.require_reboot();
+        m.start();
+    }
+    // The first node to reboot goes into the gate.
+    async fn verifying(b: &Backend) -> Option<&'static str> {
+        for n in ["n0", "n1"] {
+            if b.annotation(n, ANN_PHASE).await.as_deref() == Some("verifying") {
+                return Some(n);
+            }
+        }
+        None
+    }
+    run_until(
+        &b,
+        &mut machines,
+        LIMIT,
+        "a node rebooted and in its health gate",
+        || async { verifying(&b).await.is_some() },
+    )
+    .await;
+    let first = verifying(&b).await.expect("a node in its health gate");
+    let second = if first == "n0" { "n1" } else { "n0" };
+    assert!(!b.unschedulable(first).await, "{first} is uncordoned in its gate");
+    assert!(b.annotation(first, ANN_LAST_REBOOT).await.is_some());
+    assert_eq!(b.holders().await, [first], "{first} keeps its slot");
+    let port = machines
+        .iter()
+        .find(|m| m.node == first)
+        .expect("machine")
+        .metrics_port;
+    // Past the timeout: the failure is reported and the slot still kept.
+    run_until(&b, &mut machines, LIMIT, "the health gate fails", || async {
+        event_count(&b.node_events().await, first, "HealthGateFailed") == 1
+    })
+    .await;
+    wait_until(LIMIT, "kreboot_health_gate_failed 1", || async move {
+        scrape(port)
+            .await
+            .contains(&format!("kreboot_health_gate_failed{{node=\"{first}\"}} 1"))
+    })
+    .await;
+    let out = kreboot_cmd(&b, &["status", "--namespace", NS]).await;
+    let table = text(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(first) && l.contains("verifying") && l.contains("health_gate")),
+        "status shows the gate:\n{table}"
+    );
+    for _ in 0..20 {
+        for m in machines.iter_mut() {
+            m.supervise(&b).await;
+        }
+        assert_eq!(b.holders().await, [first], "the failed gate keeps the slot");
+        assert!(
+            b.annotation(second, ANN_PHASE).await.is_none(),
+            "{second} does not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Healthy: the slot goes on; the second node passes its gate as soon as its pod is Ready.
+    set_pod_ready(&b, "apps", &format!("{first}-ds"), true).await;
+    set_pod_ready(&b, "apps", &format!("{second}-ds"), true).await;
+    run_until(&b, &mut machines, LIMIT, "both nodes through their gates", || {
+        all_completed(&b, &["n0", "n1"])
+    })
+    .await;
+    assert_eq!(monitor.max(), 1, "one node out at once");
+    assert_eq!(
+        event_count(&b.node_events().await, second, "HealthGateFailed"),
+        0,
+        "{second} was healthy at once"
+    );
+    wait_until(LIMIT, "kreboot_health_gate_failed back to 0", || async move {
+        scrape(port)
+            .await
+            .contains(&format!("kreboot_health_gate_failed{{node=\"{first}\"}} 0"))
+    })
+    .await;
 }
 
 /// A PDB with `minAvailable` equal to the Ready pods refuses the eviction (429 from the real

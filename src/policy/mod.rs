@@ -36,6 +36,8 @@
 //! - A rule's `soak` (1s..7d) is the least time between a release of one of its slots and the
 //!   next start (cordon) of a node of the same slot set; the agent reads the release times from
 //!   the Leases (`kreboot.io/released-at`).
+//! - A rule's `healthGate: {timeout}` keeps a rebooted node's slot until the node is Ready and
+//!   its DaemonSet pods are Ready; past the timeout the cycle fails and the slot is kept.
 //! - Unknown keys are rejected: a typo must not silently widen a window.
 
 mod parse;
@@ -200,6 +202,8 @@ struct Rule {
     lock_group: Option<LockGroup>,
     /// The pause between a release of one of the rule's slots and the next start.
     soak: Option<chrono::Duration>,
+    /// `healthGate.timeout`: how long a rebooted node may take to become healthy.
+    health_gate: Option<chrono::Duration>,
 }
 
 /// A rule's `concurrency`: how many nodes sharing its slots may be out at once, as a number, or
@@ -339,6 +343,9 @@ pub struct RuleView {
     /// The rule's `soak`: after a node of its slot set releases its slot, the next one starts
     /// no sooner than this.
     pub soak: Option<chrono::Duration>,
+    /// The rule's `healthGate` timeout: after its reboot a node keeps its slot until it is
+    /// Ready and its DaemonSet pods are Ready; past this, the cycle fails and the slot is kept.
+    pub health_gate: Option<chrono::Duration>,
 }
 
 /// A rule's `lockGroup` as seen by one node.
@@ -658,6 +665,7 @@ impl Policy {
                 concurrency: None,
                 lock_group: None,
                 soak: None,
+                health_gate: None,
             },
             Some((i, r)) => RuleView {
                 name: Some(r.name.clone()),
@@ -670,6 +678,7 @@ impl Policy {
                     max_concurrent: g.max_concurrent,
                 }),
                 soak: r.soak,
+                health_gate: r.health_gate,
             },
         }
     }

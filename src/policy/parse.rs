@@ -102,7 +102,18 @@ struct RawRule {
     concurrency: Option<Scalar>,
     lock_group: Option<RawLockGroup>,
     soak: Option<Scalar>,
+    health_gate: Option<RawHealthGate>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthGate {
+    timeout: Option<Scalar>,
+}
+
+/// `healthGate.timeout` when not given: long enough for DaemonSet pods to pull their images
+/// and start after a boot.
+const DEFAULT_HEALTH_GATE_TIMEOUT_MINUTES: i64 = 10;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -265,9 +276,9 @@ fn duration(v: &Option<Scalar>, path: &str) -> Result<chrono::Duration, PolicyEr
     Ok(d)
 }
 
-/// A rule's `soak`: 1s to 7 days. Shorter than a window's minute, because a soak is a pause
+/// A rule's `soak` or `healthGate.timeout`: 1s to 7 days. Shorter than a window's minute, because a soak is a pause
 /// between two nodes, not a schedule.
-fn soak(s: &str, path: &str) -> Result<chrono::Duration, PolicyError> {
+fn bounded_duration(s: &str, path: &str) -> Result<chrono::Duration, PolicyError> {
     let bad = |why: &str| err(path, format!("{s:?} {why}"));
     let d = humantime::parse_duration(s.trim())
         .map_err(|e| bad(&format!("is not a duration ({e}; examples: 10m, 90s, 1h)")))?;
@@ -610,7 +621,14 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
         };
         let soak = match &r.soak {
             None => None,
-            Some(d) => Some(soak(&d.0, &format!("{p}.soak"))?),
+            Some(d) => Some(bounded_duration(&d.0, &format!("{p}.soak"))?),
+        };
+        let health_gate = match &r.health_gate {
+            None => None,
+            Some(g) => Some(match &g.timeout {
+                None => chrono::Duration::minutes(DEFAULT_HEALTH_GATE_TIMEOUT_MINUTES),
+                Some(t) => bounded_duration(&t.0, &format!("{p}.healthGate.timeout"))?,
+            }),
         };
         rules.push(Rule {
             name,
@@ -619,6 +637,7 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
             concurrency,
             lock_group,
             soak,
+            health_gate,
         });
     }
     Ok(Policy { default, rules })

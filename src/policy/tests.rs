@@ -677,6 +677,16 @@ fn new_fields_errors_name_the_key() {
             "whole percent",
         ),
         (
+            "rules: [{name: a, nodeSelector: {}, healthGate: {timeout: never}}]",
+            "rules[0].healthGate.timeout",
+            "not a duration",
+        ),
+        (
+            "rules: [{name: a, nodeSelector: {}, healthGate: {timeuot: 5m}}]",
+            "config.yaml",
+            "timeuot",
+        ),
+        (
             "rules: [{name: a, nodeSelector: {}, soak: soon}]",
             "rules[0].soak",
             "not a duration",
@@ -1114,4 +1124,17 @@ fn max_concurrent_caps_a_rule_across_its_groups() {
             max_concurrent: Some(3)
         })
     );
+}
+
+#[test]
+fn health_gate_has_a_timeout_with_a_default() {
+    let p = policy(
+        "rules: [{name: a, nodeSelector: {matchLabels: {role: db}}, healthGate: {timeout: 90s}}, {name: b, nodeSelector: {}, healthGate: {}}]",
+    );
+    assert_eq!(
+        p.rule_for(&labels(&[("role", "db")])).health_gate,
+        Some(chrono::Duration::seconds(90))
+    );
+    assert_eq!(p.rule_for(NONE).health_gate, Some(chrono::Duration::minutes(10)));
+    assert_eq!(Policy::default().rule_for(NONE).health_gate, None);
 }
