@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::{ConfigMap, Node, ObjectReference},
+    core::v1::{ConfigMap, Node, ObjectReference, Pod},
 };
 use kube::{
     Api, Client,
@@ -38,9 +38,10 @@ use crate::{
     cli::AgentConfig,
     drain::{self, DrainConfig},
     events::{Events, Reason},
+    health,
     lock::{self, LeaseLock},
     metrics::Metrics,
-    node::{self, Action, CycleEnd, Observations, Phase, WaitReason},
+    node::{self, Action, CycleEnd, HealthGate, Observations, Phase, WaitReason},
     notify::{Notifier, NotifyEvent},
     pause::{self, Pause},
     policy::Policy,
@@ -65,6 +66,15 @@ const UNLABELLED_GRACE: Duration = Duration::from_secs(2);
 /// watches its Node by name: longer than the hand-over write that follows the label's removal,
 /// short enough that a deleted holder's slot is freed within about a second.
 const LEFT_GRACE: Duration = Duration::from_millis(500);
+
+/// How old a count of a node's pool (for a percentage `concurrency`) may be while the node
+/// waits for a slot: a waiter counts again at most this often (and at least this often, to see
+/// a pool that grew). One metadata-only Node list, served from the API server's watch cache.
+const POOL_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// How old that count may be when the node is about to take a slot: a shrunken pool must not
+/// hand out a slot it no longer has, so the count is redone unless it is this fresh.
+const POOL_FRESH: Duration = Duration::from_secs(2);
 
 /// Upper bound of the random delay before trying a free lock slot (see the AcquireLock arm).
 const FREE_SLOT_JITTER_MS: u64 = 200;
@@ -199,6 +209,44 @@ impl LeaseState {
     }
 }
 
+/// The last count of this node's pool, for a percentage `concurrency`; valid for the policy
+/// and the labels it was made for.
+struct PoolCount {
+    policy: Policy,
+    labels: crate::policy::Labels,
+    size: usize,
+    at: Instant,
+}
+
+impl PoolCount {
+    /// The pool's size, counted again when the last count is older than `max_age` or was made
+    /// for another policy or other labels.
+    async fn size(
+        cache: &mut Option<PoolCount>,
+        agent: &Agent,
+        policy: &Policy,
+        labels: &crate::policy::Labels,
+        max_age: Duration,
+    ) -> Result<(usize, Instant), kube::Error> {
+        if let Some(c) = cache.as_ref()
+            && c.at.elapsed() <= max_age
+            && c.policy == *policy
+            && c.labels == *labels
+        {
+            return Ok((c.size, c.at));
+        }
+        let size = agent.count_pool(policy, labels).await?;
+        let at = Instant::now();
+        *cache = Some(PoolCount {
+            policy: policy.clone(),
+            labels: labels.clone(),
+            size,
+            at,
+        });
+        Ok((size, at))
+    }
+}
+
 /// This agent's Node as it knows it.
 #[derive(Debug, Clone, Default)]
 struct NodeState {
@@ -250,6 +298,10 @@ struct Watches {
     unlabelled_since: BTreeMap<String, Instant>,
     holder_tasks: BTreeMap<String, JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The pods bound to this node (None until listed), watched only while the health gate
+    /// holds (phase `verifying`): the watch starts with the gate, not before.
+    pods: watch::Sender<Option<Vec<Pod>>>,
+    pods_watched: bool,
 }
 
 impl Drop for Watches {
@@ -389,10 +441,48 @@ impl Agent {
     }
 
     /// The slots a node with `labels` competes for under `policy` (lock groups and per-rule
-    /// concurrency have their own).
-    fn slots_for(&self, policy: Option<&Policy>, labels: &crate::policy::Labels) -> Vec<String> {
+    /// concurrency have their own); `pool` is the size of its pool, for a percentage budget.
+    fn slots_for(
+        &self,
+        policy: Option<&Policy>,
+        labels: &crate::policy::Labels,
+        pool: Option<usize>,
+    ) -> Vec<String> {
         let rule = policy.map(|p| p.rule_for(labels));
-        lock::slot_set(&self.cfg.lock_name, self.cfg.concurrency, rule.as_ref())
+        lock::slot_set(&self.cfg.lock_name, self.cfg.concurrency, rule.as_ref(), pool)
+    }
+
+    /// Counts the nodes that share lock slots with a node labelled `labels` (for a percentage
+    /// `concurrency`). The agent keeps no Node cache (an idle agent holds no watch, and a
+    /// waiter watches only lock holders), so it lists: metadata only (no status, no spec: about
+    /// a tenth of a full Node), narrowed by the rule's selector (and the group's label), and at
+    /// resourceVersion 0, so the API server answers from its watch cache without reading etcd.
+    /// It is asked only by a node that competes for a slot or hands one over, at most once a
+    /// [`POOL_MAX_AGE`] while it waits.
+    async fn count_pool(
+        &self,
+        policy: &Policy,
+        labels: &crate::policy::Labels,
+    ) -> Result<usize, kube::Error> {
+        let params = ListParams::default()
+            .labels(&policy.pool_selector(labels))
+            .match_any();
+        let list = self.node_api().list_metadata(&params).await?;
+        let empty = BTreeMap::new();
+        Ok(policy.pool_size(
+            labels,
+            list.items
+                .iter()
+                .map(|n| n.metadata.labels.as_ref().unwrap_or(&empty)),
+        ))
+    }
+
+    /// Whether a node with `labels` has a percentage budget under `policy` (its slots depend on
+    /// the size of its pool).
+    fn needs_pool(policy: Option<&Policy>, labels: &crate::policy::Labels) -> bool {
+        policy
+            .and_then(|p| p.rule_for(labels).concurrency)
+            .is_some_and(crate::policy::Budget::needs_pool)
     }
 
     fn engage(&self) -> Watches {
@@ -559,6 +649,7 @@ impl Agent {
         };
         tasks.push(tokio::spawn(follow_named(api, name, "policy ConfigMap", apply)));
 
+        let (pods_tx, _) = watch::channel(None);
         Watches {
             node: node_tx,
             leases: lease_tx,
@@ -568,7 +659,52 @@ impl Agent {
             unlabelled_since: BTreeMap::new(),
             holder_tasks: BTreeMap::new(),
             tasks,
+            pods: pods_tx,
+            pods_watched: false,
         }
+    }
+
+    /// Starts the watch of the pods bound to this node (for the health gate), once.
+    fn watch_pods(&self, w: &mut Watches) {
+        if w.pods_watched {
+            return;
+        }
+        w.pods_watched = true;
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let tx = w.pods.clone();
+        let selector = format!("spec.nodeName={}", self.cfg.node_name);
+        w.tasks.push(tokio::spawn(async move {
+            let stream = watcher(api, watcher::Config::default().fields(&selector)).default_backoff();
+            futures::pin_mut!(stream);
+            let mut pods: BTreeMap<(String, String), Pod> = BTreeMap::new();
+            let mut listing = BTreeMap::new();
+            let key = |p: &Pod| (p.namespace().unwrap_or_default(), p.name_any());
+            while let Some(ev) = stream.next().await {
+                // Published once listed, then on every change (never a half-done relist).
+                match ev {
+                    Ok(watcher::Event::Init) => {
+                        listing.clear();
+                        continue;
+                    }
+                    Ok(watcher::Event::InitApply(p)) => {
+                        listing.insert(key(&p), p);
+                        continue;
+                    }
+                    Ok(watcher::Event::InitDone) => pods = std::mem::take(&mut listing),
+                    Ok(watcher::Event::Apply(p)) => {
+                        pods.insert(key(&p), p);
+                    }
+                    Ok(watcher::Event::Delete(p)) => {
+                        pods.remove(&key(&p));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "watch of the node's pods failed; retrying with back-off");
+                        continue;
+                    }
+                }
+                tx.send_replace(Some(pods.values().cloned().collect()));
+            }
+        }));
     }
 
     /// Adds the `--prefer-no-schedule-taint` change to `patch` (present while the node waits
@@ -692,13 +828,16 @@ fn spawn_renewer(agent: Agent, leases: watch::Sender<LeaseState>) -> JoinHandle<
         let period = agent.cfg.lock_ttl / 3;
         loop {
             tokio::time::sleep(period).await;
-            let held = {
-                let s = leases.borrow();
-                // Any of the lock's Leases: the slot set may have changed with the policy.
-                let all: Vec<String> = s.leases.keys().cloned().collect();
-                lock::held_slot(&all, &s.leases, &agent.cfg.node_name).and_then(|n| s.leases.get(&n).cloned())
-            };
-            if let Some(lease) = held {
+            // Any of the lock's Leases (the slot set may have changed with the policy), and
+            // all of them: a node may hold its group's slot and a cap slot.
+            let held: Vec<Lease> = leases
+                .borrow()
+                .leases
+                .values()
+                .filter(|l| lock::holder(l) == Some(agent.cfg.node_name.as_str()))
+                .cloned()
+                .collect();
+            for lease in held {
                 match lock.renew(&lease, agent.clock.now()).await {
                     Ok(l) => leases.send_modify(|s| s.put(l, agent.clock.now())),
                     Err(e) => warn!(error = %e, "failed to renew the lock"),
@@ -721,6 +860,7 @@ struct Changes {
     policy: watch::Receiver<PolicyState>,
     holders: watch::Receiver<BTreeMap<String, lock::HolderNode>>,
     labelled: watch::Receiver<BTreeMap<String, Labelled>>,
+    pods: watch::Receiver<Option<Vec<Pod>>>,
 }
 
 impl Changes {
@@ -731,6 +871,7 @@ impl Changes {
             policy: w.policy.subscribe(),
             holders: w.holder_nodes.subscribe(),
             labelled: w.labelled_holders.subscribe(),
+            pods: w.pods.subscribe(),
         }
     }
 
@@ -742,6 +883,7 @@ impl Changes {
         self.policy.mark_unchanged();
         self.holders.mark_unchanged();
         self.labelled.mark_unchanged();
+        self.pods.mark_unchanged();
     }
 }
 
@@ -759,6 +901,7 @@ async fn wait_for_change(
         policy,
         holders: gone,
         labelled,
+        pods,
     } = c;
     let sleep = async {
         match deadline {
@@ -773,6 +916,7 @@ async fn wait_for_change(
         _ = policy.changed() => true,
         _ = gone.changed() => true,
         _ = labelled.changed() => true,
+        _ = pods.changed() => true,
         _ = sentinel.changed() => true,
         _ = sleep => true,
     }
@@ -868,6 +1012,7 @@ pub async fn run(
         let _renewer = AbortOnDrop(spawn_renewer(agent.clone(), w.leases.clone()));
         let mut announced_required = false;
         let mut block_cache: Option<(Instant, Option<String>)> = None;
+        let mut pool_count: Option<PoolCount> = None;
         loop {
             changes.mark_seen();
             if !w.synced() {
@@ -894,18 +1039,43 @@ pub async fn run(
                 (p.policy.clone(), p.paused.clone())
             };
             let window_open = policy.as_ref().is_some_and(|p| p.is_open(&view.labels, now));
-            let slots = agent.slots_for(policy.as_ref(), &view.labels);
+            // Without the pool's size (a percentage budget), slot 0 only: enough to know which
+            // slot this node holds (every Lease of the lock is looked at for that); the pool is
+            // counted when the node competes for a slot (the AcquireLock arm).
+            let slots = agent.slots_for(policy.as_ref(), &view.labels, None);
             let (leases, seen) = {
                 let s = w.leases.borrow();
                 (s.leases.clone(), s.seen.clone())
             };
+            // A rule with `lockGroup.maxConcurrent`: a node also needs one of the rule's cap
+            // slots to start, taken after its group's slot (see `lock::cap_slot_set`).
+            let cap_slots = lock::cap_slot_set(
+                &agent.cfg.lock_name,
+                policy.as_ref().map(|p| p.rule_for(&view.labels)).as_ref(),
+            );
+            let is_cap = |n: &String| lock::is_cap_slot(&agent.cfg.lock_name, n);
             // A slot held from before a policy change still counts as held.
-            let held = lock::held_slot(&all_slots(&slots, &leases), &leases, &me);
-            // Two holders finishing at once may both hand their slot to this node: keep one,
-            // pass any other on at once.
+            let group_all: Vec<String> = all_slots(&slots, &leases)
+                .into_iter()
+                .filter(|n| !is_cap(n))
+                .collect();
+            let held = lock::held_slot(&group_all, &leases, &me);
+            let cap_all: Vec<String> = all_slots(cap_slots.as_deref().unwrap_or_default(), &leases)
+                .into_iter()
+                .filter(|n| is_cap(n))
+                .collect();
+            // A cap slot counts only beside a slot of the group (it is taken second).
+            let held_cap = lock::held_slot(&cap_all, &leases, &me).filter(|_| held.is_some());
+            // Holding the group's slot but not yet a cap slot: not ready to start.
+            let partial = cap_slots.is_some()
+                && view.recorded.phase == Phase::Idle
+                && held.is_some()
+                && held_cap.is_none();
+            // Two holders finishing at once may both hand their slot to this node: keep one
+            // (and one cap slot), pass any other on at once.
             if let Some(extra) = all_slots(&slots, &leases)
                 .iter()
-                .filter(|n| Some(*n) != held.as_ref())
+                .filter(|n| Some(*n) != held.as_ref() && Some(*n) != held_cap.as_ref())
                 .find(|n| leases.get(*n).and_then(lock::holder) == Some(me.as_str()))
                 .and_then(|n| leases.get(n).cloned())
                 && !agent.cfg.dry_run
@@ -936,7 +1106,9 @@ pub async fn run(
                 reboot_required: required,
                 window_open,
                 blocked_by: None,
-                held_lock: held.clone(),
+                // Without its cap slot a node has no lock to start on (it competes for one);
+                // a node already in its cycle goes on with its group's slot.
+                held_lock: if partial { None } else { held.clone() },
                 kernel_boot_id: (agent.kernel_boot_id)(),
                 reboot_loop_backoff: chrono::Duration::from_std(agent.cfg.reboot_loop_backoff)
                     .unwrap_or(chrono::Duration::zero()),
@@ -944,7 +1116,34 @@ pub async fn run(
                     .unwrap_or(chrono::Duration::zero()),
                 host_access_ok: true,
                 paused: paused.is_some(),
+                soak_until: None,
+                health_gate: None,
             };
+            if view.recorded.phase == Phase::Verifying {
+                // The health gate: the Node's Ready condition (own Node watch) and the pods
+                // bound to it (a watch that runs only while the gate holds).
+                agent.watch_pods(&mut w);
+                let pods = w.pods.borrow().clone();
+                obs.health_gate = policy
+                    .as_ref()
+                    .and_then(|p| p.rule_for(&view.labels).health_gate)
+                    .map(|timeout| HealthGate {
+                        timeout,
+                        unhealthy: health::unhealthy(view.ready, pods.as_deref()),
+                    });
+            }
+            // The rule's soak, counted from the last release of a slot of this node's set (the
+            // Leases it watches already carry it). Only for a claimed slot: a slot handed over
+            // is claimed (full TTL) first, or it would expire while the node soaks.
+            if let Some(slot) = held.as_ref()
+                && let Some(soak) = policy.as_ref().and_then(|p| p.rule_for(&view.labels).soak)
+                && [Some(slot), held_cap.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .all(|s| leases.get(s).is_some_and(|l| !agent.lease_lock().needs_claim(l)))
+            {
+                obs.soak_until = lock::soak_until(&slots[0], &leases, soak);
+            }
             let mut action = node::decide(&obs);
             if matches!(
                 action,
@@ -982,6 +1181,11 @@ pub async fn run(
                     action = node::decide(&obs);
                 }
             }
+            // A node holding only its group's slot that may not go on gives it back (it would
+            // hold its group up for nothing).
+            if partial && matches!(action, Action::Wait { .. }) {
+                action = Action::ReleaseLock;
+            }
             // Why the reboot is held back, on the Node for operators; written only on change.
             let held_back = match &action {
                 Action::Wait {
@@ -998,6 +1202,26 @@ pub async fn run(
                         | WaitReason::OperatorDrained),
                     ..
                 } => Some(r.label().to_owned()),
+                Action::Wait {
+                    reason: WaitReason::HealthGate,
+                    ..
+                } => Some(crate::events::truncate(
+                    &format!(
+                        "health_gate: {}",
+                        obs.health_gate
+                            .as_ref()
+                            .map(|g| g.unhealthy.join(", "))
+                            .unwrap_or_default()
+                    ),
+                    200,
+                )),
+                Action::Wait {
+                    reason: WaitReason::Soaking,
+                    until,
+                } => Some(match until {
+                    Some(t) => format!("soaking until {}", node::format_time(*t)),
+                    None => "soaking".to_owned(),
+                }),
                 _ => None,
             };
             let recorded_held_back = node_obj
@@ -1047,6 +1271,12 @@ pub async fn run(
             agent.metrics.set(
                 &agent.metrics.cordoned,
                 i64::from(view.unschedulable && view.recorded.cordoned_by_kreboot),
+            );
+            agent.metrics.set(
+                &agent.metrics.health_gate_failed,
+                i64::from(
+                    view.recorded.phase == Phase::Verifying && view.recorded.health_gate_failed.is_some(),
+                ),
             );
             agent.metrics.set(
                 &agent.metrics.reboot_loop_backoff,
@@ -1145,10 +1375,10 @@ pub async fn run(
                             Err(e) => warn!(node = %me, error = %e, "failed to leave the lock queue"),
                         }
                     }
-                    let state = if reason == WaitReason::AwaitingReboot {
-                        "rebooting"
-                    } else {
-                        "pending"
+                    let state = match reason {
+                        WaitReason::AwaitingReboot => "rebooting",
+                        WaitReason::HealthGate => "verifying",
+                        _ => "pending",
                     };
                     agent.metrics.set_state(state);
                     agent.metrics.set_blocked(match reason {
@@ -1177,8 +1407,64 @@ pub async fn run(
                     }
                     Ok(())
                 }
+                Action::AcquireLock
+                    if partial
+                        && let Some((slot, lease)) = held
+                            .as_ref()
+                            .and_then(|h| leases.get(h).map(|l| (h, l)))
+                            .filter(|(_, l)| agent.lease_lock().needs_claim(l)) =>
+                {
+                    // The group's slot was handed over (short duration): claim it with the full
+                    // TTL before waiting for a cap slot, or it would expire meanwhile.
+                    match agent.lease_lock().acquire(slot, Some(lease), now).await {
+                        Ok(l) => {
+                            info!(node = %me, lease = %slot, "lock handed over and claimed; waiting for a cap slot");
+                            w.set_lease(l, agent.clock.now());
+                            agent
+                                .events
+                                .node(Reason::LockAcquired, format!("reboot lock {slot} handed over"));
+                            Ok(())
+                        }
+                        Err(lock::LockError::Conflict { .. }) => wait_briefly(&w, &shutdown).await,
+                        Err(e) => Err(StepError::Api(e.to_string())),
+                    }
+                }
                 Action::AcquireLock => {
-                    match lock::pick_slot(&slots, &leases, &seen, now, |h| w.holder_node(h)) {
+                    let pooled = !partial && Agent::needs_pool(policy.as_ref(), &view.labels);
+                    let mut counted_at = None;
+                    let slots = match policy.as_ref().filter(|_| pooled) {
+                        // Holding the group's slot: compete for a cap slot.
+                        None if partial => cap_slots.clone().unwrap_or_default(),
+                        None => slots,
+                        Some(p) => {
+                            match PoolCount::size(&mut pool_count, &agent, p, &view.labels, POOL_MAX_AGE)
+                                .await
+                            {
+                                Ok((size, at)) => {
+                                    counted_at = Some(at);
+                                    agent.slots_for(policy.as_ref(), &view.labels, Some(size))
+                                }
+                                Err(e) => {
+                                    // No count, no slot: the budget cannot be known.
+                                    warn!(node = %me, error = %e, "cannot count the nodes of the rule's pool");
+                                    tokio::select! {
+                                        _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                                        _ = tokio::time::sleep(backoff(attempt)) => {}
+                                    }
+                                    attempt += 1;
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    let picked = lock::pick_slot(&slots, &leases, &seen, now, |h| w.holder_node(h));
+                    if picked.is_some() && counted_at.is_some_and(|t| t.elapsed() > POOL_FRESH) {
+                        // About to take a slot on an old count: count again first (a pool that
+                        // shrank has fewer slots), then decide again.
+                        pool_count = None;
+                        continue;
+                    }
+                    match picked {
                         Some(slot) => {
                             // Slots normally pass from holder to waiter directly; a free slot
                             // means start-up or a holder that could not hand over. A short
@@ -1228,6 +1514,9 @@ pub async fn run(
                             let expiry = lock::next_expiry(&slots, &leases, &seen, now);
                             let next_window =
                                 policy.as_ref().and_then(|p| p.next_transition(&view.labels, now));
+                            // A percentage budget: count the pool again now and then, to see
+                            // it grow (a new slot) without a Lease change.
+                            let recount = counted_at.map(|t| t + POOL_MAX_AGE);
                             let deadline = [expiry, next_window]
                                 .into_iter()
                                 .flatten()
@@ -1235,6 +1524,7 @@ pub async fn run(
                                 .map(|t| instant_at(now, t))
                                 .into_iter()
                                 .chain(look_again)
+                                .chain(recount)
                                 .min();
                             if !wait_for_change(&mut changes, &mut sentinel, deadline, &shutdown).await {
                                 return Ok(Outcome::Shutdown);
@@ -1246,15 +1536,24 @@ pub async fn run(
                 Action::Cordon => {
                     let slot = held.clone().unwrap_or_default();
                     let lock = agent.lease_lock();
-                    if let Some(lease) = leases.get(&slot).filter(|l| lock.needs_claim(l)) {
+                    let to_claim = [Some(&slot), held_cap.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .find_map(|s| {
+                            leases
+                                .get(s)
+                                .filter(|l| lock.needs_claim(l))
+                                .map(|l| (s.clone(), l))
+                        });
+                    if let Some((claim, lease)) = to_claim {
                         // Handed to us by the previous holder: claim it with our full TTL first.
-                        match lock.acquire(&slot, Some(lease), now).await {
+                        match lock.acquire(&claim, Some(lease), now).await {
                             Ok(l) => {
-                                info!(node = %me, lease = %slot, "lock handed over and claimed");
+                                info!(node = %me, lease = %claim, "lock handed over and claimed");
                                 w.set_lease(l, agent.clock.now());
                                 agent
                                     .events
-                                    .node(Reason::LockAcquired, format!("reboot lock {slot} handed over"));
+                                    .node(Reason::LockAcquired, format!("reboot lock {claim} handed over"));
                                 continue;
                             }
                             Err(lock::LockError::Conflict { .. }) => {
@@ -1297,14 +1596,19 @@ pub async fn run(
                 Action::Drain => run_drain(&agent, &w, &view, &shutdown).await,
                 Action::Reboot => run_reboot(&agent, &w, &view, policy.as_ref(), &shutdown).await,
                 Action::Complete => {
+                    // With a health gate the node is uncordoned but keeps its slot (phase
+                    // `verifying`) until it is healthy.
+                    let gate = policy
+                        .as_ref()
+                        .and_then(|p| p.rule_for(&view.labels).health_gate)
+                        .and(held.as_ref());
+                    let end = match gate {
+                        Some(slot) => node::verifying_patch(&view, slot, now),
+                        None => node::end_cycle_patch(&view, CycleEnd::Rebooted, now),
+                    };
                     match agent
                         .patch_node(&node::with_label_changes(
-                            agent.taint_change(
-                                node::end_cycle_patch(&view, CycleEnd::Rebooted, now),
-                                &view,
-                                &node_obj,
-                                false,
-                            ),
+                            agent.taint_change(end, &view, &node_obj, false),
                             &agent.cfg.post_reboot_labels,
                             agent.cfg.pre_reboot_labels.keys(),
                         ))
@@ -1325,7 +1629,45 @@ pub async fn run(
                                 .notifier
                                 .send(NotifyEvent::Uncordon, &view.recorded.reboot_reason);
                             info!(node = %me, boot_id = %view.boot_id, "reboot completed");
-                            release(&agent, &w).await
+                            if gate.is_some() {
+                                info!(node = %me, "health gate: keeping the lock until the node and its DaemonSet pods are Ready");
+                                Ok(())
+                            } else {
+                                release(&agent, &w).await
+                            }
+                        }
+                        Err(e) => Err(node_write_error(e)),
+                    }
+                }
+                Action::Verified => match agent.patch_node(&node::verified_patch(&view)).await {
+                    Ok(n) => {
+                        w.set_node(n);
+                        info!(node = %me, "health gate passed; handing the lock on");
+                        release(&agent, &w).await
+                    }
+                    Err(e) => Err(node_write_error(e)),
+                },
+                Action::FailHealthGate => {
+                    match agent
+                        .patch_node(&node::health_gate_failed_patch(&view, now))
+                        .await
+                    {
+                        Ok(n) => {
+                            w.set_node(n);
+                            let what = obs
+                                .health_gate
+                                .as_ref()
+                                .map(|g| g.unhealthy.join(", "))
+                                .unwrap_or_default();
+                            error!(node = %me, %what, "health gate timed out; keeping the lock: the rollout stops here");
+                            agent.metrics.fail("health_gate", "timeout");
+                            agent.events.node(
+                                Reason::HealthGateFailed,
+                                format!(
+                                    "not healthy within the health gate timeout ({what}); the node keeps its lock slot, so no other node starts until it is healthy"
+                                ),
+                            );
+                            Ok(())
                         }
                         Err(e) => Err(node_write_error(e)),
                     }
@@ -1414,14 +1756,23 @@ async fn wait_briefly(w: &Watches, shutdown: &CancellationToken) -> Result<(), S
     }
 }
 
+/// Hands on (or releases) every slot this node holds: its cap slot first, then its group's
+/// (while the cap slot is still held, its group slot cannot be taken by a group waiter that
+/// then finds the cap full because of this very node).
 async fn release(agent: &Agent, w: &Watches) -> Result<(), StepError> {
-    let held = {
-        let s = w.leases.borrow();
-        let all: Vec<String> = s.leases.keys().cloned().collect();
-        lock::held_slot(&all, &s.leases, &agent.cfg.node_name).and_then(|n| s.leases.get(&n).cloned())
-    };
-    let Some(lease) = held else { return Ok(()) };
-    pass_on(agent, w, lease).await
+    let mut held: Vec<Lease> = w
+        .leases
+        .borrow()
+        .leases
+        .values()
+        .filter(|l| lock::holder(l) == Some(agent.cfg.node_name.as_str()))
+        .cloned()
+        .collect();
+    held.sort_by_key(|l| !lock::is_cap_slot(&agent.cfg.lock_name, &l.name_any()));
+    for lease in held {
+        pass_on(agent, w, lease).await?;
+    }
+    Ok(())
 }
 
 /// `slots` and every other Lease of the lock, sorted (the slot set follows the policy; a slot
@@ -1435,18 +1786,43 @@ fn all_slots(slots: &[String], leases: &BTreeMap<String, Lease>) -> Vec<String> 
 /// Hands `lease` (held by this node) to the longest waiter, or releases it if nobody waits.
 async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepError> {
     let lock = agent.lease_lock();
-    let holders: Vec<String> = {
+    let lock_name = &agent.cfg.lock_name;
+    // Holders of any slot, and of cap slots alone.
+    let (holders, cap_holders): (Vec<String>, Vec<String>) = {
         let s = w.leases.borrow();
-        s.leases
-            .values()
-            .filter_map(|l| lock::holder(l).map(str::to_owned))
-            .collect()
+        let of = |cap: Option<bool>| -> Vec<String> {
+            s.leases
+                .values()
+                .filter(|l| cap.is_none_or(|c| lock::is_cap_slot(lock_name, &l.name_any()) == c))
+                .filter_map(|l| lock::holder(l).map(str::to_owned))
+                .collect()
+        };
+        (of(None), of(Some(true)))
     };
     let (policy, paused) = {
         let p = w.policy.borrow();
         (p.policy.clone(), p.paused.is_some())
     };
     let slot = lease.name_any();
+    let my_labels = w
+        .node
+        .borrow()
+        .node
+        .as_ref()
+        .map(|n| n.labels().clone())
+        .unwrap_or_default();
+    // A percentage budget: the slots that exist for the pool as it is now. A slot beyond them
+    // (the pool shrank) is handed to nobody (no waiter's set contains it) and is released.
+    let pool = match policy.as_ref() {
+        Some(p) if Agent::needs_pool(Some(p), &my_labels) => match agent.count_pool(p, &my_labels).await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                warn!(error = %e, "cannot count the rule's pool; handing over slot 0 only");
+                None
+            }
+        },
+        _ => None,
+    };
     let now = agent.clock.now();
     if paused {
         // Paused: a waiter handed this slot would only give it back (and hand it to the next,
@@ -1457,17 +1833,33 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
     let waiting = ListParams::default().labels(&format!("{}=true", node::LABEL_WAITING));
     match agent.node_api().list(&waiting).await {
         Ok(list) => {
-            // Only a waiter that competes for this very slot (same lock group or rule).
-            let eligible: Vec<Node> = list
-                .items
-                .into_iter()
-                .filter(|n| {
-                    agent
-                        .slots_for(policy.as_ref(), &n.labels().clone())
-                        .contains(&slot)
-                })
-                .collect();
-            if let Some(next) = node::pick_successor(&eligible, &agent.cfg.node_name, &holders) {
+            let successor = if lock::is_cap_slot(lock_name, &slot) {
+                // A cap slot: only to a waiter of the same rule that holds its group's slot
+                // and waits for a cap slot (it starts at once).
+                let eligible: Vec<Node> = list
+                    .items
+                    .into_iter()
+                    .filter(|n| {
+                        let rule = policy.as_ref().map(|p| p.rule_for(n.labels()));
+                        lock::cap_slot_set(lock_name, rule.as_ref()).is_some_and(|c| c.contains(&slot))
+                            && holders.contains(&n.name_any())
+                    })
+                    .collect();
+                node::pick_successor(&eligible, &agent.cfg.node_name, &cap_holders)
+            } else {
+                // Only a waiter that competes for this very slot (same lock group or rule).
+                let eligible: Vec<Node> = list
+                    .items
+                    .into_iter()
+                    .filter(|n| {
+                        agent
+                            .slots_for(policy.as_ref(), &n.labels().clone(), pool)
+                            .contains(&slot)
+                    })
+                    .collect();
+                node::pick_successor(&eligible, &agent.cfg.node_name, &holders)
+            };
+            if let Some(next) = successor {
                 match lock.hand_off(&lease, &next, now).await {
                     Ok(l) => {
                         info!(node = %agent.cfg.node_name, lease = %l.name_any(), successor = %next, "lock handed over");

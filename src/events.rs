@@ -57,6 +57,9 @@ pub enum Reason {
     HostAccessDenied,
     /// A reboot is needed but an operator paused reboots cluster-wide (`kreboot pause`).
     RebootsPaused,
+    /// A rebooted node did not become healthy (Ready, DaemonSet pods Ready) within its rule's
+    /// health gate timeout; it keeps its lock slot, so the rollout stops.
+    HealthGateFailed,
 }
 
 impl Reason {
@@ -78,6 +81,7 @@ impl Reason {
             Reason::SentinelPolling => "SentinelPolling",
             Reason::HostAccessDenied => "HostAccessDenied",
             Reason::RebootsPaused => "RebootsPaused",
+            Reason::HealthGateFailed => "HealthGateFailed",
         }
     }
 
@@ -90,6 +94,7 @@ impl Reason {
                 | Reason::ConfigInvalid
                 | Reason::SentinelPolling
                 | Reason::HostAccessDenied
+                | Reason::HealthGateFailed
         )
     }
 }

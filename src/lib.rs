@@ -12,6 +12,7 @@ pub mod connect;
 pub mod drain;
 pub mod drain_cli;
 pub mod events;
+pub mod health;
 pub mod host;
 pub mod kubelet_sim;
 pub mod lock;

@@ -14,6 +14,12 @@
 //! [`CLOCK_SKEW_ALLOWANCE`]. An agent whose clock is 30 s off therefore cannot steal a lease
 //! that is being renewed. The pure part ([`slot_status`], [`pick_slot`], [`held_slot`]) reads no
 //! clock; [`LeaseLock`] does the API calls.
+//!
+//! A policy rule may have slots of its own (`{lock}-r-{rule}`, per lock group `{lock}-g-{value}`,
+//! as many as its `concurrency`, a number or a share of its pool), and with
+//! `lockGroup.maxConcurrent` a second set over all its groups (`{lock}-c-{rule}`, see
+//! [`cap_slot_set`]). Releases are stamped on the Lease ([`ANN_RELEASED_AT`]) for the rule's
+//! `soak`.
 
 use std::collections::BTreeMap;
 
@@ -37,6 +43,11 @@ pub type Seen = BTreeMap<String, DateTime<Utc>>;
 /// Label carried by every Lease kreboot creates; its value is the lock name.
 pub const LOCK_LABEL: &str = "kreboot.io/lock";
 
+/// Annotation on a slot's Lease: when its holder last released it or handed it on (RFC 3339,
+/// microseconds, the releasing node's clock). Waiters of a rule with a `soak` read it from the
+/// Leases they already watch: no new request, no polling.
+pub const ANN_RELEASED_AT: &str = "kreboot.io/released-at";
+
 /// Lease duration of a slot handed to a waiter: the waiter claims it with the full `--lock-ttl`
 /// as soon as it sees it. If the waiter is gone, the slot frees itself after this long, instead
 /// of after a whole TTL.
@@ -45,16 +56,20 @@ pub const HANDOFF_SECONDS: i32 = 10;
 /// The slots a node competes for, given the policy rule that selects it (None: no policy):
 /// with a `lockGroup`, its group's own `concurrency` slots (`{lock}-g-{group}`, …); with only a
 /// rule `concurrency`, the rule's own slots (`{lock}-r-{rule}`, …); otherwise the cluster-wide
-/// `--concurrency` slots.
+/// `--concurrency` slots. A percentage `concurrency` is a share of `pool_size`, the number of
+/// nodes that share these slots (None: not known, which gives one slot: the cautious answer).
 pub fn slot_set(
     lock_name: &str,
     default_concurrency: u32,
     rule: Option<&crate::policy::RuleView>,
+    pool_size: Option<usize>,
 ) -> Vec<String> {
     let Some(rule) = rule else {
         return slot_names(lock_name, default_concurrency);
     };
-    let concurrency = rule.concurrency.unwrap_or(default_concurrency);
+    let concurrency = rule.concurrency.map_or(default_concurrency, |b| {
+        crate::policy::slots(b, pool_size.unwrap_or(0))
+    });
     match (&rule.lock_group, &rule.name) {
         // Each group (value of the label) has its own slots: groups progress side by side.
         (Some(g), _) => slot_names(
@@ -67,6 +82,24 @@ pub fn slot_set(
         }
         _ => slot_names(lock_name, default_concurrency),
     }
+}
+
+/// The rule-wide cap slots of a rule with `lockGroup.maxConcurrent`: `maxConcurrent` slots
+/// `{lock}-c-{rule}`, … shared by every group of the rule. A node of such a rule starts only
+/// while it holds a slot of its group *and* one of these; it takes them in that order (the
+/// group's first), so a cap slot is only ever held by a node that holds its group's slot, and
+/// two nodes never hold one each of what the other waits for. None: no cap.
+pub fn cap_slot_set(lock_name: &str, rule: Option<&crate::policy::RuleView>) -> Option<Vec<String>> {
+    let rule = rule?;
+    let max = rule.lock_group.as_ref()?.max_concurrent?;
+    let name = rule.name.as_deref()?;
+    Some(slot_names(&format!("{lock_name}-c-{}", name_part(name)), max))
+}
+
+/// Whether Lease `name` is a cap slot of lock `lock_name` (of any rule).
+pub fn is_cap_slot(lock_name: &str, name: &str) -> bool {
+    name.strip_prefix(lock_name)
+        .is_some_and(|rest| rest.starts_with("-c-"))
 }
 
 /// A label value or rule name as part of a Lease name: kept when it is already a lowercase DNS
@@ -101,6 +134,38 @@ pub fn slot_names(lock_name: &str, concurrency: u32) -> Vec<String> {
             }
         })
         .collect()
+}
+
+/// Whether Lease `name` is one of the slots of the set whose slot 0 is `stem` (`stem`,
+/// `stem-1`, `stem-2`, …), whatever the set's current size.
+pub fn in_set(stem: &str, name: &str) -> bool {
+    name == stem
+        || name
+            .strip_prefix(stem)
+            .and_then(|r| r.strip_prefix('-'))
+            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// When `lease` was last released or handed on, if recorded.
+pub fn released_at(lease: &Lease) -> Option<DateTime<Utc>> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ANN_RELEASED_AT)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// The end of the soak of the slot set whose slot 0 is `stem`: the latest release of any of
+/// its slots plus `soak`. None when no slot was ever released (nothing to soak after).
+pub fn soak_until(stem: &str, leases: &BTreeMap<String, Lease>, soak: Duration) -> Option<DateTime<Utc>> {
+    leases
+        .iter()
+        .filter(|(name, _)| in_set(stem, name))
+        .filter_map(|(_, l)| released_at(l))
+        .max()
+        .and_then(|t| t.checked_add_signed(soak))
 }
 
 /// The state of one slot.
@@ -315,6 +380,18 @@ pub struct LeaseLock {
     pub ttl: Duration,
 }
 
+/// Records on `lease` that it was released (or handed on) at `now`, in the same write.
+fn mark_released(lease: &mut Lease, now: DateTime<Utc>) {
+    lease
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(
+            ANN_RELEASED_AT.to_owned(),
+            now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        );
+}
+
 /// k8s-openapi stores times as `jiff` timestamps; kreboot computes with `chrono`.
 fn micro(t: DateTime<Utc>) -> MicroTime {
     MicroTime(k8s_openapi::jiff::Timestamp::from_microsecond(t.timestamp_micros()).unwrap_or_default())
@@ -430,6 +507,7 @@ impl LeaseLock {
         let mut spec = self.spec(Some(successor), Some(now), now);
         spec.lease_duration_seconds = Some(HANDOFF_SECONDS);
         lease.spec = Some(spec);
+        mark_released(&mut lease, now);
         self.replace_versioned(&name, &lease).await
     }
 
@@ -444,6 +522,7 @@ impl LeaseLock {
         let name = lease.name_any();
         let mut lease = lease.clone();
         lease.spec = Some(self.spec(None, None, now));
+        mark_released(&mut lease, now);
         self.replace_versioned(&name, &lease).await.map(Some)
     }
 }
@@ -461,7 +540,7 @@ mod tests {
         .unwrap();
         let labels = |k: &str, v: &str| [(k.to_string(), v.to_string())].into();
         let rule = |l| -> RuleView { p.rule_for(&l) };
-        let set = |l| slot_set("kreboot-lock", 3, Some(&rule(l)));
+        let set = |l| slot_set("kreboot-lock", 3, Some(&rule(l)), None);
         assert_eq!(set(labels("pool", "a")), ["kreboot-lock-g-a"]);
         assert_eq!(set(labels("pool", "b")), ["kreboot-lock-g-b"]);
         assert_ne!(
@@ -476,9 +555,55 @@ mod tests {
             ["kreboot-lock", "kreboot-lock-1", "kreboot-lock-2"]
         );
         assert_eq!(
-            slot_set("kreboot-lock", 2, None),
+            slot_set("kreboot-lock", 2, None, None),
             ["kreboot-lock", "kreboot-lock-1"]
         );
+    }
+
+    #[test]
+    fn a_cap_over_groups_has_slots_of_its_own() {
+        use crate::policy::Policy;
+        let p = Policy::parse(
+            "rules:\n  - name: pools\n    nodeSelector: {}\n    concurrency: 1\n    lockGroup: {byLabel: pool, maxConcurrent: 2}\n  - name: free\n    nodeSelector: {}\n    lockGroup: {byLabel: pool}\n",
+        )
+        .unwrap();
+        let a = p.rule_for(&[("pool".to_string(), "a".to_string())].into());
+        let caps = cap_slot_set("kreboot-lock", Some(&a)).unwrap();
+        assert_eq!(caps, ["kreboot-lock-c-pools", "kreboot-lock-c-pools-1"]);
+        assert!(caps.iter().all(|c| is_cap_slot("kreboot-lock", c)));
+        assert!(
+            slot_set("kreboot-lock", 1, Some(&a), None)
+                .iter()
+                .all(|g| !is_cap_slot("kreboot-lock", g)),
+            "group slots are not cap slots"
+        );
+        assert!(!is_cap_slot("kreboot-lock", "kreboot-lock-g-c"));
+        assert!(!is_cap_slot("kreboot-lock", "other-c-pools"));
+        let no_cap =
+            Policy::parse("rules: [{name: free, nodeSelector: {}, lockGroup: {byLabel: pool}}]").unwrap();
+        assert_eq!(
+            cap_slot_set("kreboot-lock", Some(&no_cap.rule_for(&BTreeMap::new()))),
+            None
+        );
+        assert_eq!(cap_slot_set("kreboot-lock", None), None);
+    }
+
+    #[test]
+    fn a_percentage_budget_follows_the_pool() {
+        use crate::policy::Policy;
+        let p = Policy::parse(
+            "rules:\n  - name: web\n    nodeSelector: {matchLabels: {role: web}}\n    concurrency: \"25%\"\n",
+        )
+        .unwrap();
+        let rule = p.rule_for(&[("role".to_string(), "web".to_string())].into());
+        let set = |pool| slot_set("kreboot-lock", 5, Some(&rule), pool);
+        assert_eq!(set(Some(8)), ["kreboot-lock-r-web", "kreboot-lock-r-web-1"]);
+        assert_eq!(set(Some(12)).len(), 3, "the pool grew");
+        assert_eq!(set(Some(7)).len(), 1, "rounded down");
+        assert_eq!(set(Some(2)).len(), 1, "at least one");
+        assert_eq!(set(None), ["kreboot-lock-r-web"], "unknown pool: one slot");
+        // Slot 0 keeps its name whatever the size: a holder's slot survives a resize.
+        assert_eq!(set(Some(8))[0], set(Some(40))[0]);
     }
 
     fn t(s: &str) -> DateTime<Utc> {
@@ -498,6 +623,37 @@ mod tests {
                 ..LeaseSpec::default()
             }),
         }
+    }
+
+    #[test]
+    fn soak_follows_the_latest_release_of_the_set() {
+        let mut leases = BTreeMap::new();
+        let mut released = |name: &str, at: &str| {
+            let mut l = lease(name, None, "2026-11-24T09:00:00Z", 60);
+            mark_released(&mut l, t(at));
+            leases.insert(name.to_owned(), l);
+        };
+        released("kreboot-lock-r-web", "2026-11-24T10:00:00Z");
+        released("kreboot-lock-r-web-1", "2026-11-24T10:02:00Z");
+        released("kreboot-lock-r-web-x", "2026-11-24T10:09:00Z");
+        released("kreboot-lock", "2026-11-24T10:08:00Z");
+        let soak = Duration::minutes(10);
+        assert_eq!(
+            soak_until("kreboot-lock-r-web", &leases, soak),
+            Some(t("2026-11-24T10:12:00Z")),
+            "the latest release of the set's own slots, not another set's"
+        );
+        assert_eq!(
+            soak_until("kreboot-lock-r-db", &leases, soak),
+            None,
+            "never released"
+        );
+        assert!(in_set("l", "l") && in_set("l", "l-12"));
+        assert!(!in_set("l", "l-") && !in_set("l", "l-a") && !in_set("l", "l2"));
+        assert_eq!(
+            released_at(&leases["kreboot-lock"]),
+            Some(t("2026-11-24T10:08:00Z"))
+        );
     }
 
     #[test]

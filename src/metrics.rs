@@ -13,7 +13,14 @@ use prometheus::{
 use tokio::sync::watch;
 
 /// Lifecycle states reported by `kreboot_state`.
-pub const STATES: &[&str] = &["idle", "pending", "waiting_for_lock", "draining", "rebooting"];
+pub const STATES: &[&str] = &[
+    "idle",
+    "pending",
+    "waiting_for_lock",
+    "draining",
+    "rebooting",
+    "verifying",
+];
 
 /// Ways of watching the sentinel reported by `kreboot_sentinel_watch_mode`.
 pub const SENTINEL_WATCH_MODES: &[&str] = &["inotify", "poll"];
@@ -67,6 +74,8 @@ pub struct Metrics {
     pub host_access_ok: IntGaugeVec,
     /// 1 while this node needs a reboot and reboots are paused (`kreboot pause`).
     pub paused: IntGaugeVec,
+    /// 1 while a rebooted node holds its slot past its rule's health gate timeout.
+    pub health_gate_failed: IntGaugeVec,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -204,6 +213,12 @@ impl Metrics {
                 "Operator notifications (--notify-url) by target kind and result (sent, failed, dropped).",
                 &["target_kind", "result"],
             ),
+            health_gate_failed: gauge(
+                &r,
+                "kreboot_health_gate_failed",
+                "1 while the node, rebooted, is past its rule's health gate timeout and keeps its lock slot (the rollout is stopped): the Node or a DaemonSet pod on it is not Ready.",
+                n,
+            ),
             host_access_ok: gauge(
                 &r,
                 "kreboot_host_access_ok",
@@ -261,6 +276,8 @@ impl Metrics {
             "host_access",
             "paused",
             "operator_drained",
+            "soaking",
+            "health_gate",
         ] {
             self.blocked
                 .with_label_values(&[self.node.as_str(), r])

@@ -47,6 +47,11 @@ pub const LABEL_WAITING: &str = "kreboot.io/waiting";
 /// Label set (`"true"`) while the node holds a lock slot and is in a cycle: waiting nodes watch
 /// the labelled Nodes (one watch for all holders) to notice a holder that disappears.
 pub const LABEL_HOLDER: &str = "kreboot.io/lock-holder";
+/// Since when the rebooted node is in its rule's health gate (phase `verifying`).
+pub const ANN_VERIFYING_SINCE: &str = "kreboot.io/verifying-since";
+/// When the health gate timed out in this cycle (the Event and metric were sent; the slot is
+/// kept until the node is healthy).
+pub const ANN_HEALTH_GATE_FAILED: &str = "kreboot.io/health-gate-failed";
 /// Since when the node waits for a lock slot (RFC 3339 with microseconds): the queue order.
 pub const ANN_WAITING_SINCE: &str = "kreboot.io/waiting-since";
 /// An operator asked for a reboot (`kreboot reboot`), `{"by", "at"}` as JSON. Treated exactly
@@ -101,6 +106,9 @@ pub enum Phase {
     Draining,
     /// The drain finished and the reboot was (or is about to be) requested.
     Rebooting,
+    /// Rebooted and uncordoned, still holding the lock slot: the rule's health gate waits for
+    /// the Node and its DaemonSet pods to be Ready before the slot goes to the next node.
+    Verifying,
 }
 
 impl Phase {
@@ -110,6 +118,7 @@ impl Phase {
             Phase::Idle => None,
             Phase::Draining => Some("draining"),
             Phase::Rebooting => Some("rebooting"),
+            Phase::Verifying => Some("verifying"),
         }
     }
 
@@ -144,6 +153,10 @@ pub struct Recorded {
     /// An operator drained the node with `kreboot drain` (`kreboot.io/drained-by`): the agent
     /// neither reboots nor uncordons it until the operator uncordons it or asks for the reboot.
     pub operator_drained: bool,
+    /// Since when the node is in the health gate ([`ANN_VERIFYING_SINCE`]).
+    pub verifying_since: Option<DateTime<Utc>>,
+    /// When the health gate timed out, if it did in this cycle ([`ANN_HEALTH_GATE_FAILED`]).
+    pub health_gate_failed: Option<DateTime<Utc>>,
     /// Annotations that could not be understood.
     pub problems: Vec<String>,
 }
@@ -185,6 +198,7 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
         None => Phase::Idle,
         Some("draining") => Phase::Draining,
         Some("rebooting") => Phase::Rebooting,
+        Some("verifying") => Phase::Verifying,
         Some(other) => {
             // An unknown phase (e.g. written by a newer version) is treated as draining: the
             // safe interpretation, because the drain step is idempotent and ends either in a
@@ -205,6 +219,10 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
     let mut problems = std::mem::take(&mut r.problems);
     r.last_reboot = get(ANN_LAST_REBOOT).and_then(|v| parse_time(v, ANN_LAST_REBOOT, &mut problems));
     r.last_failure = get(ANN_LAST_FAILURE).and_then(|v| parse_time(v, ANN_LAST_FAILURE, &mut problems));
+    r.verifying_since =
+        get(ANN_VERIFYING_SINCE).and_then(|v| parse_time(v, ANN_VERIFYING_SINCE, &mut problems));
+    r.health_gate_failed =
+        get(ANN_HEALTH_GATE_FAILED).and_then(|v| parse_time(v, ANN_HEALTH_GATE_FAILED, &mut problems));
     r.problems = problems;
     r
 }
@@ -266,6 +284,22 @@ pub struct Observations {
     /// An operator paused reboots cluster-wide (`kreboot pause`): no new cycle starts; one in
     /// progress finishes (see [`crate::pause`] for why).
     pub paused: bool,
+    /// The rule's soak: no node of its slot set starts before this instant (the last release
+    /// of one of its slots plus `soak`). Only set once the slot this node holds is claimed:
+    /// a handed-over slot must be claimed first, or it would expire during the soak.
+    pub soak_until: Option<DateTime<Utc>>,
+    /// The rule's health gate, if it has one (else a rebooted node releases at once).
+    pub health_gate: Option<HealthGate>,
+}
+
+/// A rule's health gate as the agent sees it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthGate {
+    /// How long after the uncordon the node may take to become healthy.
+    pub timeout: Duration,
+    /// What is not healthy yet (`node not Ready`, `pod ns/name not Ready`); empty: healthy.
+    /// Not known yet (the pods' watch has not listed them) counts as not healthy.
+    pub unhealthy: Vec<String>,
 }
 
 /// Why the agent does nothing right now.
@@ -291,6 +325,11 @@ pub enum WaitReason {
     /// An operator drained the node (`kreboot drain`) and has not uncordoned it or asked for
     /// the reboot (`kreboot reboot`).
     OperatorDrained,
+    /// The node holds a lock slot but the rule's `soak` after the last release has not ended:
+    /// it starts (cordons) when it has.
+    Soaking,
+    /// Rebooted and holding the slot: waiting for the Node and its DaemonSet pods to be Ready.
+    HealthGate,
 }
 
 impl WaitReason {
@@ -306,6 +345,8 @@ impl WaitReason {
             WaitReason::HostAccess => "host_access",
             WaitReason::Paused => "paused",
             WaitReason::OperatorDrained => "operator_drained",
+            WaitReason::Soaking => "soaking",
+            WaitReason::HealthGate => "health_gate",
         }
     }
 }
@@ -366,6 +407,10 @@ pub enum Action {
     Complete,
     /// Abandon the cycle: uncordon if kreboot cordoned, clear the phase, release the lock.
     Abort(AbortReason),
+    /// The health gate passed (or no longer applies): clear the phase, release the lock.
+    Verified,
+    /// The health gate timed out: record it, report it (Event, metric), keep the lock.
+    FailHealthGate,
     /// Idle but still holding a Lease slot (a crash between steps): give it back.
     ReleaseLock,
 }
@@ -385,6 +430,23 @@ pub fn decide(o: &Observations) -> Action {
     let r = &o.node.recorded;
     let wait = |reason, until| Action::Wait { reason, until };
     match r.phase {
+        Phase::Verifying => match &o.health_gate {
+            // The gate was removed from the policy, the node is healthy, or the slot is gone
+            // (nothing left to hold back): the cycle is over.
+            None => Action::Verified,
+            Some(g) if g.unhealthy.is_empty() || o.held_lock.is_none() => Action::Verified,
+            Some(g) => {
+                let deadline = r.verifying_since.and_then(|s| s.checked_add_signed(g.timeout));
+                match deadline {
+                    Some(d) if o.now >= d && r.health_gate_failed.is_none() => Action::FailHealthGate,
+                    // Failed already: keep the slot (the rollout stops) until the node is
+                    // healthy; the alert tells the operator.
+                    Some(d) if o.now >= d => wait(WaitReason::HealthGate, None),
+                    Some(d) => wait(WaitReason::HealthGate, Some(d)),
+                    None => wait(WaitReason::HealthGate, None),
+                }
+            }
+        },
         Phase::Rebooting => {
             let node_rebooted = r
                 .pre_reboot_boot_id
@@ -470,7 +532,11 @@ pub fn decide(o: &Observations) -> Action {
             match (blocking_wait, &o.held_lock) {
                 (Some(_), Some(_)) => Action::ReleaseLock,
                 (Some(w), None) => w,
-                (None, Some(_)) => Action::Cordon,
+                // The slot is kept through the soak: the next node is this one, whoever asks.
+                (None, Some(_)) => match o.soak_until.filter(|t| *t > o.now) {
+                    Some(t) => wait(WaitReason::Soaking, Some(t)),
+                    None => Action::Cordon,
+                },
                 (None, None) => Action::AcquireLock,
             }
         }
@@ -550,6 +616,42 @@ pub fn end_cycle_patch(node: &NodeView, outcome: CycleEnd<'_>, now: DateTime<Utc
         patch["spec"] = json!({ "unschedulable": false });
     }
     with_resource_version(patch, node)
+}
+
+/// The patch that ends the reboot as [`end_cycle_patch`] does (uncordon, last reboot), but keeps
+/// the node in the cycle, phase `verifying`, holding `lock`: the rule's health gate.
+pub fn verifying_patch(node: &NodeView, lock: &str, now: DateTime<Utc>) -> Value {
+    let mut patch = end_cycle_patch(node, CycleEnd::Rebooted, now);
+    let a = &mut patch["metadata"]["annotations"];
+    a[ANN_PHASE] = json!(Phase::Verifying.as_annotation());
+    a[ANN_LOCK] = json!(lock);
+    a[ANN_VERIFYING_SINCE] = json!(format_time(now));
+    a[ANN_HEALTH_GATE_FAILED] = Value::Null;
+    // Still a holder in a cycle: waiters keep watching it, and never take its slot over.
+    patch["metadata"]["labels"][LABEL_HOLDER] = json!("true");
+    patch
+}
+
+/// The patch that ends the health gate: the cycle is over.
+pub fn verified_patch(node: &NodeView) -> Value {
+    with_resource_version(
+        json!({ "metadata": {
+            "annotations": {
+                ANN_PHASE: null, ANN_LOCK: null, ANN_VERIFYING_SINCE: null,
+                ANN_HEALTH_GATE_FAILED: null, ANN_BLOCKED_BY: null,
+            },
+            "labels": { LABEL_HOLDER: null },
+        }}),
+        node,
+    )
+}
+
+/// The patch that records the health gate's timeout.
+pub fn health_gate_failed_patch(node: &NodeView, now: DateTime<Utc>) -> Value {
+    with_resource_version(
+        json!({ "metadata": { "annotations": { ANN_HEALTH_GATE_FAILED: format_time(now) } } }),
+        node,
+    )
 }
 
 /// Why a pending reboot is held back, for operators (`kreboot status`): a blocker's reason,
@@ -691,7 +793,126 @@ mod tests {
             failure_backoff: Duration::minutes(10),
             host_access_ok: true,
             paused: false,
+            soak_until: None,
+            health_gate: None,
         }
+    }
+
+    #[test]
+    fn the_health_gate_holds_the_slot_then_fails_then_passes() {
+        let mut o = obs();
+        o.node.recorded.phase = Phase::Verifying;
+        o.node.recorded.verifying_since = Some(t("2026-11-24T21:58:00Z"));
+        o.held_lock = Some("kreboot-lock".into());
+        let gate = |unhealthy: &[&str]| {
+            Some(HealthGate {
+                timeout: Duration::minutes(10),
+                unhealthy: unhealthy.iter().map(|s| s.to_string()).collect(),
+            })
+        };
+        o.health_gate = gate(&["pod kube-system/cni-x not Ready"]);
+        assert_eq!(
+            decide(&o),
+            Action::Wait {
+                reason: WaitReason::HealthGate,
+                until: Some(t("2026-11-24T22:08:00Z"))
+            }
+        );
+        o.now = t("2026-11-24T22:08:00Z");
+        assert_eq!(decide(&o), Action::FailHealthGate, "timed out");
+        o.node.recorded.health_gate_failed = Some(o.now);
+        assert_eq!(
+            decide(&o),
+            Action::Wait {
+                reason: WaitReason::HealthGate,
+                until: None
+            },
+            "reported once; the slot is kept"
+        );
+        o.health_gate = gate(&[]);
+        assert_eq!(decide(&o), Action::Verified, "healthy at last");
+        o.health_gate = None;
+        assert_eq!(decide(&o), Action::Verified, "gate removed from the policy");
+        o.health_gate = gate(&["node not Ready"]);
+        o.held_lock = None;
+        assert_eq!(decide(&o), Action::Verified, "no slot left to hold");
+        // A sentinel back already does not skip the gate: the phase decides.
+        o.held_lock = Some("kreboot-lock".into());
+        o.node.recorded.health_gate_failed = None;
+        o.now = t("2026-11-24T22:00:00Z");
+        o.reboot_required = true;
+        assert!(matches!(
+            decide(&o),
+            Action::Wait {
+                reason: WaitReason::HealthGate,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn verifying_keeps_the_lock_and_uncordons() {
+        let view = NodeView {
+            unschedulable: true,
+            recorded: Recorded {
+                phase: Phase::Rebooting,
+                cordoned_by_kreboot: true,
+                ..Recorded::default()
+            },
+            ..NodeView::default()
+        };
+        let p = verifying_patch(&view, "kreboot-lock", t("2026-11-24T22:00:00Z"));
+        assert_eq!(p["spec"]["unschedulable"], json!(false));
+        assert_eq!(p["metadata"]["annotations"][ANN_PHASE], json!("verifying"));
+        assert_eq!(p["metadata"]["annotations"][ANN_LOCK], json!("kreboot-lock"));
+        assert_eq!(
+            p["metadata"]["annotations"][ANN_LAST_REBOOT],
+            json!("2026-11-24T22:00:00Z")
+        );
+        assert_eq!(p["metadata"]["labels"][LABEL_HOLDER], json!("true"));
+        let mut a = BTreeMap::new();
+        a.insert(ANN_PHASE.to_string(), "verifying".to_string());
+        a.insert(
+            ANN_VERIFYING_SINCE.to_string(),
+            "2026-11-24T22:00:00Z".to_string(),
+        );
+        let r = parse_recorded(&a);
+        assert_eq!(
+            (r.phase, r.verifying_since),
+            (Phase::Verifying, Some(t("2026-11-24T22:00:00Z")))
+        );
+        assert!(r.problems.is_empty());
+        let p = verified_patch(&view);
+        assert_eq!(p["metadata"]["annotations"][ANN_PHASE], Value::Null);
+        assert_eq!(p["metadata"]["labels"][LABEL_HOLDER], Value::Null);
+    }
+
+    #[test]
+    fn a_holder_soaks_before_it_starts() {
+        let mut o = obs();
+        o.held_lock = Some("kreboot-lock".into());
+        o.soak_until = Some(t("2026-11-24T22:05:00Z"));
+        assert_eq!(
+            decide(&o),
+            Action::Wait {
+                reason: WaitReason::Soaking,
+                until: Some(t("2026-11-24T22:05:00Z"))
+            }
+        );
+        o.now = t("2026-11-24T22:05:00Z");
+        assert_eq!(decide(&o), Action::Cordon, "the soak has ended");
+        // A closed window still gives the slot back: soaking never holds a slot for nothing.
+        o.now = t("2026-11-24T22:00:00Z");
+        o.window_open = false;
+        assert_eq!(decide(&o), Action::ReleaseLock);
+        // Without a slot there is nothing to soak on: the node competes for one first.
+        o.window_open = true;
+        o.held_lock = None;
+        assert_eq!(decide(&o), Action::AcquireLock);
+        // A node in a cycle is never held back by a soak.
+        o.held_lock = Some("kreboot-lock".into());
+        o.node.recorded.phase = Phase::Draining;
+        assert_eq!(decide(&o), Action::Drain);
     }
 
     fn rebooting(mut o: Observations, before: &str) -> Observations {

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use crate::{
     cli::{PolicyArgs, PolicyCheckArgs, PolicyCommand},
-    policy::{HORIZON_DAYS, Labels, Policy, PolicyError, Zone},
+    policy::{Budget, HORIZON_DAYS, Labels, Policy, PolicyError, Zone},
 };
 
 /// Exit code of an invalid (or unreadable) policy file: the same as for bad usage.
@@ -37,8 +37,28 @@ pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Re
     out += &format!("time zone: {zone}\n");
     if rule.name.is_some() {
         match rule.concurrency {
+            Some(b @ Budget::Percent(_)) => {
+                let pool = if rule.lock_group.is_some() {
+                    "the lock group's nodes"
+                } else {
+                    "the rule's nodes"
+                };
+                out += &format!("concurrency: {b} of {pool} (rounded down, at least 1)\n");
+            }
             Some(n) => out += &format!("concurrency: {n}\n"),
             None => out += "concurrency: the agent's --concurrency\n",
+        }
+        if let Some(soak) = rule.soak.and_then(|d| d.to_std().ok()) {
+            out += &format!(
+                "soak: {} between a release of one of the rule's slots and the next node's start\n",
+                humantime::format_duration(soak)
+            );
+        }
+        if let Some(timeout) = rule.health_gate.and_then(|d| d.to_std().ok()) {
+            out += &format!(
+                "health gate: after its reboot the node keeps its slot until it and its DaemonSet pods are Ready; after {} the rollout stops\n",
+                humantime::format_duration(timeout)
+            );
         }
         if let Some(g) = &rule.lock_group {
             let value = g.value.as_deref().unwrap_or("(label absent)");

@@ -1,7 +1,8 @@
 //! Lock groups: two pools of three nodes under a rule `concurrency: 1, lockGroup: {byLabel:
 //! pool}` reboot one node at a time per pool, and both pools progress at once, although the
 //! agents' cluster-wide `--concurrency` is 1. A real kube-rs watch of every Node records the
-//! largest number of nodes out of service per pool and overall.
+//! largest number of nodes out of service per pool and overall. With `maxConcurrent`, a cap over
+//! the groups: three pools, at most two of them out at once.
 
 mod common;
 
@@ -39,33 +40,32 @@ fn out(n: &Node) -> bool {
     ann.contains_key(ANN_PHASE) || !ready || cordoned
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_at_a_time_per_pool_and_pools_side_by_side() {
+/// Rolls `nodes` (name, pool) under `policy` and returns the largest number of nodes out at once
+/// per pool and overall, and the names of the lock's Leases.
+async fn roll(policy: &str, nodes: &[(String, &str)]) -> (BTreeMap<String, usize>, usize, Vec<String>) {
     let sim = SimCluster::start(SimConfig {
         reboot_duration: Duration::from_millis(600),
         ..SimConfig::default()
     })
     .await
     .expect("simulator starts");
-    let pool = |i: usize| if i < 3 { "a" } else { "b" };
     let mut configs = Vec::new();
-    for i in 0..6 {
-        let name = format!("n{i}");
-        sim.add_node(&name, BTreeMap::from([("pool".to_string(), pool(i).to_string())]));
+    for (name, pool) in nodes {
+        sim.add_node(name, BTreeMap::from([("pool".to_string(), pool.to_string())]));
         sim.add_pod(
-            sim::pod("apps", &format!("{name}-app"), &name)
+            sim::pod("apps", &format!("{name}-app"), name)
                 .grace(1)
                 .shutdown_seconds(0.2)
                 .build(),
         );
-        let mut cfg = kreboot::sim::fleet::agent_config(&name);
+        let mut cfg = kreboot::sim::fleet::agent_config(name);
         cfg.concurrency = 1;
         configs.push(cfg);
     }
     sim.configmap_put(
         "kube-system",
         "kreboot-config",
-        BTreeMap::from([("config.yaml".to_string(), POLICY.to_string())]),
+        BTreeMap::from([("config.yaml".to_string(), policy.to_string())]),
     );
     let fleet = Fleet::new(&sim, configs);
 
@@ -108,27 +108,62 @@ async fn one_at_a_time_per_pool_and_pools_side_by_side() {
     });
 
     fleet.start_all();
-    for i in 0..6 {
-        fleet.require_reboot(&format!("n{i}"));
+    for (name, _) in nodes {
+        fleet.require_reboot(name);
     }
-    wait_for(LIMIT, "all six nodes complete", || {
-        (0..6).all(|i| completed(&sim, &format!("n{i}")))
+    wait_for(LIMIT, "every node completes", || {
+        nodes.iter().all(|(name, _)| completed(&sim, name))
     })
     .await;
     assert!(!monitor.is_finished(), "the monitor stopped watching");
     monitor.abort();
     let (per_pool, overall) = maxima.lock().expect("monitor lock").clone();
     eprintln!("max out per pool: {per_pool:?}, overall: {overall}");
-    assert_eq!(per_pool.get("a"), Some(&1), "pool a: one at a time");
-    assert_eq!(per_pool.get("b"), Some(&1), "pool b: one at a time");
-    assert_eq!(overall, 2, "the two pools progressed at once");
     let names: Vec<String> = sim
         .leases("kube-system")
         .iter()
         .filter_map(|l| l.metadata.name.clone())
         .collect();
+    (per_pool, overall, names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_at_a_time_per_pool_and_pools_side_by_side() {
+    let nodes: Vec<(String, &str)> = (0..6)
+        .map(|i| (format!("n{i}"), if i < 3 { "a" } else { "b" }))
+        .collect();
+    let (per_pool, overall, names) = roll(POLICY, &nodes).await;
+    assert_eq!(per_pool.get("a"), Some(&1), "pool a: one at a time");
+    assert_eq!(per_pool.get("b"), Some(&1), "pool b: one at a time");
+    assert_eq!(overall, 2, "the two pools progressed at once");
     assert!(
         names.contains(&"kreboot-lock-g-a".to_string()) && names.contains(&"kreboot-lock-g-b".to_string()),
         "each pool used its own slot: {names:?}"
+    );
+}
+
+/// `maxConcurrent: 2` over three pools of one slot each: two pools progress at once, never
+/// three, and every node gets its turn (no pool starves, no deadlock between the two locks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrent_caps_the_groups_together() {
+    let policy = POLICY.replace(
+        "lockGroup: {byLabel: pool}",
+        "lockGroup: {byLabel: pool, maxConcurrent: 2}",
+    );
+    let nodes: Vec<(String, &str)> = (0..9)
+        .map(|i| (format!("n{i}"), ["a", "b", "c"][i % 3]))
+        .collect();
+    let (per_pool, overall, names) = roll(&policy, &nodes).await;
+    for pool in ["a", "b", "c"] {
+        assert_eq!(per_pool.get(pool), Some(&1), "pool {pool}: one at a time");
+    }
+    assert_eq!(
+        overall, 2,
+        "at most two out across the three pools, and two at once"
+    );
+    assert!(
+        names.contains(&"kreboot-lock-c-pools".to_string())
+            && names.contains(&"kreboot-lock-c-pools-1".to_string()),
+        "the cap's two slots were used: {names:?}"
     );
 }

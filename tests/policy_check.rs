@@ -145,3 +145,40 @@ fn bad_flags_are_usage_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
+
+#[test]
+fn budgets_and_soak_are_summarised() {
+    let doc = "rules:\n  - name: web\n    nodeSelector: {matchLabels: {role: web}}\n    concurrency: \"25%\"\n    soak: 10m\n  - name: pools\n    nodeSelector: {}\n    concurrency: \"50%\"\n    lockGroup: {byLabel: pool}\n";
+    let (code, out, err) = check(doc, &["--labels", "role=web", "--count", "1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("concurrency: 25% of the rule's nodes (rounded down, at least 1)\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("soak: 10m between a release of one of the rule's slots and the next node's start\n"),
+        "{out}"
+    );
+    let (code, out, _) = check(doc, &["--labels", "pool=a", "--count", "1"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("concurrency: 50% of the lock group's nodes (rounded down, at least 1)\n"),
+        "{out}"
+    );
+    assert!(!out.contains("soak"), "{out}");
+    let (code, out, _) = check(
+        "rules: [{name: g, nodeSelector: {}, healthGate: {timeout: 15m}}]",
+        &["--count", "1"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("health gate: after its reboot the node keeps its slot until it and its DaemonSet pods are Ready; after 15m the rollout stops\n"),
+        "{out}"
+    );
+    let (code, _, err) = check(&doc.replace("\"25%\"", "\"25.5%\""), &["--labels", "role=web"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("rules[0].concurrency: \"25.5%\" is not a percentage from 1% to 100%"),
+        "{err}"
+    );
+}

@@ -46,6 +46,10 @@ on_both!(
     admin_cordon_is_kept,
     window_opened_by_live_configmap_edit,
     concurrency_two_never_three,
+    percent_budget_two_of_eight,
+    max_concurrent_across_groups,
+    soak_between_nodes,
+    health_gate_holds_the_lock,
     drain_waits_for_pdb,
     ghost_lock_is_freed,
     crash_after_lock_resumes,
@@ -230,6 +234,285 @@ async fn concurrency_two_never_three(kind: Kind) {
     })
     .await;
     assert_eq!(monitor.max(), 2, "two nodes out at once, never three");
+}
+
+/// A rule `concurrency: "25%"` over eight nodes: two out at once (25% of 8), never three; the
+/// agents' own `--concurrency` (5) does not apply to the rule's nodes.
+async fn percent_budget_two_of_eight(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 8, &["--concurrency", "5"]).await;
+    b.set_policy("rules:\n  - name: all\n    nodeSelector: {}\n    concurrency: \"25%\"\n")
+        .await;
+    let monitor = OutMonitor::watch(b.client());
+    for m in machines.iter_mut() {
+        m.require_reboot();
+        m.start();
+    }
+    let nodes: Vec<String> = (0..8).map(|i| format!("n{i}")).collect();
+    let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    run_until(&b, &mut machines, LIMIT, "every node rebooted", || {
+        all_completed(&b, &nodes)
+    })
+    .await;
+    assert_eq!(monitor.max(), 2, "25% of 8 nodes: two out at once, never three");
+    let names: Vec<String> = b
+        .leases()
+        .await
+        .iter()
+        .filter_map(|l| l.metadata.name.clone())
+        .collect();
+    assert!(
+        names.iter().all(|n| n.starts_with("kreboot-lock-r-all")) && names.len() == 2,
+        "the rule's two slots, none of the agents' own: {names:?}"
+    );
+}
+
+/// Three pools of two nodes, one slot per pool (`lockGroup`), `maxConcurrent: 2` over them: two
+/// nodes out at once, never three, and every node rebooted.
+async fn max_concurrent_across_groups(kind: Kind) {
+    let b = Backend::start(kind).await;
+    let mut machines = Vec::new();
+    for i in 0..6 {
+        let name = format!("n{i}");
+        b.add_node(&name, &[("pool", ["a", "b", "c"][i % 3])]).await;
+        b.add_pod("apps", &format!("{name}-app-0"), &name, &[("app", "web")])
+            .await;
+        machines.push(Machine::new(&name, &b.kubeconfig(), &[]));
+    }
+    b.wait_pods_ready("apps").await;
+    b.set_policy(
+        "rules:\n  - name: pools\n    nodeSelector: {}\n    concurrency: 1\n    lockGroup: {byLabel: pool, maxConcurrent: 2}\n",
+    )
+    .await;
+    let monitor = OutMonitor::watch(b.client());
+    for m in machines.iter_mut() {
+        m.require_reboot();
+        m.start();
+    }
+    let nodes = ["n0", "n1", "n2", "n3", "n4", "n5"];
+    run_until(&b, &mut machines, LIMIT, "every node rebooted", || {
+        all_completed(&b, &nodes)
+    })
+    .await;
+    assert_eq!(
+        monitor.max(),
+        2,
+        "two of the three pools out at once, never three"
+    );
+}
+
+/// A rule `soak: 8s`: the second node gets the slot when the first hands it over, keeps it,
+/// and starts (cordons) no sooner than 8 s after the hand-over, and soon after; meanwhile its
+/// Node and `kreboot status` say it is soaking.
+async fn soak_between_nodes(kind: Kind) {
+    const SOAK: Duration = Duration::from_secs(8);
+    const SLOT: &str = "kreboot-lock-r-all";
+    let (b, mut machines) = cluster(kind, 2, &[]).await;
+    b.set_policy("rules:\n  - name: all\n    nodeSelector: {}\n    concurrency: 1\n    soak: 8s\n")
+        .await;
+    let monitor = OutMonitor::watch(b.client());
+    for m in machines.iter_mut() {
+        m.require_reboot();
+        m.start();
+    }
+    let deadline = Instant::now() + LIMIT;
+    let mut first: Option<&str> = None;
+    let mut released: Option<chrono::DateTime<chrono::Utc>> = None;
+    let mut second_start: Option<chrono::DateTime<chrono::Utc>> = None;
+    let mut status_shown = false;
+    let mut metric_seen = false;
+    loop {
+        for m in machines.iter_mut() {
+            m.supervise(&b).await;
+        }
+        if first.is_none() {
+            for n in ["n0", "n1"] {
+                if completed(&b, n).await {
+                    first = Some(n);
+                }
+            }
+        }
+        if let Some(f) = first {
+            let second = if f == "n0" { "n1" } else { "n0" };
+            if released.is_none() {
+                // The hand-over time, as the first node recorded it on the slot.
+                released = b
+                    .leases()
+                    .await
+                    .iter()
+                    .find(|l| l.metadata.name.as_deref() == Some(SLOT))
+                    .and_then(kreboot::lock::released_at);
+            }
+            if second_start.is_none() && b.annotation(second, ANN_PHASE).await.is_some() {
+                second_start = Some(chrono::Utc::now());
+            }
+            let blocked = b.annotation(second, "kreboot.io/blocked-by").await;
+            if second_start.is_none() && !metric_seen {
+                let port = machines.iter().find(|m| m.node == second).map(|m| m.metrics_port);
+                if let Some(port) = port {
+                    metric_seen = scrape(port).await.contains(&format!(
+                        "kreboot_reboot_blocked{{node=\"{second}\",reason=\"soaking\"}} 1"
+                    ));
+                }
+            }
+            if second_start.is_none()
+                && !status_shown
+                && blocked
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("soaking until "))
+            {
+                assert_eq!(b.holders().await, [second], "the soaking node keeps the slot");
+                let out = kreboot_cmd(&b, &["status", "--namespace", NS]).await;
+                let table = text(&out.stdout);
+                assert!(
+                    table
+                        .lines()
+                        .any(|l| l.starts_with(second) && l.contains("soaking until")),
+                    "status shows why {second} waits:\n{table}"
+                );
+                status_shown = true;
+            }
+        }
+        if all_completed(&b, &["n0", "n1"]).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out: both nodes rebooted with a soak between"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let released = released.expect("the first node recorded its hand-over on the Lease");
+    let started = second_start.expect("the second node was seen starting");
+    let gap = (started - released).to_std().unwrap_or(Duration::ZERO);
+    assert!(
+        gap >= SOAK,
+        "the second node started {gap:?} after the hand-over, inside the soak"
+    );
+    assert!(
+        gap < SOAK + Duration::from_secs(5),
+        "and soon after the soak: {gap:?}"
+    );
+    assert!(status_shown, "the soak was seen in kreboot status");
+    assert!(
+        metric_seen,
+        "kreboot_reboot_blocked{{reason=\"soaking\"}} was 1 during the soak"
+    );
+    assert_eq!(monitor.max(), 1, "one at a time");
+}
+
+/// Sets a pod's Ready condition, as its kubelet would.
+async fn set_pod_ready(b: &Backend, ns: &str, name: &str, ready: bool) {
+    let status = if ready { "True" } else { "False" };
+    kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(b.client(), ns)
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"status": {"conditions": [{"type": "Ready", "status": status}]}}),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("set {ns}/{name} Ready={ready}: {e}"));
+}
+
+/// A rule `healthGate: {timeout: 4s}`: after its reboot the first node is uncordoned but keeps
+/// its slot while its DaemonSet pod is not Ready; past the timeout the cycle fails (Event
+/// `HealthGateFailed`, `kreboot_health_gate_failed 1`) and the slot is still kept, so the second
+/// node does not start; once the pod is Ready the slot goes on and the rollout finishes.
+async fn health_gate_holds_the_lock(kind: Kind) {
+    let (b, mut machines) = cluster(kind, 2, &[]).await;
+    for n in ["n0", "n1"] {
+        b.add_daemonset_pod("apps", &format!("{n}-ds"), n).await;
+    }
+    b.wait_pods_ready("apps").await;
+    for n in ["n0", "n1"] {
+        set_pod_ready(&b, "apps", &format!("{n}-ds"), false).await;
+    }
+    b.set_policy(
+        "rules:\n  - name: all\n    nodeSelector: {}\n    concurrency: 1\n    healthGate: {timeout: 4s}\n",
+    )
+    .await;
+    let monitor = OutMonitor::watch(b.client());
+    for m in machines.iter_mut() {
+        m.require_reboot();
+        m.start();
+    }
+    // The first node to reboot goes into the gate.
+    async fn verifying(b: &Backend) -> Option<&'static str> {
+        for n in ["n0", "n1"] {
+            if b.annotation(n, ANN_PHASE).await.as_deref() == Some("verifying") {
+                return Some(n);
+            }
+        }
+        None
+    }
+    run_until(
+        &b,
+        &mut machines,
+        LIMIT,
+        "a node rebooted and in its health gate",
+        || async { verifying(&b).await.is_some() },
+    )
+    .await;
+    let first = verifying(&b).await.expect("a node in its health gate");
+    let second = if first == "n0" { "n1" } else { "n0" };
+    assert!(!b.unschedulable(first).await, "{first} is uncordoned in its gate");
+    assert!(b.annotation(first, ANN_LAST_REBOOT).await.is_some());
+    assert_eq!(b.holders().await, [first], "{first} keeps its slot");
+    let port = machines
+        .iter()
+        .find(|m| m.node == first)
+        .expect("machine")
+        .metrics_port;
+    // Past the timeout: the failure is reported and the slot still kept.
+    run_until(&b, &mut machines, LIMIT, "the health gate fails", || async {
+        event_count(&b.node_events().await, first, "HealthGateFailed") == 1
+    })
+    .await;
+    wait_until(LIMIT, "kreboot_health_gate_failed 1", || async move {
+        scrape(port)
+            .await
+            .contains(&format!("kreboot_health_gate_failed{{node=\"{first}\"}} 1"))
+    })
+    .await;
+    let out = kreboot_cmd(&b, &["status", "--namespace", NS]).await;
+    let table = text(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(first) && l.contains("verifying") && l.contains("health_gate")),
+        "status shows the gate:\n{table}"
+    );
+    for _ in 0..20 {
+        for m in machines.iter_mut() {
+            m.supervise(&b).await;
+        }
+        assert_eq!(b.holders().await, [first], "the failed gate keeps the slot");
+        assert!(
+            b.annotation(second, ANN_PHASE).await.is_none(),
+            "{second} does not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Healthy: the slot goes on; the second node passes its gate as soon as its pod is Ready.
+    set_pod_ready(&b, "apps", &format!("{first}-ds"), true).await;
+    set_pod_ready(&b, "apps", &format!("{second}-ds"), true).await;
+    run_until(&b, &mut machines, LIMIT, "both nodes through their gates", || {
+        all_completed(&b, &["n0", "n1"])
+    })
+    .await;
+    assert_eq!(monitor.max(), 1, "one node out at once");
+    assert_eq!(
+        event_count(&b.node_events().await, second, "HealthGateFailed"),
+        0,
+        "{second} was healthy at once"
+    );
+    wait_until(LIMIT, "kreboot_health_gate_failed back to 0", || async move {
+        scrape(port)
+            .await
+            .contains(&format!("kreboot_health_gate_failed{{node=\"{first}\"}} 0"))
+    })
+    .await;
 }
 
 /// A PDB with `minAvailable` equal to the Ready pods refuses the eviction (429 from the real

@@ -30,6 +30,14 @@
 //!   repeated hour), and a cron `30 2 * * *` fires once on both days.
 //! - Blackout dates are inclusive, in the time zone of the node's schedule, and win over every
 //!   window.
+//! - A rule's `concurrency` is a number of nodes or a percentage (`"25%"`) of the nodes that
+//!   share its slots (its pool: [`Policy::same_pool`]); [`slots`] turns it into a slot count
+//!   for a pool of a given size. Counting the pool is the agent's business (it lists Nodes).
+//! - A rule's `soak` (1s..7d) is the least time between a release of one of its slots and the
+//!   next start (cordon) of a node of the same slot set; the agent reads the release times from
+//!   the Leases (`kreboot.io/released-at`).
+//! - A rule's `healthGate: {timeout}` keeps a rebooted node's slot until the node is Ready and
+//!   its DaemonSet pods are Ready; past the timeout the cycle fails and the slot is kept.
 //! - Unknown keys are rejected: a typo must not silently widen a window.
 
 mod parse;
@@ -190,8 +198,51 @@ struct Rule {
     name: String,
     selector: Selector,
     schedule: Schedule,
-    concurrency: Option<u32>,
+    concurrency: Option<Budget>,
     lock_group: Option<LockGroup>,
+    /// The pause between a release of one of the rule's slots and the next start.
+    soak: Option<chrono::Duration>,
+    /// `healthGate.timeout`: how long a rebooted node may take to become healthy.
+    health_gate: Option<chrono::Duration>,
+}
+
+/// A rule's `concurrency`: how many nodes sharing its slots may be out at once, as a number, or
+/// as a share of the nodes that share them (the rule's nodes; with a lock group, the group's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// `concurrency: 2`: that many nodes, whatever the pool's size.
+    Nodes(u32),
+    /// `concurrency: "25%"` (1..=100): that share of the pool, rounded down, at least 1.
+    Percent(u32),
+}
+
+impl Budget {
+    /// Whether the number of slots depends on the size of the pool (a percentage).
+    pub fn needs_pool(self) -> bool {
+        matches!(self, Budget::Percent(_))
+    }
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Budget::Nodes(n) => write!(f, "{n}"),
+            Budget::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// How many lock slots `budget` gives a pool of `pool_size` nodes. A percentage is rounded down
+/// (25% of 7 nodes is 1, never 2: the budget is a ceiling on disruption) but is at least 1, so
+/// that a small pool still makes progress; a pool of unknown or zero size gets 1 slot as well.
+pub fn slots(budget: Budget, pool_size: usize) -> u32 {
+    match budget {
+        Budget::Nodes(n) => n.max(1),
+        Budget::Percent(p) => {
+            let share = (pool_size as u128 * u128::from(p)) / 100;
+            u32::try_from(share).unwrap_or(u32::MAX).max(1)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -222,7 +273,41 @@ enum Operator {
     DoesNotExist,
 }
 
+/// Whether `s` can be written into a label-selector query as is: the characters of label keys
+/// and values. Anything else (a policy may name any text) makes [`Selector::query`] give up
+/// rather than build a query the API server would misread or refuse.
+fn query_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+}
+
 impl Selector {
+    /// The selector as a `labelSelector` query (`k=v,k in (a,b),!k`), for the API server to
+    /// narrow a list with; None when a key or value cannot be written safely (then the caller
+    /// lists without a selector and filters with [`Selector::matches`]). Empty selects all.
+    fn query(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        for (k, v) in &self.match_labels {
+            if !query_safe(k) || !(v.is_empty() || query_safe(v)) {
+                return None;
+            }
+            parts.push(format!("{k}={v}"));
+        }
+        for r in &self.match_expressions {
+            if !query_safe(&r.key) || !r.values.iter().all(|v| query_safe(v)) {
+                return None;
+            }
+            parts.push(match r.op {
+                Operator::In => format!("{} in ({})", r.key, r.values.join(",")),
+                Operator::NotIn => format!("{} notin ({})", r.key, r.values.join(",")),
+                Operator::Exists => r.key.clone(),
+                Operator::DoesNotExist => format!("!{}", r.key),
+            });
+        }
+        Some(parts.join(","))
+    }
+
     fn matches(&self, labels: &Labels) -> bool {
         self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
             && self.match_expressions.iter().all(|r| {
@@ -250,10 +335,17 @@ pub struct RuleView {
     /// The time zone of the node's schedule.
     pub zone: Zone,
     /// How many nodes of the rule (of its lock group) may reboot at once; None: the agent's
-    /// `--concurrency`.
-    pub concurrency: Option<u32>,
+    /// `--concurrency`. A percentage needs the pool's size: see [`Policy::pool_selector`] and
+    /// [`Policy::same_pool`].
+    pub concurrency: Option<Budget>,
     /// The rule's lock group, if it has one.
     pub lock_group: Option<LockGroupView>,
+    /// The rule's `soak`: after a node of its slot set releases its slot, the next one starts
+    /// no sooner than this.
+    pub soak: Option<chrono::Duration>,
+    /// The rule's `healthGate` timeout: after its reboot a node keeps its slot until it is
+    /// Ready and its DaemonSet pods are Ready; past this, the cycle fails and the slot is kept.
+    pub health_gate: Option<chrono::Duration>,
 }
 
 /// A rule's `lockGroup` as seen by one node.
@@ -572,6 +664,8 @@ impl Policy {
                 zone: self.default.zone,
                 concurrency: None,
                 lock_group: None,
+                soak: None,
+                health_gate: None,
             },
             Some((i, r)) => RuleView {
                 name: Some(r.name.clone()),
@@ -583,8 +677,57 @@ impl Policy {
                     value: labels.get(&g.by_label).cloned(),
                     max_concurrent: g.max_concurrent,
                 }),
+                soak: r.soak,
+                health_gate: r.health_gate,
             },
         }
+    }
+
+    /// A label selector that every node of the pool of a node with `labels` matches (the nodes
+    /// that share its lock slots: its rule's, and with a lock group, its group's), to narrow the
+    /// Node list the pool is counted from. A superset: nodes an earlier rule takes match it too,
+    /// [`Policy::same_pool`] filters them out. Empty: list every Node.
+    pub fn pool_selector(&self, labels: &Labels) -> String {
+        let Some((_, rule)) = self.rule(labels) else {
+            return String::new();
+        };
+        let Some(mut query) = rule.selector.query() else {
+            return String::new();
+        };
+        if let Some(g) = &rule.lock_group
+            && query_safe(&g.by_label)
+        {
+            let group = match labels.get(&g.by_label) {
+                Some(v) if query_safe(v) => format!("{}={v}", g.by_label),
+                Some(_) => return query,
+                // Nodes without the label form one group.
+                None => format!("!{}", g.by_label),
+            };
+            if !query.is_empty() {
+                query.push(',');
+            }
+            query.push_str(&group);
+        }
+        query
+    }
+
+    /// Whether nodes with labels `a` and `b` share lock slots under this policy: the same rule
+    /// and, with a lock group, the same group (the same value of its label, or both without it).
+    pub fn same_pool(&self, a: &Labels, b: &Labels) -> bool {
+        match (self.rule(a), self.rule(b)) {
+            (None, None) => true,
+            (Some((i, r)), Some((j, _))) if i == j => match &r.lock_group {
+                None => true,
+                Some(g) => a.get(&g.by_label) == b.get(&g.by_label),
+            },
+            _ => false,
+        }
+    }
+
+    /// How many of `nodes` (their labels) share lock slots with a node labelled `me`: the pool
+    /// a percentage `concurrency` is a share of.
+    pub fn pool_size<'a>(&self, me: &Labels, nodes: impl IntoIterator<Item = &'a Labels>) -> usize {
+        nodes.into_iter().filter(|n| self.same_pool(me, n)).count()
     }
 
     /// The time zone of the top-level schedule (the nodes that no rule selects).

@@ -9,7 +9,8 @@ use chrono_tz::Tz;
 use serde::{Deserialize, Deserializer};
 
 use super::{
-    Every, LockGroup, MonthDay, Operator, Policy, Requirement, Rule, Schedule, Selector, Weekly, Window, Zone,
+    Budget, Every, LockGroup, MonthDay, Operator, Policy, Requirement, Rule, Schedule, Selector, Weekly,
+    Window, Zone,
 };
 
 /// The longest `duration` a monthly or cron window may have. Bounded so that a lookup needs to
@@ -100,7 +101,19 @@ struct RawRule {
     blackouts: Option<Vec<RawBlackout>>,
     concurrency: Option<Scalar>,
     lock_group: Option<RawLockGroup>,
+    soak: Option<Scalar>,
+    health_gate: Option<RawHealthGate>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthGate {
+    timeout: Option<Scalar>,
+}
+
+/// `healthGate.timeout` when not given: long enough for DaemonSet pods to pull their images
+/// and start after a boot.
+const DEFAULT_HEALTH_GATE_TIMEOUT_MINUTES: i64 = 10;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -215,6 +228,39 @@ fn number(s: &str, path: &str, min: u32, max: u32) -> Result<u32, PolicyError> {
         .ok_or_else(|| err(path, format!("{s:?} is not a whole number from {min} to {max}")))
 }
 
+/// A `concurrency`: a whole number of nodes, or a percentage `"25%"` of the pool (1% to 100%).
+fn budget(s: &str, path: &str) -> Result<Budget, PolicyError> {
+    let t = s.trim();
+    match t.strip_suffix('%') {
+        Some(p) => p
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|p| (1..=100).contains(p))
+            .map(Budget::Percent)
+            .ok_or_else(|| {
+                err(
+                    path,
+                    format!("{s:?} is not a percentage from 1% to 100% (whole percent, e.g. \"25%\")"),
+                )
+            }),
+        None => t
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_CONCURRENCY).contains(n))
+            .map(Budget::Nodes)
+            .ok_or_else(|| {
+                err(
+                    path,
+                    format!(
+                        "{s:?} is not a whole number from 1 to {MAX_CONCURRENCY} nor a percentage of the \
+                         rule's nodes such as \"25%\""
+                    ),
+                )
+            }),
+    }
+}
+
 fn duration(v: &Option<Scalar>, path: &str) -> Result<chrono::Duration, PolicyError> {
     let s = required(v, path)?;
     let bad = |why: &str| err(path, format!("{s:?} {why}"));
@@ -223,6 +269,22 @@ fn duration(v: &Option<Scalar>, path: &str) -> Result<chrono::Duration, PolicyEr
     let d = chrono::Duration::from_std(d).map_err(|_| bad("is too long"))?;
     if d < chrono::Duration::minutes(1) {
         return Err(bad("is shorter than a minute"));
+    }
+    if d > chrono::Duration::days(MAX_DURATION_DAYS) {
+        return Err(bad(&format!("is longer than {MAX_DURATION_DAYS} days")));
+    }
+    Ok(d)
+}
+
+/// A rule's `soak` or `healthGate.timeout`: 1s to 7 days. Shorter than a window's minute, because a soak is a pause
+/// between two nodes, not a schedule.
+fn bounded_duration(s: &str, path: &str) -> Result<chrono::Duration, PolicyError> {
+    let bad = |why: &str| err(path, format!("{s:?} {why}"));
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| bad(&format!("is not a duration ({e}; examples: 10m, 90s, 1h)")))?;
+    let d = chrono::Duration::from_std(d).map_err(|_| bad("is too long"))?;
+    if d < chrono::Duration::seconds(1) {
+        return Err(bad("is shorter than a second (leave soak out for none)"));
     }
     if d > chrono::Duration::days(MAX_DURATION_DAYS) {
         return Err(bad(&format!("is longer than {MAX_DURATION_DAYS} days")));
@@ -533,7 +595,7 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
         schedule.blackouts.extend(top_blackouts.iter().copied());
         let concurrency = match &r.concurrency {
             None => None,
-            Some(n) => Some(number(&n.0, &format!("{p}.concurrency"), 1, MAX_CONCURRENCY)?),
+            Some(n) => Some(budget(&n.0, &format!("{p}.concurrency"))?),
         };
         let lock_group = match &r.lock_group {
             None => None,
@@ -544,15 +606,12 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
                 }
                 let max_concurrent = match &g.max_concurrent {
                     None => None,
-                    Some(n) => {
-                        number(&n.0, &format!("{p}.lockGroup.maxConcurrent"), 1, MAX_CONCURRENCY)?;
-                        // Accepting a cap the lock does not enforce would be worse than refusing it.
-                        return Err(err(
-                            format!("{p}.lockGroup.maxConcurrent"),
-                            "is not supported yet: each group has `concurrency` slots of its own; \
-                             remove maxConcurrent (or use no lockGroup and a rule concurrency)",
-                        ));
-                    }
+                    Some(n) => Some(number(
+                        &n.0,
+                        &format!("{p}.lockGroup.maxConcurrent"),
+                        1,
+                        MAX_CONCURRENCY,
+                    )?),
                 };
                 Some(LockGroup {
                     by_label: label.to_owned(),
@@ -560,12 +619,25 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
                 })
             }
         };
+        let soak = match &r.soak {
+            None => None,
+            Some(d) => Some(bounded_duration(&d.0, &format!("{p}.soak"))?),
+        };
+        let health_gate = match &r.health_gate {
+            None => None,
+            Some(g) => Some(match &g.timeout {
+                None => chrono::Duration::minutes(DEFAULT_HEALTH_GATE_TIMEOUT_MINUTES),
+                Some(t) => bounded_duration(&t.0, &format!("{p}.healthGate.timeout"))?,
+            }),
+        };
         rules.push(Rule {
             name,
             selector,
             schedule,
             concurrency,
             lock_group,
+            soak,
+            health_gate,
         });
     }
     Ok(Policy { default, rules })

@@ -478,7 +478,7 @@ fn first_matching_rule_wins_and_the_rest_take_the_default() {
     // The db node also matches "workers", but "db" comes first.
     let view = p.rule_for(&db);
     assert_eq!((view.name.as_deref(), view.index), (Some("db"), Some(0)));
-    assert_eq!(view.concurrency, Some(1));
+    assert_eq!(view.concurrency, Some(Budget::Nodes(1)));
     assert_eq!(view.lock_group, None);
     let view = p.rule_for(&web);
     assert_eq!(view.name.as_deref(), Some("workers"));
@@ -518,7 +518,7 @@ fn first_matching_rule_wins_and_the_rest_take_the_default() {
     );
     // An empty selector selects every node.
     let p = policy("rules: [{name: all, nodeSelector: {}, concurrency: 4}]");
-    assert_eq!(p.rule_for(NONE).concurrency, Some(4));
+    assert_eq!(p.rule_for(NONE).concurrency, Some(Budget::Nodes(4)));
 }
 
 #[test]
@@ -662,6 +662,51 @@ fn new_fields_errors_name_the_key() {
             "from 1 to 10000",
         ),
         (
+            "rules: [{name: a, nodeSelector: {}, concurrency: \"0%\"}]",
+            "rules[0].concurrency",
+            "percentage from 1% to 100%",
+        ),
+        (
+            "rules: [{name: a, nodeSelector: {}, concurrency: \"150%\"}]",
+            "rules[0].concurrency",
+            "percentage from 1% to 100%",
+        ),
+        (
+            "rules: [{name: a, nodeSelector: {}, concurrency: \"12.5%\"}]",
+            "rules[0].concurrency",
+            "whole percent",
+        ),
+        (
+            "rules: [{name: a, nodeSelector: {}, healthGate: {timeout: never}}]",
+            "rules[0].healthGate.timeout",
+            "not a duration",
+        ),
+        (
+            "rules: [{name: a, nodeSelector: {}, healthGate: {timeuot: 5m}}]",
+            "config.yaml",
+            "timeuot",
+        ),
+        (
+            "rules: [{name: a, nodeSelector: {}, soak: soon}]",
+            "rules[0].soak",
+            "not a duration",
+        ),
+        (
+            "rules: [{name: a, nodeSelector: {}, soak: 0s}]",
+            "rules[0].soak",
+            "shorter than a second",
+        ),
+        (
+            "rules: [{name: a, nodeSelector: {}, soak: 8d}]",
+            "rules[0].soak",
+            "longer than 7 days",
+        ),
+        (
+            "rules: [{name: a, nodeSelector: {}, concurrency: quarter}]",
+            "rules[0].concurrency",
+            "nor a percentage",
+        ),
+        (
             "rules: [{name: a, nodeSelector: {}, lockGroup: {maxConcurrent: 2}}]",
             "rules[0].lockGroup.byLabel",
             "required",
@@ -672,10 +717,9 @@ fn new_fields_errors_name_the_key() {
             "whole number",
         ),
         (
-            // A cap the lock does not enforce is refused, not ignored.
-            "rules: [{name: a, nodeSelector: {}, lockGroup: {byLabel: pool, maxConcurrent: 2}}]",
+            "rules: [{name: a, nodeSelector: {}, lockGroup: {byLabel: pool, maxConcurrent: \"50%\"}}]",
             "rules[0].lockGroup.maxConcurrent",
-            "not supported yet",
+            "whole number from 1 to 10000",
         ),
         (
             "rules: [{name: a, nodeSelector: {}, timezone: Moon/Base}]",
@@ -990,4 +1034,107 @@ mod properties {
             }
         }
     }
+}
+
+#[test]
+fn percentage_budgets_parse_and_round_down() {
+    let p = policy(
+        "rules: [{name: a, nodeSelector: {}, concurrency: \"25%\"}, {name: b, nodeSelector: {}, concurrency: \" 100 % \"}]",
+    );
+    assert_eq!(p.rule_for(NONE).concurrency, Some(Budget::Percent(25)));
+    assert_eq!(Budget::Percent(25).to_string(), "25%");
+    assert!(Budget::Percent(25).needs_pool() && !Budget::Nodes(3).needs_pool());
+    for (budget, pool, want) in [
+        (Budget::Percent(25), 8, 2),
+        (Budget::Percent(25), 11, 2),
+        (Budget::Percent(25), 12, 3),
+        (Budget::Percent(25), 3, 1),
+        (Budget::Percent(25), 0, 1),
+        (Budget::Percent(1), 5000, 50),
+        (Budget::Percent(100), 7, 7),
+        (Budget::Percent(50), usize::MAX, u32::MAX),
+        (Budget::Nodes(3), 0, 3),
+        (Budget::Nodes(3), 100, 3),
+    ] {
+        assert_eq!(slots(budget, pool), want, "{budget} of {pool}");
+    }
+}
+
+#[test]
+fn pools_are_the_nodes_sharing_slots() {
+    let p = policy(RULES);
+    let db = labels(&[("pool", "db"), ("tier", "app")]);
+    let web = labels(&[("pool", "web"), ("tier", "app")]);
+    let web2 = labels(&[("pool", "web"), ("tier", "app"), ("zone", "b")]);
+    let batch = labels(&[("pool", "batch"), ("tier", "app")]);
+    let other = labels(&[("pool", "gpu")]);
+    // The server narrows by the rule's selector and the group's value; first-match is ours.
+    assert_eq!(
+        p.pool_selector(&web),
+        "tier=app,pool in (db,web,batch),!frozen,pool=web"
+    );
+    assert_eq!(p.pool_selector(&db), "pool=db");
+    assert_eq!(p.pool_selector(&other), "", "no rule: every Node");
+    assert!(p.same_pool(&web, &web2));
+    assert!(!p.same_pool(&web, &batch), "another lock group");
+    assert!(!p.same_pool(&web, &db), "db is taken by the first rule");
+    assert!(p.same_pool(&other, &labels(&[])), "both under the top level");
+    let all = [&db, &web, &web2, &batch, &other];
+    assert_eq!(p.pool_size(&web, all), 2);
+    assert_eq!(p.pool_size(&db, all), 1);
+    // Nodes without the group's label form one group; values the query cannot carry are
+    // filtered by us instead.
+    let g = policy(
+        "rules: [{name: g, nodeSelector: {matchLabels: {\"odd key!\": x}}, lockGroup: {byLabel: pool}}]",
+    );
+    let odd = labels(&[("odd key!", "x")]);
+    assert_eq!(g.pool_selector(&odd), "");
+    let g = policy("rules: [{name: g, nodeSelector: {}, lockGroup: {byLabel: pool}}]");
+    assert_eq!(g.pool_selector(&labels(&[])), "!pool");
+    assert_eq!(g.pool_selector(&labels(&[("pool", "a")])), "pool=a");
+}
+
+#[test]
+fn soak_is_a_duration_per_rule() {
+    let p = policy(
+        "rules: [{name: a, nodeSelector: {matchLabels: {role: db}}, soak: 10m}, {name: b, nodeSelector: {}, soak: 1h30m}]",
+    );
+    assert_eq!(
+        p.rule_for(&labels(&[("role", "db")])).soak,
+        Some(chrono::Duration::minutes(10))
+    );
+    assert_eq!(p.rule_for(NONE).soak, Some(chrono::Duration::minutes(90)));
+    assert_eq!(
+        policy("rules: [{name: a, nodeSelector: {}}]").rule_for(NONE).soak,
+        None
+    );
+    assert_eq!(Policy::default().rule_for(NONE).soak, None);
+}
+
+#[test]
+fn max_concurrent_caps_a_rule_across_its_groups() {
+    let p = policy(
+        "rules: [{name: a, nodeSelector: {}, concurrency: 1, lockGroup: {byLabel: pool, maxConcurrent: 3}}]",
+    );
+    assert_eq!(
+        p.rule_for(&labels(&[("pool", "x")])).lock_group,
+        Some(LockGroupView {
+            label: "pool".into(),
+            value: Some("x".into()),
+            max_concurrent: Some(3)
+        })
+    );
+}
+
+#[test]
+fn health_gate_has_a_timeout_with_a_default() {
+    let p = policy(
+        "rules: [{name: a, nodeSelector: {matchLabels: {role: db}}, healthGate: {timeout: 90s}}, {name: b, nodeSelector: {}, healthGate: {}}]",
+    );
+    assert_eq!(
+        p.rule_for(&labels(&[("role", "db")])).health_gate,
+        Some(chrono::Duration::seconds(90))
+    );
+    assert_eq!(p.rule_for(NONE).health_gate, Some(chrono::Duration::minutes(10)));
+    assert_eq!(Policy::default().rule_for(NONE).health_gate, None);
 }

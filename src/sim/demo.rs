@@ -46,6 +46,7 @@ fn shown(n: &Node) -> Shown {
             Shown::BackUp
         }
         (Phase::Rebooting, true) => Shown::Rebooting,
+        (Phase::Verifying, true) => Shown::BackUp,
         (Phase::Idle, true)
             if n.metadata
                 .annotations
