@@ -32,6 +32,7 @@ ALL_FEATURES = {
     "namespace": {"create": True},
     "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},
     "prometheusRule": {"enabled": True},
+    "dashboard": {"enabled": True},
     "admissionPolicy": {"enabled": True},
     "agent": {"sentinelCommand": "needs-restarting -r", "sentinelCommandInvert": True,
               "extraArgs": ["--host-pid=1"], "blockingPodSelectors": ["app=backup"],

@@ -1616,6 +1616,23 @@ pub async fn run(
                     {
                         Ok(n) => {
                             w.set_node(n);
+                            agent
+                                .metrics
+                                .reboots_completed
+                                .with_label_values(&[me.as_str()])
+                                .inc();
+                            if let Some(d) = view.recorded.drained {
+                                agent
+                                    .metrics
+                                    .drain_duration
+                                    .with_label_values(&[me.as_str(), "success"])
+                                    .observe(d.millis as f64 / 1000.0);
+                                agent
+                                    .metrics
+                                    .evictions
+                                    .with_label_values(&[me.as_str()])
+                                    .inc_by(d.evicted);
+                            }
                             if view.recorded.cordoned_by_kreboot {
                                 agent
                                     .events
@@ -1931,20 +1948,18 @@ async fn run_drain(
     let now = agent.clock.now();
     match result {
         Ok(report) => {
-            agent
-                .metrics
-                .drain_duration
-                .with_label_values(&[me.as_str(), "success"])
-                .observe(elapsed);
-            agent
-                .metrics
-                .evictions
-                .with_label_values(&[me.as_str()])
-                .inc_by(report.evicted as u64);
+            // Reported by the agent that sees the reboot complete (see node::ANN_DRAINED).
+            let record = node::DrainRecord {
+                millis: (elapsed * 1000.0).round() as u64,
+                evicted: report.evicted as u64,
+            };
             info!(node = %me, evicted = report.evicted, retries = report.retries, seconds = elapsed, "drained");
             let kernel = (agent.kernel_boot_id)();
             let n = agent
-                .patch_node(&node::rebooting_patch(view, kernel.as_deref()))
+                .patch_node(&node::with_drain_record(
+                    node::rebooting_patch(view, kernel.as_deref()),
+                    record,
+                ))
                 .await
                 .map_err(node_write_error)?;
             w.set_node(n);

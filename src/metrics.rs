@@ -58,6 +58,9 @@ pub struct Metrics {
     pub eviction_retries: IntCounterVec,
     /// Reboots requested by kreboot.
     pub reboots: IntCounterVec,
+    /// Reboots seen completed (counted by the agent that runs after the reboot, so no scrape
+    /// misses it when the reboot kills the process that asked for it).
+    pub reboots_completed: IntCounterVec,
     /// Failures by lifecycle step and reason.
     pub failures: IntCounterVec,
     /// Build information.
@@ -188,6 +191,12 @@ impl Metrics {
                 n,
             ),
             reboots: counter(&r, "kreboot_reboots_total", "Reboots requested.", n),
+            reboots_completed: counter(
+                &r,
+                "kreboot_reboots_completed_total",
+                "Reboots completed (the node came back with a new boot id and the cycle ended).",
+                n,
+            ),
             failures: counter(
                 &r,
                 "kreboot_failures_total",
@@ -246,6 +255,15 @@ impl Metrics {
         m.set_state("idle");
         m.reboot_required.with_label_values(&[node]).set(0);
         m.paused.with_label_values(&[node]).set(0);
+        // Counters from zero at start, not from their first increment: every agent restarts
+        // with its node, and a series that appears only with its first event (often in a process
+        // the reboot then kills) gives `increase()` nothing to compare, and a dashboard nothing.
+        m.reboots.with_label_values(&[node]).inc_by(0);
+        m.reboots_completed.with_label_values(&[node]).inc_by(0);
+        m.evictions.with_label_values(&[node]).inc_by(0);
+        for outcome in ["success", "failure"] {
+            let _ = m.drain_duration.with_label_values(&[node, outcome]);
+        }
         m
     }
 

@@ -52,6 +52,12 @@ pub const ANN_VERIFYING_SINCE: &str = "kreboot.io/verifying-since";
 /// When the health gate timed out in this cycle (the Event and metric were sent; the slot is
 /// kept until the node is healthy).
 pub const ANN_HEALTH_GATE_FAILED: &str = "kreboot.io/health-gate-failed";
+/// What the drain before this cycle's reboot took, `{"millis", "evicted"}` as JSON, written with
+/// the rebooting phase. The process that drained is the one the reboot kills, often before
+/// Prometheus scrapes it again; the agent that sees the reboot complete (a process that lives
+/// on) reports it in `kreboot_drain_duration_seconds` and `kreboot_evictions_total`, and the
+/// cycle's end removes it.
+pub const ANN_DRAINED: &str = "kreboot.io/drained";
 /// Since when the node waits for a lock slot (RFC 3339 with microseconds): the queue order.
 pub const ANN_WAITING_SINCE: &str = "kreboot.io/waiting-since";
 /// An operator asked for a reboot (`kreboot reboot`), `{"by", "at"}` as JSON. Treated exactly
@@ -157,6 +163,8 @@ pub struct Recorded {
     pub verifying_since: Option<DateTime<Utc>>,
     /// When the health gate timed out, if it did in this cycle ([`ANN_HEALTH_GATE_FAILED`]).
     pub health_gate_failed: Option<DateTime<Utc>>,
+    /// The drain before this cycle's reboot ([`ANN_DRAINED`]).
+    pub drained: Option<DrainRecord>,
     /// Annotations that could not be understood.
     pub problems: Vec<String>,
 }
@@ -223,8 +231,30 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
         get(ANN_VERIFYING_SINCE).and_then(|v| parse_time(v, ANN_VERIFYING_SINCE, &mut problems));
     r.health_gate_failed =
         get(ANN_HEALTH_GATE_FAILED).and_then(|v| parse_time(v, ANN_HEALTH_GATE_FAILED, &mut problems));
+    r.drained = get(ANN_DRAINED).and_then(|v| match serde_json::from_str::<DrainRecord>(v) {
+        Ok(d) => Some(d),
+        Err(_) => {
+            problems.push(format!("{ANN_DRAINED}={v:?} is not a drain record; ignored"));
+            None
+        }
+    });
     r.problems = problems;
     r
+}
+
+/// What a drain took: recorded on the Node for the agent that completes the cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DrainRecord {
+    /// Milliseconds from the first eviction request to the last pod gone.
+    pub millis: u64,
+    /// Pods evicted.
+    pub evicted: u64,
+}
+
+/// Adds the drain's record to the patch that enters the rebooting phase.
+pub fn with_drain_record(mut patch: Value, record: DrainRecord) -> Value {
+    patch["metadata"]["annotations"][ANN_DRAINED] = json!(serde_json::to_string(&record).unwrap_or_default());
+    patch
 }
 
 /// Reads a [`NodeView`] from a Node object.
@@ -589,6 +619,7 @@ pub fn end_cycle_patch(node: &NodeView, outcome: CycleEnd<'_>, now: DateTime<Utc
         ANN_PRE_REBOOT_BOOT_ID,
         ANN_PRE_REBOOT_KERNEL_BOOT_ID,
         ANN_WAITING_SINCE,
+        ANN_DRAINED,
     ] {
         annotations.insert(key.to_owned(), Value::Null);
     }
@@ -771,6 +802,35 @@ fn with_resource_version(mut patch: Value, node: &NodeView) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_drain_record_survives_the_reboot_and_ends_with_the_cycle() {
+        let record = DrainRecord {
+            millis: 12_345,
+            evicted: 3,
+        };
+        let patch = with_drain_record(json!({"metadata": {"annotations": {}}}), record);
+        let text = patch["metadata"]["annotations"][ANN_DRAINED]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let r = parse_recorded(&BTreeMap::from([(ANN_DRAINED.to_owned(), text)]));
+        assert_eq!(r.drained, Some(record));
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        // Hand-edited garbage is reported, not guessed at, and never fails the agent.
+        let r = parse_recorded(&BTreeMap::from([(ANN_DRAINED.to_owned(), "12s".to_owned())]));
+        assert_eq!(r.drained, None);
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        let view = NodeView::default();
+        let end = end_cycle_patch(&view, CycleEnd::Rebooted, Utc::now());
+        assert!(end["metadata"]["annotations"][ANN_DRAINED].is_null());
+        assert!(
+            end["metadata"]["annotations"]
+                .as_object()
+                .unwrap()
+                .contains_key(ANN_DRAINED)
+        );
+    }
 
     fn t(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

@@ -1859,3 +1859,142 @@ async fn operators_drain_is_respected(kind: Kind) {
     assert_eq!(machines[1].reboots, 1);
     assert!(!b.unschedulable("n1").await, "n1 uncordoned after its reboot");
 }
+
+/// The chart's Grafana dashboard, proven on real data: a real Prometheus scrapes the real agents
+/// of three nodes during a rollout on the real control plane, and every panel's query (as
+/// Grafana would send it, `$__range` an hour) must return data: no panel may say "No data" in a
+/// cluster doing its job. Real backend only: the dashboard is about what a real cluster shows.
+mod dashboard_panels_have_data {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn real() {
+        super::dashboard_panels_have_data(super::Kind::Real).await
+    }
+}
+
+async fn dashboard_panels_have_data(kind: Kind) {
+    use std::process::{Command, Stdio};
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/charts/kreboot/dashboards/kreboot.json"
+        ))
+        .expect("the chart's dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let queries: Vec<(String, String)> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or_default().to_owned();
+            p["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |t| (title.clone(), t["expr"].as_str().unwrap_or_default().to_owned()))
+        })
+        .collect();
+    assert!(queries.len() >= 10, "the dashboard has its panels: {queries:?}");
+
+    let (b, mut machines) = cluster(kind, 3, &["--concurrency", "1"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let targets: Vec<String> = machines
+        .iter()
+        .map(|m| format!("'127.0.0.1:{}'", m.metrics_port))
+        .collect();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kreboot-metrics\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        ),
+    )
+    .expect("prometheus.yml");
+    let prom_port = common::free_port();
+    let _prometheus = common::Killed(
+        Command::new(common::which("prometheus"))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus starts"),
+    );
+    let http = reqwest::Client::new();
+    let query = |expr: String| {
+        let http = http.clone();
+        async move {
+            let body: Value = http
+                .get(format!("http://127.0.0.1:{prom_port}/api/v1/query"))
+                .query(&[("query", expr.as_str())])
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            Some(body)
+        }
+    };
+    // Every agent scraped (Prometheus is up and has seen them all) before anything happens, as
+    // in a cluster where Prometheus runs before the night's reboots.
+    let all_up = || async {
+        query("count(up{job=\"kreboot-metrics\"} == 1) == 3".to_owned())
+            .await
+            .is_some_and(|b| b["data"]["result"].as_array().is_some_and(|r| !r.is_empty()))
+    };
+    for m in machines.iter_mut() {
+        m.start();
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "Prometheus scrapes the three agents",
+        all_up,
+    )
+    .await;
+    for m in machines.iter_mut() {
+        m.require_reboot();
+    }
+    let nodes = ["n0", "n1", "n2"];
+    run_until(&b, &mut machines, LIMIT, "every node rebooted", || {
+        all_completed(&b, &nodes)
+    })
+    .await;
+    // The restarted agents scraped again, a few times, with the agents still running.
+    run_until(
+        &b,
+        &mut machines,
+        LIMIT,
+        "Prometheus scrapes the agents again",
+        all_up,
+    )
+    .await;
+    for _ in 0..30 {
+        for m in machines.iter_mut() {
+            m.supervise(&b).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut empty = Vec::new();
+    for (title, expr) in &queries {
+        let expr = expr.replace("$__range", "1h");
+        let body = query(expr.clone()).await.expect("Prometheus answers with JSON");
+        assert_eq!(body["status"], "success", "{title}: {expr}: {body}");
+        let result = body["data"]["result"].as_array().cloned().unwrap_or_default();
+        let numbers: Vec<f64> = result
+            .iter()
+            .filter_map(|r| r["value"][1].as_str()?.parse().ok())
+            .collect();
+        eprintln!("panel {title:?}: {expr} -> {numbers:?}");
+        if numbers.is_empty() || numbers.iter().any(|v| v.is_nan()) {
+            empty.push(format!("{title}: {expr} -> {result:?}"));
+        }
+    }
+    assert!(empty.is_empty(), "panels without data:\n{}", empty.join("\n"));
+}
