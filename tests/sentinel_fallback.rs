@@ -523,8 +523,9 @@ async fn a_filesystem_without_events_is_polled() {
     panic!("never fell back to polling: {seen:#?}");
 }
 
-/// One watch of a thread that then ends. `Err` when an event explained the change (some process
-/// opened the task directory meanwhile); panics on what no outside reader can cause.
+/// One watch of a thread that then ends. `Err` when something other than the audit saw the
+/// change (an event: some process opened the task directory meanwhile; or a watch thread so late
+/// that its first look came after the end); panics on what no outside reader can cause.
 async fn no_event_attempt() -> Result<(), String> {
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -543,6 +544,9 @@ async fn no_event_attempt() -> Result<(), String> {
     let mode = w.mode();
     assert!(rx.borrow().required, "the thread exists");
     assert_eq!(mode.borrow().mode, WatchMode::Inotify, "/proc takes the watch");
+    // The watch's thread takes a first look when it starts (for a change between the first
+    // read and the watch); the thread must end after that look, or the look sees it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     stop_tx.send(()).expect("stop");
     thread.join().expect("join");
     let t = Instant::now();
