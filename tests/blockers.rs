@@ -10,7 +10,6 @@ use std::{
     collections::BTreeMap,
     io::Write,
     net::TcpListener,
-    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -154,7 +153,6 @@ fn gate_server(closed: Arc<AtomicBool>) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firing_alert_in_real_prometheus_blocks_until_it_stops_and_a_filtered_one_never_does() {
-    let prometheus = which("prometheus");
     let closed = Arc::new(AtomicBool::new(true));
     let gate_port = gate_server(closed.clone());
     let dir = tempfile::tempdir().expect("tempdir");
@@ -171,23 +169,7 @@ async fn a_firing_alert_in_real_prometheus_blocks_until_it_stops_and_a_filtered_
         ),
     )
     .expect("config");
-    let prom_port = free_port();
-    let _prom = Killed(
-        Command::new(prometheus)
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus starts"),
-    );
+    let (_prom, prom_port) = common::start_prometheus(&dir.path().join("prometheus.yml"), dir.path());
     let url = format!("http://127.0.0.1:{prom_port}");
     // Wait until Prometheus fires the gate alert, so the agent meets it.
     let http = reqwest::Client::new();

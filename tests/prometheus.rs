@@ -39,7 +39,6 @@ fn curl(url: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_fires_reboot_pending_too_long_from_a_real_scrape() {
-    let prometheus = which("prometheus");
     let promtool = which("promtool");
     let rules = short_rules();
 
@@ -84,7 +83,6 @@ async fn prometheus_fires_reboot_pending_too_long_from_a_real_scrape() {
             .expect("kreboot starts"),
     );
 
-    let prom_port = free_port();
     let config = dir.path().join("prometheus.yml");
     let mut f = std::fs::File::create(&config).expect("config");
     write!(
@@ -93,19 +91,7 @@ async fn prometheus_fires_reboot_pending_too_long_from_a_real_scrape() {
         rules.display()
     )
     .expect("write config");
-    let _prom = Killed(
-        Command::new(&prometheus)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus starts"),
-    );
+    let (_prom, prom_port) = common::start_prometheus(&config, dir.path());
 
     // The scrape itself is well-formed.
     let start = Instant::now();

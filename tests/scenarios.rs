@@ -1872,7 +1872,6 @@ mod dashboard_panels_have_data {
 }
 
 async fn dashboard_panels_have_data(kind: Kind) {
-    use std::process::{Command, Stdio};
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -1911,20 +1910,7 @@ async fn dashboard_panels_have_data(kind: Kind) {
         ),
     )
     .expect("prometheus.yml");
-    let prom_port = common::free_port();
-    let _prometheus = common::Killed(
-        Command::new(common::which("prometheus"))
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus starts"),
-    );
+    let (_prometheus, prom_port) = common::start_prometheus(&config, dir.path());
     let http = reqwest::Client::new();
     let query = |expr: String| {
         let http = http.clone();

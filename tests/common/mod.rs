@@ -277,6 +277,21 @@ impl Drop for Killed {
     }
 }
 
+/// A real Prometheus (Debian's package) with `config`, its data under `dir`, on a free port of
+/// 127.0.0.1; stopped when the returned guard drops. Returns the guard and the port.
+pub fn start_prometheus(config: &std::path::Path, dir: &std::path::Path) -> (Killed, u16) {
+    let port = free_port();
+    let child = std::process::Command::new(which("prometheus"))
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prometheus starts");
+    (Killed(child), port)
+}
+
 /// The path of `binary` on PATH; panics naming the package that brings it.
 pub fn which(binary: &str) -> std::path::PathBuf {
     std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
