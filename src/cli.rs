@@ -29,8 +29,6 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent (the DaemonSet process).
     Agent(Box<AgentArgs>),
-    /// Run a rolling reboot of a simulated cluster in-process and show it as it happens.
-    Demo(DemoArgs),
     /// Work with a reboot policy (config.yaml of ConfigMap kreboot-config) offline.
     Policy(PolicyArgs),
     /// Cordon nodes and drain them one after another through the Eviction API (PDBs
@@ -62,24 +60,6 @@ pub enum Command {
     /// checking a node's set-up; prints the command's output and exits with its code).
     #[command(hide = true)]
     HostExec(HostExecArgs),
-    /// Play the kubelet's part on a machine without one: report this machine's boot id and
-    /// Ready=True in the Node's status, then exit (for the end-to-end VM test).
-    #[command(hide = true)]
-    KubeletSim(KubeletSimArgs),
-}
-
-/// Flags of `kreboot kubelet-sim`.
-#[derive(Debug, Clone, Args)]
-pub struct KubeletSimArgs {
-    /// The Node whose status is reported.
-    #[arg(long, env = "KREBOOT_NODE_NAME")]
-    pub node_name: String,
-    /// Give up when the API server has not accepted the status within this long.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
-    pub timeout: Duration,
-    /// Pause between attempts.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    pub retry_interval: Duration,
 }
 
 /// `kreboot policy ...`.
@@ -342,7 +322,7 @@ pub enum LogFormat {
     Json,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 30m, 1h30m)"))
 }
 
@@ -536,23 +516,6 @@ pub fn parse_label_list(s: &str, what: &str) -> Result<std::collections::BTreeMa
         out.insert(k.to_owned(), v.to_owned());
     }
     Ok(out)
-}
-
-/// Flags of `kreboot demo`.
-#[derive(Debug, Clone, Args)]
-pub struct DemoArgs {
-    /// Number of simulated nodes.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=5000))]
-    pub nodes: u32,
-    /// Nodes rebooted at once.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=5000))]
-    pub concurrency: u32,
-    /// How long a simulated reboot takes.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    pub reboot_duration: Duration,
-    /// Application pods per node.
-    #[arg(long, default_value_t = 4)]
-    pub pods_per_node: u32,
 }
 
 /// Validated agent settings.

@@ -245,11 +245,7 @@ fn main() -> ExitCode {
         _ => {}
     }
     // The agent is one node's worth of work: a single-threaded runtime keeps its memory small.
-    // The demo runs a whole simulated cluster and wants every core.
-    let runtime = match cli.command {
-        Command::Demo(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
-        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
     let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
@@ -261,16 +257,6 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Agent(args) => run_agent(*args).await,
             Command::HostExec(args) => run_host_exec(args).await,
-            Command::KubeletSim(args) => match kreboot::kubelet_sim::run(&args).await {
-                Ok(line) => {
-                    println!("{line}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("kubelet-sim failed: {e:#}");
-                    ExitCode::FAILURE
-                }
-            },
             Command::Policy(args) => kreboot::policy_check::run(&args),
             Command::Drain(args) => {
                 // Progress goes to stderr as plain lines; logs only when something is wrong.
@@ -296,17 +282,6 @@ fn main() -> ExitCode {
             Command::Resume(args) => {
                 init_logging(LogFormat::Text, "warn,kube_client=off");
                 kreboot::pause::run_resume(&args).await
-            }
-            Command::Demo(args) => {
-                // The demo prints its own progress; agents' logs only when something goes wrong.
-                init_logging(LogFormat::Text, "warn");
-                match kreboot::sim::demo::run(args).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("demo failed: {e:#}");
-                        ExitCode::FAILURE
-                    }
-                }
             }
         }
     })

@@ -12,10 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kreboot::{
-    node::{ANN_LAST_REBOOT, ANN_PHASE},
-    sim::{self, SimCluster, SimConfig, SimEvent},
-};
+use kreboot::node::{ANN_LAST_REBOOT, ANN_PHASE};
+use kreboot_testkit::sim::{self, SimCluster, SimConfig, SimEvent};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

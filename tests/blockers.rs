@@ -19,12 +19,13 @@ use std::{
 
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
-use kreboot::{blockers::AlertBlocker, node::ANN_BLOCKED_BY, sim};
+use kreboot::{blockers::AlertBlocker, node::ANN_BLOCKED_BY};
+use kreboot_testkit::sim;
 use kube::{Api, api::DeleteParams};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn lock_free(sim: &kreboot::sim::SimCluster) -> bool {
+fn lock_free(sim: &kreboot_testkit::sim::SimCluster) -> bool {
     lease_holder(sim, "kreboot-lock").is_none()
 }
 

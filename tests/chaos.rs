@@ -29,8 +29,8 @@ use common::*;
 use kreboot::{
     node::{ANN_CORDONED_BY_KREBOOT, ANN_PHASE},
     policy::Policy,
-    sim::{self, Faults, SimCluster, SimConfig, SimEvent, fleet::Fleet},
 };
+use kreboot_testkit::sim::{self, Faults, SimCluster, SimConfig, SimEvent, fleet::Fleet};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -120,7 +120,7 @@ async fn safety_invariant_under_chaos() {
                 .daemonset()
                 .build(),
         );
-        let mut cfg = kreboot::sim::fleet::agent_config(name);
+        let mut cfg = kreboot_testkit::sim::fleet::agent_config(name);
         cfg.concurrency = concurrency;
         cfg.lock_ttl = Duration::from_secs(4);
         cfg.drain_timeout = Duration::from_secs(5);

@@ -15,10 +15,10 @@ use std::{
 use kreboot::{
     drain_cli::{ANN_DRAINED_AT, ANN_DRAINED_BY},
     node::{ANN_CORDONED_BY_KREBOOT, ANN_PHASE},
-    sim::{
-        self, SimCluster, SimConfig,
-        store::{Kind, StoreError},
-    },
+};
+use kreboot_testkit::sim::{
+    self, SimCluster, SimConfig,
+    store::{Kind, StoreError},
 };
 use serde_json::{Value, json};
 

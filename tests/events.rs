@@ -14,7 +14,7 @@ use std::{
 };
 
 use common::*;
-use kreboot::sim::{self, SimCluster, SimConfig};
+use kreboot_testkit::sim::{self, SimCluster, SimConfig};
 
 const LIMIT: Duration = Duration::from_secs(60);
 

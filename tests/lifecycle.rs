@@ -13,8 +13,8 @@ use k8s_openapi::{
 use kreboot::{
     lock::LOCK_LABEL,
     node::{ANN_CORDONED_BY_KREBOOT, ANN_LAST_FAILURE, ANN_LAST_FAILURE_REASON, ANN_PHASE},
-    sim::{self, SimEvent},
 };
+use kreboot_testkit::sim::{self, SimEvent};
 use kube::{Api, api::PostParams};
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -220,7 +220,12 @@ async fn five_nodes_concurrency_two() {
     rolling(5, 2).await;
 }
 
-async fn pdb_cluster(force: bool) -> (kreboot::sim::SimCluster, kreboot::sim::fleet::Fleet) {
+async fn pdb_cluster(
+    force: bool,
+) -> (
+    kreboot_testkit::sim::SimCluster,
+    kreboot_testkit::sim::fleet::Fleet,
+) {
     let (sim, fleet) = cluster(1, |c| {
         c.drain_timeout = Duration::from_secs(2);
         c.force_reboot = force;
@@ -411,7 +416,7 @@ async fn killed_at(step: &str) {
     let mut sim_events = sim.subscribe();
     fleet.start_all();
     fleet.require_reboot("n0");
-    let reached = |sim: &kreboot::sim::SimCluster| match step {
+    let reached = |sim: &kreboot_testkit::sim::SimCluster| match step {
         "locked" => lease_holder(sim, "kreboot-lock").is_some(),
         "cordoned" => unschedulable(sim, "n0"),
         "evicting" => sim

@@ -15,10 +15,8 @@ use std::{
 use common::*;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use kreboot::{
-    node::{ANN_CORDONED_BY_KREBOOT, ANN_PHASE},
-    sim::{self, SimCluster, SimConfig, fleet::Fleet},
-};
+use kreboot::node::{ANN_CORDONED_BY_KREBOOT, ANN_PHASE};
+use kreboot_testkit::sim::{self, SimCluster, SimConfig, fleet::Fleet};
 use kube::{
     Api,
     runtime::{WatchStreamExt, watcher},
@@ -58,7 +56,7 @@ async fn roll(policy: &str, nodes: &[(String, &str)]) -> (BTreeMap<String, usize
                 .shutdown_seconds(0.2)
                 .build(),
         );
-        let mut cfg = kreboot::sim::fleet::agent_config(name);
+        let mut cfg = kreboot_testkit::sim::fleet::agent_config(name);
         cfg.concurrency = 1;
         configs.push(cfg);
     }

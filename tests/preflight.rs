@@ -23,10 +23,8 @@ use std::{
 mod common;
 
 use common::{Killed as Agent, free_port, sample, scrape_metrics as scrape};
-use kreboot::{
-    node::{ANN_BLOCKED_BY, ANN_LAST_FAILURE_REASON, ANN_PHASE},
-    sim::{SimCluster, SimConfig, SimEvent},
-};
+use kreboot::node::{ANN_BLOCKED_BY, ANN_LAST_FAILURE_REASON, ANN_PHASE};
+use kreboot_testkit::sim::{SimCluster, SimConfig, SimEvent};
 
 /// The unprivileged uid (and gid) the refused agent runs as.
 const UID: u32 = 65534;

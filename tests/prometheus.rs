@@ -15,7 +15,7 @@ use std::{
 mod common;
 
 use common::{Killed, free_port, which};
-use kreboot::sim::{SimCluster, SimConfig};
+use kreboot_testkit::sim::{SimCluster, SimConfig};
 
 fn short_rules() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chart-check/kreboot-rules-short.yaml");

@@ -10,7 +10,7 @@ mod common;
 use std::{collections::BTreeMap, time::Duration};
 
 use common::*;
-use kreboot::sim::rbac;
+use kreboot_testkit::sim::rbac;
 
 const LIMIT: Duration = Duration::from_secs(60);
 

@@ -29,10 +29,8 @@ use std::{
 mod common;
 
 use common::{event_reasons, free_port, sample, scrape_metrics as scrape};
-use kreboot::{
-    sentinel::{SentinelWatch, WatchMode, WatchOptions},
-    sim::{SimCluster, SimConfig},
-};
+use kreboot::sentinel::{SentinelWatch, WatchMode, WatchOptions};
+use kreboot_testkit::sim::{SimCluster, SimConfig};
 
 /// The unprivileged uid (and gid) of the agent and of the helper.
 const UID: u32 = 65534;

@@ -8,7 +8,7 @@ use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{ConfigMap, Node, Pod},
 };
-use kreboot::sim::{self, Faults, SimCluster, SimConfig, SimEvent};
+use kreboot_testkit::sim::{self, Faults, SimCluster, SimConfig, SimEvent};
 use kube::{
     Api,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},

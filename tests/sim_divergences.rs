@@ -15,8 +15,8 @@ use kreboot::{
     drain::{self, DrainConfig, DrainError},
     lock::LeaseLock,
     node::{ANN_LAST_FAILURE_REASON, LABEL_HOLDER, LABEL_WAITING},
-    sim::{self, Faults, SimCluster, SimConfig, store::Kind},
 };
+use kreboot_testkit::sim::{self, Faults, SimCluster, SimConfig, store::Kind};
 use kube::{
     Api,
     api::{Patch, PatchParams, PostParams, WatchEvent, WatchParams},

@@ -14,8 +14,8 @@ use kreboot::{
         ANN_PHASE, ANN_REBOOT_REASON, ANN_REBOOT_REQUIRED_SINCE, ANN_WAITING_SINCE, LABEL_HOLDER,
         LABEL_WAITING,
     },
-    sim::{SimCluster, SimConfig, store::Kind},
 };
+use kreboot_testkit::sim::{SimCluster, SimConfig, store::Kind};
 use serde_json::{Value, json};
 
 const NS: &str = "kreboot";

@@ -6,7 +6,7 @@
 //! its own mount namespace whose root holds nothing but the binary (systemd `RootDirectory=`),
 //! the kubeconfig and the host's /var/run read-only, with PID 1 visible. `systemctl` cannot be
 //! reached from there: the reboot only works through `setns` into PID 1's namespaces (method
-//! `command`), or SIGRTMIN+5 to PID 1 (method `signal`). `kreboot kubelet-sim` plays the
+//! `command`), or SIGRTMIN+5 to PID 1 (method `signal`). `kreboot-kubelet-sim` (test machinery) plays the
 //! kubelet in the guest: it reports the guest's real boot id and Ready on every boot.
 //!
 //! The API server is the real control plane (tests/common/real.rs: kube-apiserver, etcd,
@@ -34,7 +34,7 @@ use std::{
 mod common;
 
 use common::{
-    artifact::{run, static_kreboot},
+    artifact::{run, static_kreboot, static_kubelet_sim},
     cannot_run, found,
     real::{self, ControlPlane},
 };
@@ -297,7 +297,7 @@ async fn boot(
             .expect("create a pod on the VM's node");
     }
 
-    // The binary goes into the agent's empty root (kubelet-sim runs the same file), and the
+    // The binary goes into the agent's empty root (the kubelet stand-in beside it), and the
     // kubeconfig (kube-apiserver at the guestfwd address, its CA, a token) replaces the
     // image's.
     let kubeconfig = dir.join("kubeconfig");
@@ -307,8 +307,9 @@ async fn boot(
         .replace(&cp.url, "https://10.0.2.100:6443");
     std::fs::write(&kubeconfig, text).unwrap();
     let mut cmds_text = format!(
-        "cd /opt/kreboot-root\nwrite {} kreboot\nsif kreboot mode 0100755\ncd /etc/kreboot\nrm kubeconfig\nwrite {} kubeconfig\n",
+        "cd /opt/kreboot-root\nwrite {} kreboot\nsif kreboot mode 0100755\nwrite {} kreboot-kubelet-sim\nsif kreboot-kubelet-sim mode 0100755\ncd /etc/kreboot\nrm kubeconfig\nwrite {} kubeconfig\n",
         kreboot.display(),
+        kreboot.with_file_name("kreboot-kubelet-sim").display(),
         kubeconfig.display()
     );
     if confinement == Confinement::RuntimeDefault {
@@ -634,6 +635,8 @@ async fn a_real_vm_is_rebooted_through_systemd_and_comes_back() {
     let (kreboot, image) = std::thread::scope(|s| {
         let image = s.spawn(image);
         let kreboot = static_kreboot();
+        // boot() takes it from beside kreboot.
+        static_kubelet_sim();
         let image = image.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
         (kreboot, image)
     });

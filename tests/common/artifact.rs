@@ -62,6 +62,18 @@ pub fn elf_is_static(path: &Path) -> bool {
 /// The static kreboot, built (or found up to date, e.g. after scripts/test built it) in the
 /// worktree's own target/.
 pub fn static_kreboot() -> PathBuf {
+    static_binary("kreboot", "kreboot")
+}
+
+/// The static kubelet stand-in of the VM test (from the test machinery crate: the shipped
+/// kreboot does not carry it), next to the static kreboot.
+pub fn static_kubelet_sim() -> PathBuf {
+    static_binary("kreboot-testkit", "kreboot-kubelet-sim")
+}
+
+/// Binary `bin` of workspace package `package`, built static for x86_64 musl with the release
+/// profile.
+fn static_binary(package: &str, bin: &str) -> PathBuf {
     let root = manifest_dir();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let started = Instant::now();
@@ -86,20 +98,25 @@ pub fn static_kreboot() -> PathBuf {
                 "--locked",
                 "--target",
                 "x86_64-unknown-linux-musl",
+                "--package",
+                package,
                 "--bin",
-                "kreboot",
+                bin,
                 "--target-dir",
             ])
             .arg(root.join("target")),
-        "cargo build (static musl kreboot)",
+        &format!("cargo build (static musl {bin})"),
         Duration::from_secs(30 * 60),
     );
-    let bin = root.join("target/x86_64-unknown-linux-musl/release/kreboot");
-    assert!(elf_is_static(&bin), "{bin:?} needs a dynamic loader: not static");
+    let path = root.join("target/x86_64-unknown-linux-musl/release").join(bin);
+    assert!(
+        elf_is_static(&path),
+        "{path:?} needs a dynamic loader: not static"
+    );
     eprintln!(
-        "[artifact] static kreboot {bin:?} ({} KiB), built or checked in {:.1?}",
-        std::fs::metadata(&bin).unwrap().len() / 1024,
+        "[artifact] static {bin} {path:?} ({} KiB), built or checked in {:.1?}",
+        std::fs::metadata(&path).unwrap().len() / 1024,
         started.elapsed()
     );
-    bin
+    path
 }

@@ -1,4 +1,4 @@
-//! One set of scenarios, two Kubernetes backends: the simulated cluster (`kreboot::sim`) and the
+//! One set of scenarios, two Kubernetes backends: the simulated cluster (`kreboot_testkit::sim`) and the
 //! real control plane (`real`: kube-apiserver, etcd, kube-controller-manager, KWOK). A scenario
 //! is written once against [`Backend`] and runs on both (`scenario!` in tests/scenarios.rs); it
 //! sets the cluster up and reads it only through these methods and the Kubernetes API, and
@@ -18,7 +18,7 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Namespace, Node, Pod},
     policy::v1::PodDisruptionBudget,
 };
-use kreboot::sim::{self, SimCluster, SimConfig};
+use kreboot_testkit::sim::{self, SimCluster, SimConfig};
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},

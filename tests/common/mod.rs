@@ -22,8 +22,8 @@ use k8s_openapi::api::core::v1::Node;
 use kreboot::{
     cli::AgentConfig,
     node::{ANN_CORDONED_BY_KREBOOT, ANN_LAST_REBOOT, ANN_PHASE},
-    sim::{self, SimCluster, SimConfig, fleet::Fleet},
 };
+use kreboot_testkit::sim::{self, SimCluster, SimConfig, fleet::Fleet};
 use kube::{
     Api,
     runtime::{WatchStreamExt, watcher},
@@ -63,7 +63,7 @@ pub async fn cluster(count: usize, tweak: impl Fn(&mut AgentConfig)) -> (SimClus
                 .daemonset()
                 .build(),
         );
-        let mut cfg = kreboot::sim::fleet::agent_config(&name);
+        let mut cfg = kreboot_testkit::sim::fleet::agent_config(&name);
         tweak(&mut cfg);
         configs.push(cfg);
     }

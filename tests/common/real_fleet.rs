@@ -251,7 +251,7 @@ fn start_member(inner: &Arc<Inner>, m: &mut Member) {
 }
 
 impl RealFleet {
-    /// One agent per node of `names` (not started), with `kreboot::sim::fleet::agent_config`'s
+    /// One agent per node of `names` (not started), with `kreboot_testkit::sim::fleet::agent_config`'s
     /// defaults changed by `tweak`; the machines reboot in `reboot`.
     pub fn new(
         cp: &ControlPlane,
@@ -262,7 +262,7 @@ impl RealFleet {
         let members = names
             .iter()
             .map(|name| {
-                let mut cfg = kreboot::sim::fleet::agent_config(name);
+                let mut cfg = kreboot_testkit::sim::fleet::agent_config(name);
                 tweak(&mut cfg);
                 let (tx, _) = watch::channel(SentinelState::default());
                 (

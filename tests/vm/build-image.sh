@@ -131,7 +131,7 @@ After=network-online.target
 Type=oneshot
 RemainAfterExit=yes
 Environment=KUBECONFIG=/etc/kreboot/kubeconfig
-ExecStart=/opt/kreboot-root/kreboot kubelet-sim --node-name kreboot-vm
+ExecStart=/opt/kreboot-root/kreboot-kubelet-sim --node-name kreboot-vm
 StandardOutput=journal+console
 StandardError=journal+console
 

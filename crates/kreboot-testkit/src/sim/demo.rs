@@ -1,4 +1,4 @@
-//! `kreboot demo`: a rolling reboot of a simulated cluster, shown as it happens.
+//! `kreboot-demo` (`cargo demo`): a rolling reboot of a simulated cluster, shown as it happens.
 //!
 //! Starts the simulated cluster in-process, gives every node a few application pods and a
 //! DaemonSet pod, marks every node as needing a reboot, runs one real agent per node against
@@ -19,10 +19,33 @@ use kube::{
 };
 
 use super::{SimCluster, SimConfig, fleet::Fleet};
-use crate::{
-    cli::DemoArgs,
+use clap::Parser;
+use kreboot::{
+    cli::parse_duration,
     node::{self, ANN_LAST_REBOOT, Phase},
 };
+
+/// Flags of `kreboot-demo`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "kreboot-demo",
+    version,
+    about = "Run a rolling reboot of a simulated cluster in-process and show it as it happens"
+)]
+pub struct DemoArgs {
+    /// Number of simulated nodes.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=5000))]
+    pub nodes: u32,
+    /// Nodes rebooted at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=5000))]
+    pub concurrency: u32,
+    /// How long a simulated reboot takes.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub reboot_duration: Duration,
+    /// Application pods per node.
+    #[arg(long, default_value_t = 4)]
+    pub pods_per_node: u32,
+}
 
 /// What the demo shows of one node.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! The simulated cluster: a Kubernetes-API-compatible HTTP server with simulated kubelets.
 //!
-//! No kube-apiserver can run on the development machines, so the tests, `kreboot demo` and the
-//! benchmarks run against this server. kreboot talks to it only through kube-rs over HTTP,
+//! The fast tests, chaos, `cargo demo` and the benchmarks' simulated column run against this
+//! server (the scenarios run on the real kube-apiserver too: `tests/common/real.rs`). kreboot talks to it only through kube-rs over HTTP,
 //! exactly as to a real cluster. It keeps the semantics kreboot depends on: resourceVersions and
 //! 409 conflicts, status subresources, list with selectors and pagination, watches with
 //! bookmarks and 410 Gone (an object that stops matching a watch's selectors leaves it as

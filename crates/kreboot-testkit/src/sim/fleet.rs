@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
 use super::{SimCluster, SimEvent};
-use crate::{
+use kreboot::{
     agent::{self, Agent, Clock},
     cli::AgentConfig,
     events::Events,
@@ -56,7 +56,7 @@ pub fn agent_config(node: &str) -> AgentConfig {
         concurrency: 1,
         sentinel_file: "/var/run/reboot-required".into(),
         reboot_command: vec!["simulated".into()],
-        reboot_method: crate::reboot::RebootMethod::Command,
+        reboot_method: kreboot::reboot::RebootMethod::Command,
         sentinel_command: None,
         sentinel_command_invert: false,
         kernel_check: false,
@@ -73,8 +73,8 @@ pub fn agent_config(node: &str) -> AgentConfig {
         reboot_loop_backoff: Duration::from_secs(600),
         failure_backoff: Duration::from_secs(600),
         eviction_retry: Duration::from_millis(200),
-        notify: crate::notify::NotifyConfig::default(),
-        blockers: crate::blockers::BlockerConfig {
+        notify: kreboot::notify::NotifyConfig::default(),
+        blockers: kreboot::blockers::BlockerConfig {
             interval: Duration::from_secs(1),
             ..Default::default()
         },

@@ -1,4 +1,4 @@
-//! `kreboot kubelet-sim` (hidden): plays the kubelet's part on a machine that has no kubelet, for
+//! `kreboot-kubelet-sim`: plays the kubelet's part on a machine that has no kubelet, for
 //! the end-to-end VM test (`tests/vm.rs`).
 //!
 //! A kubelet reports the machine's boot id in `status.nodeInfo.bootID` and keeps the Node's
@@ -13,7 +13,27 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
-use crate::{cli::KubeletSimArgs, host};
+use clap::Parser;
+use kreboot::{cli::parse_duration, host};
+
+/// Flags of `kreboot-kubelet-sim`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "kreboot-kubelet-sim",
+    version,
+    about = "Report this machine's boot id and Ready=True in its Node's status, as a kubelet would, then exit"
+)]
+pub struct KubeletSimArgs {
+    /// The Node whose status is reported.
+    #[arg(long, env = "KREBOOT_NODE_NAME")]
+    pub node_name: String,
+    /// Give up when the API server has not accepted the status within this long.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Pause between attempts.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub retry_interval: Duration,
+}
 
 /// The status patch a kubelet would send: the boot id, the kernel, and Ready=True.
 pub fn status_patch(boot_id: &str, kernel: &str, now: &str) -> serde_json::Value {
@@ -45,7 +65,7 @@ pub async fn run(args: &KubeletSimArgs) -> anyhow::Result<String> {
     cfg.default_retry = false;
     cfg.connect_timeout = Some(Duration::from_secs(5));
     cfg.read_timeout = Some(Duration::from_secs(10));
-    let client = crate::connect::client(cfg)?;
+    let client = kreboot::connect::client(cfg)?;
     let nodes: Api<Node> = Api::all(client);
     let deadline = tokio::time::Instant::now() + args.timeout;
     let mut attempt = 0u32;

@@ -1,7 +1,7 @@
 //! kreboot's benchmark: measures the figures kreboot is held to (README, BENCHMARKS.md) on the simulated cluster, side by side
 //! with a kured-like baseline where there is one, prints them and writes `BENCHMARKS.md`.
 //!
-//! Run: `cargo build --release --bins && ./target/release/kreboot-bench` (add `--quick` for a
+//! Run: `cargo build --release --workspace --bins && ./target/release/kreboot-bench` (add `--quick` for a
 //! smaller run). Nothing here asserts a time: it measures and reports.
 
 use std::{
@@ -19,8 +19,8 @@ use kreboot::{
     metrics::Metrics,
     node::{ANN_LAST_REBOOT, ANN_PHASE},
     sentinel::SentinelWatch,
-    sim::{self, SimCluster, SimConfig, fleet::Fleet},
 };
+use kreboot_testkit::sim::{self, SimCluster, SimConfig, fleet::Fleet};
 use kube::{
     Api,
     api::{PostParams, ResourceExt},
@@ -463,23 +463,55 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
-/// RSS of a real agent process idle and during a drain of 110 pods; CPU time idle.
-async fn agent_memory() -> Option<(u64, u64, f64, u64, u64)> {
-    let exe = std::env::current_exe().ok()?.with_file_name("kreboot");
-    if !exe.exists() {
-        eprintln!(
-            "{} not built: run `cargo build --release --bins` first",
-            exe.display()
-        );
-        return None;
+/// What one agent process costs: binary size, RSS idle (in total, private and mapped from
+/// files) and at its peak during a drain of 110 pods, CPU time idle.
+struct AgentCost {
+    binary_bytes: u64,
+    idle_rss: u64,
+    peak_rss: u64,
+    idle_cpu: f64,
+    idle_anon: u64,
+    idle_file: u64,
+}
+
+/// The agent binaries measured side by side: the shipped one (static musl, as in the image) and
+/// the host's glibc release build, where built.
+fn agent_binaries() -> Vec<(&'static str, std::path::PathBuf)> {
+    let Ok(me) = std::env::current_exe() else {
+        return Vec::new();
+    };
+    // target/release/kreboot-bench -> target/
+    let target = me
+        .parent()
+        .and_then(|d| d.parent())
+        .map(std::path::Path::to_path_buf);
+    let mut out = Vec::new();
+    if let Some(t) = target {
+        out.push((
+            "shipped: static musl",
+            t.join("x86_64-unknown-linux-musl/release/kreboot"),
+        ));
     }
+    out.push(("glibc release build", me.with_file_name("kreboot")));
+    out.retain(|(what, p)| {
+        let ok = p.exists();
+        if !ok {
+            eprintln!("{what} {} not built: not measured", p.display());
+        }
+        ok
+    });
+    out
+}
+
+/// RSS of a real agent process idle and during a drain of 110 pods; CPU time idle.
+async fn agent_memory(exe: &std::path::Path) -> Option<AgentCost> {
     let sim = SimCluster::start(SimConfig::default()).await.ok()?;
     sim.add_node("m1", BTreeMap::new());
     let dir = tempfile::tempdir().ok()?;
     let kc = dir.path().join("kubeconfig");
     sim.write_kubeconfig(&kc).ok()?;
     let sentinel = dir.path().join("reboot-required");
-    let mut child = std::process::Command::new(&exe)
+    let mut child = std::process::Command::new(exe)
         .args([
             "agent",
             "--node-name",
@@ -535,12 +567,65 @@ async fn agent_memory() -> Option<(u64, u64, f64, u64, u64)> {
     let _ = child.kill();
     let _ = child.wait();
     sim.shutdown().await;
-    Some((idle_rss, peak, idle_cpu, idle_anon, idle_file))
+    Some(AgentCost {
+        binary_bytes: std::fs::metadata(exe).ok()?.len(),
+        idle_rss,
+        peak_rss: peak,
+        idle_cpu,
+        idle_anon,
+        idle_file,
+    })
+}
+
+/// The agent process section: each built agent binary side by side, or why nothing was measured.
+async fn agent_process_report() -> String {
+    let mut measured = Vec::new();
+    for (what, exe) in agent_binaries() {
+        match agent_memory(&exe).await {
+            Some(cost) => measured.push((what, cost)),
+            None => eprintln!("{what} {}: could not be measured", exe.display()),
+        }
+    }
+    let mut out = String::from("## One agent process\n\n");
+    if measured.is_empty() {
+        out.push_str(
+            "Not measured: no agent binary built (`cargo build --release --target x86_64-unknown-linux-musl` builds the shipped one).\n",
+        );
+        return out;
+    }
+    out.push_str(
+        "A real agent process against the simulated cluster: idle (no sentinel) after 2 s, CPU over the next 10 s idle, then the peak RSS (sampled every 50 ms) while it drains 110 pods. Goal (DESIGN §7): idle RSS < 8 MiB, peak < 12 MiB.\n\n",
+    );
+    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+    let header: Vec<&str> = measured.iter().map(|(w, _)| *w).collect();
+    out.push_str(&format!(
+        "| | {} |\n|---|{}\n",
+        header.join(" | "),
+        "---|".repeat(header.len())
+    ));
+    let mut row = |name: &str, cell: &dyn Fn(&AgentCost) -> String| {
+        let cells: Vec<String> = measured.iter().map(|(_, c)| cell(c)).collect();
+        out.push_str(&format!("| {name} | {} |\n", cells.join(" | ")));
+    };
+    row("binary size", &|c| {
+        format!("{:.2} MB", c.binary_bytes as f64 / 1e6)
+    });
+    row("RSS idle", &|c| mib(c.idle_rss));
+    row("of which private (RssAnon)", &|c| mib(c.idle_anon));
+    row("of which mapped from the binary (RssFile)", &|c| mib(c.idle_file));
+    row("RSS peak draining 110 pods", &|c| mib(c.peak_rss));
+    row("CPU idle over 10 s", &|c| format!("{:.2} s", c.idle_cpu));
+    out
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    if std::env::args().any(|a| a == "--agent-only") {
+        // Only the agent process section, printed; BENCHMARKS.md is left as it is.
+        println!("{}", agent_process_report().await);
+        return;
+    }
     let mut r: Report = Vec::new();
     let mut md = String::new();
     let started = Utc::now();
@@ -549,7 +634,7 @@ async fn main() {
     }
     say!("# kreboot benchmarks\n");
     say!(
-        "Measured by `cargo build --release --bins && ./target/release/kreboot-bench{}` on {} ({} cores), {}.",
+        "Measured by `cargo build --release --workspace --bins && ./target/release/kreboot-bench{}` on {} ({} cores), {}.",
         if quick { " --quick" } else { "" },
         std::fs::read_to_string("/proc/cpuinfo")
             .ok()
@@ -651,29 +736,7 @@ async fn main() {
         ms(took - slowest)
     );
 
-    say!("## Agent process (release binary, real process)\n");
-    match agent_memory().await {
-        Some((idle_rss, peak, cpu, anon, file)) => {
-            say!("| | idle | peak during a drain of 110 pods |\n|---|---|---|");
-            say!(
-                "| RSS (VmRSS) | {:.1} MiB | {:.1} MiB |",
-                idle_rss as f64 / 1024.0,
-                peak as f64 / 1024.0
-            );
-            say!(
-                "| of which private (RssAnon) | {:.1} MiB | |",
-                anon as f64 / 1024.0
-            );
-            say!(
-                "| of which mapped files (RssFile: the binary, libc) | {:.1} MiB | |\n",
-                file as f64 / 1024.0
-            );
-            say!(
-                "CPU time idle: {cpu:.2} s over 10 s. (This is the glibc development build; the image's binary is static musl.)\n"
-            );
-        }
-        None => say!("not measured (the `kreboot` binary is not next to the bench binary).\n"),
-    }
+    say!("{}", agent_process_report().await);
 
     say!("## Largest simulated cluster rolled on this machine\n");
     say!(
