@@ -149,11 +149,19 @@ fn errors_name_the_key() {
             "blackouts[0].from",
         ),
         ("version: 2", "version"),
-        ("window: []", "config.yaml"),
+        // Shape errors name their key too (an unknown key, a list where a map belongs).
+        ("window: []", "window"),
         (
             "windows: [{days: [mon], start: \"01:00\", end: \"02:00\", strat: x}]",
-            "config.yaml",
+            "windows[0].strat",
         ),
+        (
+            "rules: [{name: a}, {name: b, windows: {days: mon}}]",
+            "rules[1].windows",
+        ),
+        ("rules: 5", "rules"),
+        ("- a\n- b", "config.yaml"),
+        ("windows: [mon: [", "config.yaml"),
     ] {
         let e = Policy::parse(doc).unwrap_err();
         assert_eq!(e.path, path, "{doc}: {e}");
@@ -683,7 +691,7 @@ fn new_fields_errors_name_the_key() {
         ),
         (
             "rules: [{name: a, nodeSelector: {}, healthGate: {timeuot: 5m}}]",
-            "config.yaml",
+            "rules[0].healthGate.timeuot",
             "timeuot",
         ),
         (
