@@ -50,7 +50,7 @@ use crate::{
 };
 
 /// The key of the policy document in the ConfigMap.
-pub const CONFIG_KEY: &str = "config.yaml";
+pub const CONFIG_KEY: &str = crate::policy::CONFIG_KEY;
 
 /// How long the agent waits for the host to go down after the reboot request was accepted,
 /// before it reports the reboot as failed and requests it again.
@@ -607,10 +607,16 @@ impl Agent {
             }
             let parsed = match cm {
                 None => Ok(Policy::default()),
-                Some(cm) => match cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) {
-                    Some(doc) => Policy::parse(doc).map_err(|e| e.to_string()),
-                    None => Err(format!("ConfigMap {cm_name} has no key {CONFIG_KEY}")),
-                },
+                Some(cm) => {
+                    let binary: Vec<&str> = cm
+                        .binary_data
+                        .iter()
+                        .flat_map(|d| d.keys())
+                        .map(String::as_str)
+                        .collect();
+                    crate::policy::document_in(&format!("{namespace}/{cm_name}"), cm.data.as_ref(), &binary)
+                        .and_then(|doc| Policy::parse(doc).map_err(|e| e.to_string()))
+                }
             };
             match parsed {
                 Ok(p) => {

@@ -19,7 +19,6 @@ use kube::{Api, api::ListParams};
 use serde::{Serialize, Serializer};
 
 use crate::{
-    agent::CONFIG_KEY,
     cli::{StatusArgs, StatusFormat},
     lock::{self, CLOCK_SKEW_ALLOWANCE, SlotStatus},
     node::{
@@ -800,13 +799,25 @@ async fn gather(args: &StatusArgs) -> anyhow::Result<ClusterStatus> {
         .await
         .map_err(|e| api_error(&format!("read ConfigMap {ns}/{}", args.config_map), e))?;
     let now = args.now.unwrap_or_else(Utc::now);
-    let no_key = format!("ConfigMap {ns}/{} has no key {CONFIG_KEY}", args.config_map);
+    let no_key;
     let input = match &cm {
         None => PolicyInput::Missing,
-        Some(cm) => match cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) {
-            Some(doc) => PolicyInput::Document(doc),
-            None => PolicyInput::Unusable(&no_key),
-        },
+        Some(cm) => {
+            let binary: Vec<&str> = cm
+                .binary_data
+                .iter()
+                .flat_map(|d| d.keys())
+                .map(String::as_str)
+                .collect();
+            match crate::policy::document_in(&format!("{ns}/{}", args.config_map), cm.data.as_ref(), &binary)
+            {
+                Ok(doc) => PolicyInput::Document(doc),
+                Err(e) => {
+                    no_key = e;
+                    PolicyInput::Unusable(&no_key)
+                }
+            }
+        }
     };
     let mut status = build_with(&nodes, &leases, input, now);
     status.paused = crate::pause::of_config_map(cm.as_ref());

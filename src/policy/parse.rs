@@ -46,6 +46,19 @@ fn bounded(mut text: String) -> String {
     text
 }
 
+/// A key as quoted in an error: at most 100 bytes.
+pub(super) fn bounded_key(key: &str) -> String {
+    let mut cut = key.len().min(100);
+    while !key.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    if cut < key.len() {
+        format!("{}…", &key[..cut])
+    } else {
+        key.to_owned()
+    }
+}
+
 fn err(path: impl Into<String>, message: impl Into<String>) -> PolicyError {
     PolicyError {
         path: bounded(path.into()),
