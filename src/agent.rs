@@ -1017,6 +1017,7 @@ pub async fn run(
         let mut changes = Changes::new(&w);
         let _renewer = AbortOnDrop(spawn_renewer(agent.clone(), w.leases.clone()));
         let mut announced_required = false;
+        let mut reported_problems: Vec<String> = Vec::new();
         let mut block_cache: Option<(Instant, Option<String>)> = None;
         let mut pool_count: Option<PoolCount> = None;
         loop {
@@ -1036,8 +1037,19 @@ pub async fn run(
                 continue;
             };
             let view = node::view(&node_obj);
-            for p in &view.recorded.problems {
-                warn!(node = %me, problem = %p, "unexpected kreboot annotation");
+            // Hand-edited garbage in kreboot's annotations: each is read the safe way (see
+            // `node::parse_recorded` and `node::time_problems`); the operator is told once per
+            // change, in the log and with a `BadAnnotation` Event on the Node.
+            let mut problems = view.recorded.problems.clone();
+            problems.extend(node::time_problems(&view.recorded, now));
+            if problems != reported_problems {
+                for p in &problems {
+                    warn!(node = %me, problem = %p, "unexpected kreboot annotation");
+                }
+                if !problems.is_empty() {
+                    agent.events.node(Reason::BadAnnotation, problems.join("; "));
+                }
+                reported_problems = problems;
             }
             let sentinel_state = sentinel.borrow_and_update().clone();
             let (policy, paused) = {

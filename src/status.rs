@@ -341,6 +341,7 @@ fn node_status(
     let view = node::view(n);
     let annotations = n.metadata.annotations.clone().unwrap_or_default();
     let mut problems = view.recorded.problems.clone();
+    problems.extend(node::time_problems(&view.recorded, now));
     let since = parse_time(&annotations, ANN_REBOOT_REQUIRED_SINCE, &mut problems);
     let waiting_since = parse_time(&annotations, ANN_WAITING_SINCE, &mut problems);
     let phase = non_empty(&annotations, ANN_PHASE);
