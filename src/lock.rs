@@ -238,16 +238,16 @@ pub fn slot_status(
         .map(|s| Duration::seconds(i64::from(s)));
     let expires = match (seen_for, renewed, duration) {
         // What this agent saw: the time left on its own clock, mapped onto `now`.
-        (Some(age), _, Some(duration)) => Duration::from_std(age)
+        (Some(age), Some(_), Some(duration)) => Duration::from_std(age)
             .ok()
             .and_then(|age| now.checked_add_signed(duration - age))
             .unwrap_or(DateTime::<Utc>::MAX_UTC),
         (None, Some(renewed), Some(duration)) => renewed
             .checked_add_signed(duration + CLOCK_SKEW_ALLOWANCE)
             .unwrap_or(DateTime::<Utc>::MAX_UTC),
-        // A Lease with a holder but no duration (or, unwatched, no times) was written by
-        // something else: treat it as held forever rather than steal it; an operator can
-        // delete it.
+        // A Lease with a holder but no times or no duration was not written by kreboot (it
+        // always writes both): treat it as held forever rather than steal it; an operator can
+        // delete it. Its times are only checked for being there, never compared with a clock.
         _ => DateTime::<Utc>::MAX_UTC,
     };
     if expires > now {
@@ -726,9 +726,15 @@ mod tests {
             slot_status(Some(&held), None, now),
             SlotStatus::Held { .. }
         ));
-        // A holder but no duration: never taken.
+        // A holder but no duration, or no times: not kreboot's; never taken.
         let mut odd = held.clone();
         odd.spec.as_mut().unwrap().lease_duration_seconds = None;
+        assert!(matches!(
+            slot_status(Some(&odd), Some(secs(1_000_000)), now),
+            SlotStatus::Held { .. }
+        ));
+        let mut odd = held.clone();
+        odd.spec.as_mut().unwrap().renew_time = None;
         assert!(matches!(
             slot_status(Some(&odd), Some(secs(1_000_000)), now),
             SlotStatus::Held { .. }
