@@ -8,6 +8,10 @@ mod common;
 
 use std::{
     process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -292,4 +296,139 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// A machine that counts the reboots asked of it (the node does not go down: enough to see
+/// whether the agent got that far).
+struct CountingRebooter(Arc<AtomicUsize>);
+
+impl kreboot::reboot::Rebooter for CountingRebooter {
+    fn reboot(&self) -> futures::future::BoxFuture<'_, Result<(), kreboot::reboot::RebootError>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn micro_now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime {
+    let now = chrono::Utc::now();
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::from_microsecond(now.timestamp_micros()).unwrap(),
+    )
+}
+
+/// A clock 10 minutes ahead on one node, against the real kube-apiserver. The agent of n0 runs
+/// in-process (the production `agent::run`) with its wall clock skewed by +10 min; n1 holds the
+/// lock and renews it every 2 s (10 s duration) with the true time. Judged by `renewTime`
+/// against n0's clock, n1's lease looks 10 minutes stale; n0 must still not take it, for
+/// three lease durations. The API server's `Date` header shows the skew (+600 s). Once n1
+/// stops renewing, n0 takes the slot after one duration of its own watching, and reboots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_ten_minutes_ahead_does_not_take_a_renewed_lease() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::api::{Api, PostParams};
+    let b = Backend::start(Kind::Real).await;
+    b.add_node("n0", &[]).await;
+    b.add_node("n1", &[]).await;
+    let client = b.client();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+    leases
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "kreboot-lock", "labels": {kreboot::lock::LOCK_LABEL: "kreboot-lock"}},
+                "spec": {"holderIdentity": "n1", "leaseDurationSeconds": 10},
+            }))
+            .unwrap(),
+        )
+        .await
+        .expect("n1's lease");
+    // n1 renews with the true time, as a live holder does.
+    let renewing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let renewer = {
+        let (leases, renewing) = (leases.clone(), renewing.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            while renewing.load(Ordering::SeqCst) {
+                if let Ok(mut l) = leases.get("kreboot-lock").await {
+                    let spec = l.spec.get_or_insert_with(Default::default);
+                    spec.renew_time = Some(micro_now());
+                    spec.acquire_time.get_or_insert_with(micro_now);
+                    let _ = leases.replace("kreboot-lock", &PostParams::default(), &l).await;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }))
+    };
+
+    let skewed = kreboot::agent::Clock {
+        skew: chrono::Duration::minutes(10),
+    };
+    let skew = kreboot::connect::probe(&client, skewed)
+        .await
+        .expect("the API server answers")
+        .expect("a Date header");
+    assert!(
+        (skew - chrono::Duration::minutes(10)).abs() < chrono::Duration::seconds(3),
+        "skew from the Date header: {skew}"
+    );
+    assert!(kreboot::connect::skew_is_large(skew));
+
+    let reboots = Arc::new(AtomicUsize::new(0));
+    let agent = kreboot::agent::Agent {
+        cfg: kreboot::sim::fleet::agent_config("n0"),
+        client: client.clone(),
+        metrics: kreboot::metrics::Metrics::new("n0"),
+        events: kreboot::events::Events::start(client.clone(), "n0", None),
+        notifier: kreboot::notify::Notifier::disabled(),
+        rebooter: Arc::new(CountingRebooter(reboots.clone())),
+        clock: skewed,
+        kernel_boot_id: Arc::new(|| None),
+    };
+    let (_sentinel_tx, sentinel_rx) = tokio::sync::watch::channel(kreboot::sentinel::SentinelState {
+        required: true,
+        packages: vec![],
+    });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _agent = AbortOnDrop({
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = kreboot::agent::run(agent, sentinel_rx, shutdown).await;
+        })
+    });
+    let holder = || async {
+        leases
+            .get("kreboot-lock")
+            .await
+            .ok()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end {
+        assert_eq!(
+            holder().await.as_deref(),
+            Some("n1"),
+            "n0, 10 min ahead, took a renewed lease"
+        );
+        assert_eq!(b.annotation("n0", ANN_PHASE).await, None, "n0 started a cycle");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(reboots.load(Ordering::SeqCst), 0);
+
+    // n1 stops renewing (it died): n0 takes the slot after its own 10 s of watching.
+    renewing.store(false, Ordering::SeqCst);
+    drop(renewer);
+    let stopped = Instant::now();
+    wait_until(LIMIT, "n0 takes the abandoned slot", || async {
+        holder().await.as_deref() == Some("n0")
+    })
+    .await;
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_secs(7),
+        "taken {took:?} after the last renewal: before it expired"
+    );
+    wait_until(LIMIT, "n0's reboot", || async {
+        reboots.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    shutdown.cancel();
 }
