@@ -318,7 +318,10 @@ fn parse_time(
     match DateTime::parse_from_rfc3339(value) {
         Ok(t) => Some(t.with_timezone(&Utc)),
         Err(e) => {
-            problems.push(format!("{key}={value:?} is not an RFC 3339 time: {e}"));
+            problems.push(format!(
+                "{key}={} is not an RFC 3339 time: {e}",
+                node::quote(value)
+            ));
             None
         }
     }
