@@ -747,7 +747,8 @@ mod tests {
     #[test]
     fn a_clock_ten_minutes_off_cannot_take_a_renewed_slot() {
         let true_now = t("2026-11-24T10:00:00Z");
-        let mono = Instant::now();
+        // Two hours on: every `mono - secs(..)` below stays after the process started.
+        let mono = Instant::now() + secs(7200);
         let slots = slot_names("l", 1);
         // The holder renewed 5 s ago by its own (correct) clock; it renews every few seconds.
         let leases: BTreeMap<String, Lease> = [(
@@ -816,7 +817,8 @@ mod tests {
     #[test]
     fn pick_prefers_free_then_expired_then_ghost() {
         let now = t("2026-11-24T10:00:00Z");
-        let mono = Instant::now();
+        // Two hours on: every `mono - secs(..)` below stays after the process started.
+        let mono = Instant::now() + secs(7200);
         let slots = slot_names("l", 2);
         // This agent has been watching all along: it saw each version when it was written.
         let mut seen: Seen = [("l".to_string(), mono - secs(30))].into();
