@@ -121,8 +121,9 @@ pub struct LockSlot {
     /// When the holder last renewed it (or acquired it).
     #[serde(serialize_with = "ser_opt_time")]
     pub renewed: Option<DateTime<Utc>>,
-    /// When other nodes count it as expired unless renewed: renewal + lease duration + the
-    /// clock-skew allowance (None: free, or no times recorded).
+    /// An estimate of when it expires unless renewed: renewal + lease duration + the
+    /// clock-skew allowance (None: free, or no times recorded). The agents judge expiry by
+    /// how long they have watched the Lease unchanged, not by this (see `lock`).
     #[serde(serialize_with = "ser_opt_time")]
     pub expires: Option<DateTime<Utc>>,
     /// Expired at `now`.
