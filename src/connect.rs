@@ -27,6 +27,9 @@ fn plain_http(cfg: &kube::Config) -> bool {
 /// clocks agreeing (see `lock`), but maintenance windows, back-offs and the recorded times do.
 pub const CLOCK_SKEW_WARN: chrono::Duration = chrono::Duration::seconds(30);
 
+/// How long one probe of the API server may take.
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How often the clock is compared with the API server's once it answered.
 pub const SKEW_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -92,7 +95,14 @@ pub async fn ready_when_reachable(
     let mut delay = std::time::Duration::from_secs(1);
     let mut warned = false;
     loop {
-        match probe(&client, clock).await {
+        // An address that drops packets would hold a request until the client's own timeouts
+        // (minutes); the answer of a reachable server takes milliseconds.
+        let answer = tokio::time::timeout(PROBE_TIMEOUT, probe(&client, clock)).await;
+        match answer.unwrap_or_else(|_| {
+            Err(kube::Error::Service(
+                format!("no answer within {PROBE_TIMEOUT:?}").into(),
+            ))
+        }) {
             Ok(skew) => {
                 if !*ready.borrow() {
                     tracing::info!("API server reachable; ready");
