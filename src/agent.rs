@@ -50,7 +50,7 @@ use crate::{
 };
 
 /// The key of the policy document in the ConfigMap.
-pub const CONFIG_KEY: &str = "config.yaml";
+pub const CONFIG_KEY: &str = crate::policy::CONFIG_KEY;
 
 /// How long the agent waits for the host to go down after the reboot request was accepted,
 /// before it reports the reboot as failed and requests it again.
@@ -186,13 +186,14 @@ struct PolicyState {
 struct LeaseState {
     synced: bool,
     leases: BTreeMap<String, Lease>,
-    /// When this agent first saw each lease's current version (for skew-proof expiry).
+    /// When this agent first saw each lease's current version, on its monotonic clock (expiry
+    /// is judged by that alone, never by another node's wall clock: see `lock`).
     seen: lock::Seen,
 }
 
 impl LeaseState {
     /// Stores `l` unless an older version; records when a new version was first seen.
-    fn put(&mut self, l: Lease, now: DateTime<Utc>) {
+    fn put(&mut self, l: Lease, now: Instant) {
         let name = l.name_any();
         let current = self.leases.get(&name);
         if !newer(
@@ -334,7 +335,7 @@ impl Watches {
         });
     }
 
-    fn set_lease(&self, l: Lease, now: DateTime<Utc>) {
+    fn set_lease(&self, l: Lease, now: Instant) {
         self.leases.send_modify(|s| s.put(l, now));
     }
 
@@ -559,7 +560,6 @@ impl Agent {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.cfg.namespace);
         let tx = lease_tx.clone();
         let selector = format!("{}={}", lock::LOCK_LABEL, self.cfg.lock_name);
-        let clock = self.clock;
         tasks.push(tokio::spawn(async move {
             let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
             futures::pin_mut!(stream);
@@ -572,13 +572,13 @@ impl Agent {
                     }
                     Ok(watcher::Event::InitDone) => tx.send_modify(|s| {
                         s.synced = true;
-                        let now = clock.now();
+                        let now = Instant::now();
                         s.leases.retain(|name, _| listing.contains_key(name));
                         for l in std::mem::take(&mut listing).into_values() {
                             s.put(l, now);
                         }
                     }),
-                    Ok(watcher::Event::Apply(l)) => tx.send_modify(|s| s.put(l, clock.now())),
+                    Ok(watcher::Event::Apply(l)) => tx.send_modify(|s| s.put(l, Instant::now())),
                     Ok(watcher::Event::Delete(l)) => tx.send_modify(|s| {
                         s.leases.remove(&l.name_any());
                     }),
@@ -607,10 +607,16 @@ impl Agent {
             }
             let parsed = match cm {
                 None => Ok(Policy::default()),
-                Some(cm) => match cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) {
-                    Some(doc) => Policy::parse(doc).map_err(|e| e.to_string()),
-                    None => Err(format!("ConfigMap {cm_name} has no key {CONFIG_KEY}")),
-                },
+                Some(cm) => {
+                    let binary: Vec<&str> = cm
+                        .binary_data
+                        .iter()
+                        .flat_map(|d| d.keys())
+                        .map(String::as_str)
+                        .collect();
+                    crate::policy::document_in(&format!("{namespace}/{cm_name}"), cm.data.as_ref(), &binary)
+                        .and_then(|doc| Policy::parse(doc).map_err(|e| e.to_string()))
+                }
             };
             match parsed {
                 Ok(p) => {
@@ -839,7 +845,7 @@ fn spawn_renewer(agent: Agent, leases: watch::Sender<LeaseState>) -> JoinHandle<
                 .collect();
             for lease in held {
                 match lock.renew(&lease, agent.clock.now()).await {
-                    Ok(l) => leases.send_modify(|s| s.put(l, agent.clock.now())),
+                    Ok(l) => leases.send_modify(|s| s.put(l, Instant::now())),
                     Err(e) => warn!(error = %e, "failed to renew the lock"),
                 }
             }
@@ -1011,6 +1017,7 @@ pub async fn run(
         let mut changes = Changes::new(&w);
         let _renewer = AbortOnDrop(spawn_renewer(agent.clone(), w.leases.clone()));
         let mut announced_required = false;
+        let mut reported_problems: Vec<String> = Vec::new();
         let mut block_cache: Option<(Instant, Option<String>)> = None;
         let mut pool_count: Option<PoolCount> = None;
         loop {
@@ -1030,8 +1037,19 @@ pub async fn run(
                 continue;
             };
             let view = node::view(&node_obj);
-            for p in &view.recorded.problems {
-                warn!(node = %me, problem = %p, "unexpected kreboot annotation");
+            // Hand-edited garbage in kreboot's annotations: each is read the safe way (see
+            // `node::parse_recorded` and `node::time_problems`); the operator is told once per
+            // change, in the log and with a `BadAnnotation` Event on the Node.
+            let mut problems = view.recorded.problems.clone();
+            problems.extend(node::time_problems(&view.recorded, now));
+            if problems != reported_problems {
+                for p in &problems {
+                    warn!(node = %me, problem = %p, "unexpected kreboot annotation");
+                }
+                if !problems.is_empty() {
+                    agent.events.node(Reason::BadAnnotation, problems.join("; "));
+                }
+                reported_problems = problems;
             }
             let sentinel_state = sentinel.borrow_and_update().clone();
             let (policy, paused) = {
@@ -1419,7 +1437,7 @@ pub async fn run(
                     match agent.lease_lock().acquire(slot, Some(lease), now).await {
                         Ok(l) => {
                             info!(node = %me, lease = %slot, "lock handed over and claimed; waiting for a cap slot");
-                            w.set_lease(l, agent.clock.now());
+                            w.set_lease(l, Instant::now());
                             agent
                                 .events
                                 .node(Reason::LockAcquired, format!("reboot lock {slot} handed over"));
@@ -1457,7 +1475,8 @@ pub async fn run(
                             }
                         }
                     };
-                    let picked = lock::pick_slot(&slots, &leases, &seen, now, |h| w.holder_node(h));
+                    let picked =
+                        lock::pick_slot(&slots, &leases, &seen, now, Instant::now(), |h| w.holder_node(h));
                     if picked.is_some() && counted_at.is_some_and(|t| t.elapsed() > POOL_FRESH) {
                         // About to take a slot on an old count: count again first (a pool that
                         // shrank has fewer slots), then decide again.
@@ -1480,7 +1499,7 @@ pub async fn run(
                             match agent.lease_lock().acquire(&slot, leases.get(&slot), now).await {
                                 Ok(lease) => {
                                     info!(node = %me, lease = %slot, "lock acquired");
-                                    w.set_lease(lease, agent.clock.now());
+                                    w.set_lease(lease, Instant::now());
                                     agent
                                         .events
                                         .node(Reason::LockAcquired, format!("acquired reboot lock {slot}"));
@@ -1509,9 +1528,11 @@ pub async fn run(
                             }
                             agent.metrics.set_state("waiting_for_lock");
                             agent.metrics.set_blocked(Some("lock_held_elsewhere"));
-                            let look_again =
-                                w.watch_holders(&agent.client, &lock::holders(&slots, &leases, &seen, now));
-                            let expiry = lock::next_expiry(&slots, &leases, &seen, now);
+                            let look_again = w.watch_holders(
+                                &agent.client,
+                                &lock::holders(&slots, &leases, &seen, now, Instant::now()),
+                            );
+                            let expiry = lock::next_expiry(&slots, &leases, &seen, now, Instant::now());
                             let next_window =
                                 policy.as_ref().and_then(|p| p.next_transition(&view.labels, now));
                             // A percentage budget: count the pool again now and then, to see
@@ -1550,7 +1571,7 @@ pub async fn run(
                         match lock.acquire(&claim, Some(lease), now).await {
                             Ok(l) => {
                                 info!(node = %me, lease = %claim, "lock handed over and claimed");
-                                w.set_lease(l, agent.clock.now());
+                                w.set_lease(l, Instant::now());
                                 agent
                                     .events
                                     .node(Reason::LockAcquired, format!("reboot lock {claim} handed over"));
@@ -1880,7 +1901,7 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
                 match lock.hand_off(&lease, &next, now).await {
                     Ok(l) => {
                         info!(node = %agent.cfg.node_name, lease = %l.name_any(), successor = %next, "lock handed over");
-                        w.set_lease(l, agent.clock.now());
+                        w.set_lease(l, Instant::now());
                         return Ok(());
                     }
                     Err(lock::LockError::Conflict { .. }) => return Err(StepError::Stale),
@@ -1906,7 +1927,7 @@ async fn release_only(
     match lock.release(&lease, now).await {
         Ok(Some(l)) => {
             info!(node = %agent.cfg.node_name, lease = %l.name_any(), "lock released");
-            w.set_lease(l, agent.clock.now());
+            w.set_lease(l, Instant::now());
             Ok(())
         }
         Ok(None) => Ok(()),

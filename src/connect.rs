@@ -23,9 +23,149 @@ fn plain_http(cfg: &kube::Config) -> bool {
     cfg.cluster_url.scheme_str() == Some("http")
 }
 
+/// Skew beyond which the agent warns (log, `ClockSkew` Event). The lock does not depend on
+/// clocks agreeing (see `lock`), but maintenance windows, back-offs and the recorded times do.
+pub const CLOCK_SKEW_WARN: chrono::Duration = chrono::Duration::seconds(30);
+
+/// How long one probe of the API server may take.
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often the clock is compared with the API server's once it answered.
+pub const SKEW_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// This host's clock minus the server's, from an HTTP `Date` header (`sent` and `received`:
+/// this host's clock around the request). The header has whole seconds, the server stamps
+/// somewhere inside its second: compare with the middle of that second and of the round trip.
+/// None when the header is not an HTTP date.
+pub fn clock_skew(
+    date_header: &str,
+    sent: chrono::DateTime<chrono::Utc>,
+    received: chrono::DateTime<chrono::Utc>,
+) -> Option<chrono::Duration> {
+    let server = chrono::DateTime::parse_from_rfc2822(date_header.trim()).ok()?;
+    let server_mid = server.with_timezone(&chrono::Utc) + chrono::Duration::milliseconds(500);
+    let local_mid = sent + (received - sent) / 2;
+    Some(local_mid - server_mid)
+}
+
+/// Whether `skew` is worth telling the operator about.
+pub fn skew_is_large(skew: chrono::Duration) -> bool {
+    skew.abs() > CLOCK_SKEW_WARN
+}
+
+/// Asks the API server for `/version` and returns the clock skew its `Date` header shows
+/// (None without a usable header). Any answer proves the server reachable.
+///
+/// # Errors
+/// The request failed (no connection, TLS, a timeout).
+pub async fn probe(
+    client: &kube::Client,
+    clock: crate::agent::Clock,
+) -> Result<Option<chrono::Duration>, kube::Error> {
+    let request = axum::http::Request::get("/version")
+        .body(Vec::new())
+        .map_err(kube::Error::HttpError)?;
+    let sent = clock.now();
+    let response = client.send(request.map(kube::client::Body::from)).await?;
+    let received = clock.now();
+    Ok(response
+        .headers()
+        .get(axum::http::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|d| clock_skew(d, sent, received)))
+}
+
+/// Waits until the API server answers, then reports ready and keeps an eye on the clock.
+///
+/// The agent's own loops retry the API on their own; this is what `/readyz` says: not ready
+/// (HTTP 503) until the API server has answered once, so an agent pointed at an unreachable
+/// server is visibly not working, while `/healthz` stays OK (the process is alive and
+/// retrying: a liveness restart would not help and would crash-loop it). Retries back off
+/// from 1 s to 30 s. After that the skew is measured every [`SKEW_CHECK_EVERY`]: the
+/// `kreboot_clock_skew_seconds` gauge, and a log line and a `ClockSkew` Event when it is over
+/// [`CLOCK_SKEW_WARN`] (once per crossing, not at every check).
+pub async fn ready_when_reachable(
+    client: kube::Client,
+    clock: crate::agent::Clock,
+    metrics: crate::metrics::Metrics,
+    events: crate::events::Events,
+    ready: tokio::sync::watch::Sender<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut delay = std::time::Duration::from_secs(1);
+    let mut warned = false;
+    loop {
+        // An address that drops packets would hold a request until the client's own timeouts
+        // (minutes); the answer of a reachable server takes milliseconds.
+        let answer = tokio::time::timeout(PROBE_TIMEOUT, probe(&client, clock)).await;
+        match answer.unwrap_or_else(|_| {
+            Err(kube::Error::Service(
+                format!("no answer within {PROBE_TIMEOUT:?}").into(),
+            ))
+        }) {
+            Ok(skew) => {
+                if !*ready.borrow() {
+                    tracing::info!("API server reachable; ready");
+                    ready.send_replace(true);
+                }
+                if let Some(skew) = skew {
+                    let secs = skew.num_milliseconds() as f64 / 1000.0;
+                    metrics.clock_skew.with_label_values(&[metrics.node()]).set(secs);
+                    let large = skew_is_large(skew);
+                    if large && !warned {
+                        let note = format!(
+                            "this host's clock is {secs:+.1} s off the API server's (more than {} s): maintenance windows, back-offs and recorded times are read on this clock; the lock is not affected",
+                            CLOCK_SKEW_WARN.num_seconds()
+                        );
+                        tracing::warn!(skew_seconds = secs, "{note}");
+                        events.node(crate::events::Reason::ClockSkew, note);
+                    } else if !large && warned {
+                        tracing::info!(skew_seconds = secs, "clock skew back within bounds");
+                    }
+                    warned = large;
+                }
+                delay = SKEW_CHECK_EVERY;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "API server not reachable; not ready, retrying");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        if !*ready.borrow() {
+            delay = (delay * 2).min(std::time::Duration::from_secs(30));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn t(s: &str) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    }
+
+    #[test]
+    fn skew_from_the_date_header() {
+        let sent = t("2026-12-02T10:10:00.200Z");
+        let received = t("2026-12-02T10:10:00.400Z");
+        // The server's clock is 10 minutes behind this host's.
+        let skew = clock_skew("Wed, 02 Dec 2026 10:00:00 GMT", sent, received).unwrap();
+        assert_eq!(skew, chrono::Duration::milliseconds(599_800));
+        assert!(skew_is_large(skew));
+        assert!(skew_is_large(-skew), "behind counts as much as ahead");
+        // In step (within the header's one-second resolution).
+        let skew = clock_skew("Wed, 02 Dec 2026 10:10:00 GMT", sent, received).unwrap();
+        assert!(skew.abs() < chrono::Duration::seconds(1), "{skew}");
+        assert!(!skew_is_large(skew));
+        assert_eq!(clock_skew("yesterday", sent, received), None);
+        assert_eq!(clock_skew("", sent, received), None);
+    }
 
     #[test]
     fn only_http_servers_are_plain() {

@@ -60,6 +60,11 @@ pub enum Reason {
     /// A rebooted node did not become healthy (Ready, DaemonSet pods Ready) within its rule's
     /// health gate timeout; it keeps its lock slot, so the rollout stops.
     HealthGateFailed,
+    /// A `kreboot.io/` annotation on the Node could not be understood (hand-edited?); the
+    /// message says how the agent reads it instead.
+    BadAnnotation,
+    /// This host's clock differs from the API server's by more than the threshold.
+    ClockSkew,
 }
 
 impl Reason {
@@ -82,6 +87,8 @@ impl Reason {
             Reason::HostAccessDenied => "HostAccessDenied",
             Reason::RebootsPaused => "RebootsPaused",
             Reason::HealthGateFailed => "HealthGateFailed",
+            Reason::BadAnnotation => "BadAnnotation",
+            Reason::ClockSkew => "ClockSkew",
         }
     }
 
@@ -95,6 +102,8 @@ impl Reason {
                 | Reason::SentinelPolling
                 | Reason::HostAccessDenied
                 | Reason::HealthGateFailed
+                | Reason::BadAnnotation
+                | Reason::ClockSkew
         )
     }
 }

@@ -8,12 +8,15 @@
 //! others get 409 Conflict; a Lease without one is never written (the API server refuses an
 //! unconditional Lease update, and it would not be safe), nor a duration under one second.
 //!
-//! Expiry never trusts another machine's clock alone: a lease counts as expired only when this
-//! agent has seen no new version of it for the lease duration (on its own clock, as client-go's
-//! leader election does), or when its `renewTime` is older than the duration plus
-//! [`CLOCK_SKEW_ALLOWANCE`]. An agent whose clock is 30 s off therefore cannot steal a lease
-//! that is being renewed. The pure part ([`slot_status`], [`pick_slot`], [`held_slot`]) reads no
-//! clock; [`LeaseLock`] does the API calls.
+//! Expiry never trusts a wall clock: a lease counts as expired only when this agent has seen no
+//! new version of it for the lease duration, measured on its own monotonic clock from the
+//! moment it first saw the current version (as client-go's leader election does). The Lease's
+//! `renewTime` is the holder's wall clock and the comparison would be with ours: a node whose
+//! clock runs 10 minutes ahead (or a holder whose clock runs behind) would see every lease as
+//! expired and take a slot that is being renewed, putting two nodes out at once. An agent that
+//! has just started therefore waits one lease duration before it takes over a stale slot; a
+//! slot whose holder Node is gone is still freed at once. The pure part ([`slot_status`],
+//! [`pick_slot`], [`held_slot`]) reads no clock; [`LeaseLock`] does the API calls.
 //!
 //! A policy rule may have slots of its own (`{lock}-r-{rule}`, per lock group `{lock}-g-{value}`,
 //! as many as its `concurrency`, a number or a share of its pool), and with
@@ -32,13 +35,23 @@ use kube::{
     Api,
     api::{PostParams, ResourceExt},
 };
+use tokio::time::Instant;
 
-/// How far apart two nodes' clocks may be before a lease's own timestamps could mislead: a
-/// `renewTime` counts as stale only when older than the lease duration plus this.
+/// How far apart two nodes' clocks may be before a lease's own timestamps could mislead. Only
+/// `kreboot status` (which has not watched the Leases) judges by `renewTime`, older than the
+/// lease duration plus this; the agents never do (see the module's notes).
 pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::seconds(60);
 
-/// When this agent first saw the current version of each Lease (by name), on its own clock.
-pub type Seen = BTreeMap<String, DateTime<Utc>>;
+/// When this agent first saw the current version of each Lease (by name), on its own monotonic
+/// clock: immune to wall-clock skew and to the wall clock being stepped (NTP, an operator).
+pub type Seen = BTreeMap<String, Instant>;
+
+/// How long ago this agent first saw `name`'s current version, on its monotonic clock at
+/// `mono`. A version not recorded counts as seen just now: the safe side.
+fn seen_for(seen: &Seen, name: &str, mono: Instant) -> std::time::Duration {
+    seen.get(name)
+        .map_or(std::time::Duration::ZERO, |t| mono.saturating_duration_since(*t))
+}
 
 /// Label carried by every Lease kreboot creates; its value is the lock name.
 pub const LOCK_LABEL: &str = "kreboot.io/lock";
@@ -198,8 +211,18 @@ pub fn holder(lease: &Lease) -> Option<&str> {
         .filter(|h| !h.is_empty())
 }
 
-/// The status of slot `lease` at `now`, given when this agent first saw its current version.
-pub fn slot_status(lease: Option<&Lease>, seen_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> SlotStatus {
+/// The status of slot `lease` at `now`.
+///
+/// `seen_for` is how long ago this agent first saw the Lease's current version, on its own
+/// monotonic clock: the lease is expired when that reaches its duration, whatever its
+/// `renewTime` says (another machine's clock). `None` only for a report that has not watched
+/// the Lease (`kreboot status`): it judges by `renewTime` plus [`CLOCK_SKEW_ALLOWANCE`], which
+/// is an estimate, never the ground for a take-over.
+pub fn slot_status(
+    lease: Option<&Lease>,
+    seen_for: Option<std::time::Duration>,
+    now: DateTime<Utc>,
+) -> SlotStatus {
     let Some(lease) = lease else {
         return SlotStatus::Missing;
     };
@@ -213,32 +236,29 @@ pub fn slot_status(lease: Option<&Lease>, seen_at: Option<DateTime<Utc>>, now: D
     let duration = spec
         .and_then(|s| s.lease_duration_seconds)
         .map(|s| Duration::seconds(i64::from(s)));
-    match (renewed, duration) {
-        (Some(renewed), Some(duration)) => {
-            let by_stamp = renewed
-                .checked_add_signed(duration + CLOCK_SKEW_ALLOWANCE)
-                .unwrap_or(DateTime::<Utc>::MAX_UTC);
-            let by_sight = seen_at
-                .and_then(|t| t.checked_add_signed(duration))
-                .unwrap_or(DateTime::<Utc>::MAX_UTC);
-            let expires = by_stamp.min(by_sight);
-            if expires > now {
-                SlotStatus::Held {
-                    holder: holder.to_owned(),
-                    expires,
-                }
-            } else {
-                SlotStatus::Expired {
-                    holder: holder.to_owned(),
-                }
-            }
-        }
-        // A Lease with a holder but no times was written by something else: treat it as held
-        // forever rather than steal it; an operator can delete it.
-        _ => SlotStatus::Held {
+    let expires = match (seen_for, renewed, duration) {
+        // What this agent saw: the time left on its own clock, mapped onto `now`.
+        (Some(age), Some(_), Some(duration)) => Duration::from_std(age)
+            .ok()
+            .and_then(|age| now.checked_add_signed(duration - age))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        (None, Some(renewed), Some(duration)) => renewed
+            .checked_add_signed(duration + CLOCK_SKEW_ALLOWANCE)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        // A Lease with a holder but no times or no duration was not written by kreboot (it
+        // always writes both): treat it as held forever rather than steal it; an operator can
+        // delete it. Its times are only checked for being there, never compared with a clock.
+        _ => DateTime::<Utc>::MAX_UTC,
+    };
+    if expires > now {
+        SlotStatus::Held {
             holder: holder.to_owned(),
-            expires: DateTime::<Utc>::MAX_UTC,
-        },
+            expires,
+        }
+    } else {
+        SlotStatus::Expired {
+            holder: holder.to_owned(),
+        }
     }
 }
 
@@ -259,11 +279,12 @@ pub fn pick_slot(
     leases: &BTreeMap<String, Lease>,
     seen: &Seen,
     now: DateTime<Utc>,
+    mono: Instant,
     holder_node: impl Fn(&str) -> HolderNode,
 ) -> Option<String> {
     let mut best: Option<(u8, &String)> = None;
     for name in slots {
-        let rank = match slot_status(leases.get(name), seen.get(name).copied(), now) {
+        let rank = match slot_status(leases.get(name), Some(seen_for(seen, name, mono)), now) {
             SlotStatus::Missing | SlotStatus::Free => 0,
             SlotStatus::Expired { holder } => match holder_node(&holder) {
                 HolderNode::Idle | HolderNode::Gone => 1,
@@ -301,13 +322,16 @@ pub fn next_expiry(
     leases: &BTreeMap<String, Lease>,
     seen: &Seen,
     now: DateTime<Utc>,
+    mono: Instant,
 ) -> Option<DateTime<Utc>> {
     slots
         .iter()
-        .filter_map(|n| match slot_status(leases.get(n), seen.get(n).copied(), now) {
-            SlotStatus::Held { expires, .. } => Some(expires),
-            _ => None,
-        })
+        .filter_map(
+            |n| match slot_status(leases.get(n), Some(seen_for(seen, n, mono)), now) {
+                SlotStatus::Held { expires, .. } => Some(expires),
+                _ => None,
+            },
+        )
         .min()
 }
 
@@ -317,13 +341,16 @@ pub fn holders(
     leases: &BTreeMap<String, Lease>,
     seen: &Seen,
     now: DateTime<Utc>,
+    mono: Instant,
 ) -> Vec<String> {
     slots
         .iter()
-        .filter_map(|n| match slot_status(leases.get(n), seen.get(n).copied(), now) {
-            SlotStatus::Held { holder, .. } | SlotStatus::Expired { holder } => Some(holder),
-            _ => None,
-        })
+        .filter_map(
+            |n| match slot_status(leases.get(n), Some(seen_for(seen, n, mono)), now) {
+                SlotStatus::Held { holder, .. } | SlotStatus::Expired { holder } => Some(holder),
+                _ => None,
+            },
+        )
         .collect()
 }
 
@@ -663,70 +690,161 @@ mod tests {
         assert_eq!(slot_names("l", 0), vec!["l"], "concurrency 0 is treated as 1");
     }
 
+    fn secs(n: u64) -> std::time::Duration {
+        std::time::Duration::from_secs(n)
+    }
+
     #[test]
     fn status_of_slots() {
         let now = t("2026-11-24T10:00:00Z");
         assert_eq!(slot_status(None, None, now), SlotStatus::Missing);
         let free = lease("l", None, "2026-11-24T09:00:00Z", 60);
-        assert_eq!(slot_status(Some(&free), None, now), SlotStatus::Free);
+        assert_eq!(slot_status(Some(&free), Some(secs(999)), now), SlotStatus::Free);
         let held = lease("l", Some("n1"), "2026-11-24T09:59:30Z", 60);
         assert_eq!(
-            slot_status(Some(&held), Some(t("2026-11-24T09:59:30Z")), now),
+            slot_status(Some(&held), Some(secs(30)), now),
             SlotStatus::Held {
                 holder: "n1".into(),
                 expires: t("2026-11-24T10:00:30Z")
-            }
+            },
+            "the time left is the duration less what this agent has watched"
         );
-        let expired = lease("l", Some("n1"), "2026-11-24T09:58:30Z", 60);
         assert_eq!(
-            slot_status(Some(&expired), Some(t("2026-11-24T09:58:30Z")), now),
-            SlotStatus::Expired { holder: "n1".into() }
+            slot_status(Some(&held), Some(secs(60)), now),
+            SlotStatus::Expired { holder: "n1".into() },
+            "unchanged for the whole duration on this agent's own clock"
         );
         let empty_holder = lease("l", Some(""), "2026-11-24T09:59:30Z", 60);
         assert_eq!(slot_status(Some(&empty_holder), None, now), SlotStatus::Free);
-        // A stale renewTime alone (a holder with a slow clock?) is not enough within the skew
-        // allowance: this agent saw the version only now.
-        assert!(matches!(
-            slot_status(Some(&expired), Some(now), now),
-            SlotStatus::Held { .. }
-        ));
-        // Far beyond the allowance, the timestamp suffices.
+        // A report that has not watched the Leases estimates from the timestamps.
         let ancient = lease("l", Some("n1"), "2026-11-24T09:00:00Z", 60);
         assert!(matches!(
-            slot_status(Some(&ancient), Some(now), now),
+            slot_status(Some(&ancient), None, now),
             SlotStatus::Expired { .. }
         ));
+        assert!(matches!(
+            slot_status(Some(&held), None, now),
+            SlotStatus::Held { .. }
+        ));
+        // A holder but no duration, or no times: not kreboot's; never taken.
+        let mut odd = held.clone();
+        odd.spec.as_mut().unwrap().lease_duration_seconds = None;
+        assert!(matches!(
+            slot_status(Some(&odd), Some(secs(1_000_000)), now),
+            SlotStatus::Held { .. }
+        ));
+        let mut odd = held.clone();
+        odd.spec.as_mut().unwrap().renew_time = None;
+        assert!(matches!(
+            slot_status(Some(&odd), Some(secs(1_000_000)), now),
+            SlotStatus::Held { .. }
+        ));
+    }
+
+    /// Issue 17: one node's clock is 10 minutes off. Whatever the offset and its sign, and
+    /// however old or new the holder's `renewTime` looks, a lease this agent saw renewed within
+    /// its duration is held, and one it saw unchanged for the duration is expired.
+    #[test]
+    fn a_clock_ten_minutes_off_cannot_take_a_renewed_slot() {
+        let true_now = t("2026-11-24T10:00:00Z");
+        // Two hours on: every `mono - secs(..)` below stays after the process started.
+        let mono = Instant::now() + secs(7200);
+        let slots = slot_names("l", 1);
+        // The holder renewed 5 s ago by its own (correct) clock; it renews every few seconds.
+        let leases: BTreeMap<String, Lease> = [(
+            "l".to_string(),
+            lease("l", Some("n1"), "2026-11-24T09:59:55Z", 60),
+        )]
+        .into();
+        for offset_min in [-10i64, -1, 0, 1, 10, 600] {
+            let observer_now = true_now + Duration::minutes(offset_min);
+            // This agent saw the version 5 s ago on its monotonic clock.
+            let seen: Seen = [("l".to_string(), mono - secs(5))].into();
+            assert_eq!(
+                pick_slot(&slots, &leases, &seen, observer_now, mono, |_| HolderNode::Idle),
+                None,
+                "an observer {offset_min} min off took a slot renewed 5 s ago"
+            );
+            assert!(matches!(
+                slot_status(leases.get("l"), Some(secs(5)), observer_now),
+                SlotStatus::Held { .. }
+            ));
+            // The holder's clock is the wrong one: its renewTime looks 10 min old (or new).
+            let mut skewed = leases.clone();
+            let stamp = (true_now + Duration::minutes(offset_min)).to_rfc3339();
+            skewed.insert("l".into(), lease("l", Some("n1"), &stamp, 60));
+            assert_eq!(
+                pick_slot(&slots, &skewed, &seen, true_now, mono, |_| HolderNode::Idle),
+                None,
+                "a holder {offset_min} min off lost a slot it renews"
+            );
+            // Seen unchanged for the whole duration: expired, whatever the clocks say.
+            let stale: Seen = [("l".to_string(), mono - secs(61))].into();
+            assert_eq!(
+                pick_slot(&slots, &skewed, &stale, observer_now, mono, |_| HolderNode::Idle).as_deref(),
+                Some("l"),
+                "offset {offset_min} min"
+            );
+        }
+    }
+
+    /// The old rule ("or renewTime older than the duration plus 60 s") let an agent whose clock
+    /// runs 10 minutes ahead expire a lease it had just seen renewed; the timestamps no longer
+    /// matter to an agent.
+    #[test]
+    fn a_stale_renew_time_alone_never_frees_a_slot() {
+        let now = t("2026-11-24T10:00:00Z");
+        let ancient = lease("l", Some("n1"), "2026-11-24T09:00:00Z", 60);
+        assert!(matches!(
+            slot_status(Some(&ancient), Some(secs(0)), now),
+            SlotStatus::Held { .. }
+        ));
+        assert!(matches!(
+            slot_status(Some(&ancient), Some(secs(59)), now),
+            SlotStatus::Held { .. }
+        ));
+        // Not recorded in `seen` (cannot happen in the agent): counts as seen just now.
+        let slots = slot_names("l", 1);
+        let leases: BTreeMap<String, Lease> = [("l".to_string(), ancient)].into();
+        assert_eq!(
+            pick_slot(&slots, &leases, &Seen::new(), now, Instant::now(), |_| {
+                HolderNode::Idle
+            }),
+            None
+        );
     }
 
     #[test]
     fn pick_prefers_free_then_expired_then_ghost() {
         let now = t("2026-11-24T10:00:00Z");
+        // Two hours on: every `mono - secs(..)` below stays after the process started.
+        let mono = Instant::now() + secs(7200);
         let slots = slot_names("l", 2);
         // This agent has been watching all along: it saw each version when it was written.
-        let mut seen: Seen = [("l".to_string(), t("2026-11-24T09:59:30Z"))].into();
+        let mut seen: Seen = [("l".to_string(), mono - secs(30))].into();
         let mut leases = BTreeMap::new();
         leases.insert("l".into(), lease("l", Some("n1"), "2026-11-24T09:59:30Z", 60));
         // Slot l-1 missing: take it.
         assert_eq!(
-            pick_slot(&slots, &leases, &seen, now, |_| HolderNode::Idle).as_deref(),
+            pick_slot(&slots, &leases, &seen, now, mono, |_| HolderNode::Idle).as_deref(),
             Some("l-1")
         );
         leases.insert("l-1".into(), lease("l-1", Some("n2"), "2026-11-24T09:00:00Z", 60));
-        seen.insert("l-1".into(), t("2026-11-24T09:00:00Z"));
+        seen.insert("l-1".into(), mono - secs(3600));
         assert_eq!(
-            pick_slot(&slots, &leases, &seen, now, |_| HolderNode::Idle).as_deref(),
+            pick_slot(&slots, &leases, &seen, now, mono, |_| HolderNode::Idle).as_deref(),
             Some("l-1"),
             "expired"
         );
         leases.insert("l-1".into(), lease("l-1", Some("n2"), "2026-11-24T09:59:59Z", 60));
-        seen.insert("l-1".into(), t("2026-11-24T09:59:59Z"));
+        seen.insert("l-1".into(), mono - secs(1));
         assert_eq!(
-            pick_slot(&slots, &leases, &seen, now, |_| HolderNode::Idle),
+            pick_slot(&slots, &leases, &seen, now, mono, |_| HolderNode::Idle),
             None,
             "all held"
         );
         assert_eq!(
-            pick_slot(&slots, &leases, &seen, now, |h| if h == "n1" {
+            pick_slot(&slots, &leases, &seen, now, mono, |h| if h == "n1" {
                 HolderNode::Gone
             } else {
                 HolderNode::Idle
@@ -737,23 +855,23 @@ mod tests {
         );
         // An expired slot whose holder is still out (mid-cycle) is not taken.
         leases.insert("l-1".into(), lease("l-1", Some("n2"), "2026-11-24T09:00:00Z", 60));
-        seen.insert("l-1".into(), t("2026-11-24T09:00:00Z"));
+        seen.insert("l-1".into(), mono - secs(3600));
         assert_eq!(
-            pick_slot(&slots, &leases, &seen, now, |_| HolderNode::InCycle),
+            pick_slot(&slots, &leases, &seen, now, mono, |_| HolderNode::InCycle),
             None
         );
         assert_eq!(
-            pick_slot(&slots, &leases, &seen, now, |_| HolderNode::Unknown),
+            pick_slot(&slots, &leases, &seen, now, mono, |_| HolderNode::Unknown),
             None
         );
         assert_eq!(held_slot(&slots, &leases, "n2").as_deref(), Some("l-1"));
         assert_eq!(held_slot(&slots, &leases, "n3"), None);
         assert_eq!(
-            next_expiry(&slots, &leases, &seen, now),
+            next_expiry(&slots, &leases, &seen, now, mono),
             Some(t("2026-11-24T10:00:30Z"))
         );
         assert_eq!(
-            holders(&slots, &leases, &seen, now),
+            holders(&slots, &leases, &seen, now, mono),
             vec!["n1".to_string(), "n2".to_string()]
         );
     }

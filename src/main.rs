@@ -156,7 +156,16 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
         clock: Clock::default(),
         kernel_boot_id: Arc::new(host::kernel_boot_id),
     };
-    let _ = ready_tx.send(true);
+    // Ready only once the API server has answered (the agent retries on its own meanwhile);
+    // the same task watches this host's clock against the server's.
+    let _api_check = tokio::spawn(kreboot::connect::ready_when_reachable(
+        agent.client.clone(),
+        agent.clock,
+        agent.metrics.clone(),
+        agent.events.clone(),
+        ready_tx,
+        shutdown.clone(),
+    ));
     info!(node = %agent.cfg.node_name, namespace = %agent.cfg.namespace, "kreboot agent started");
     let result = agent::run(agent, sentinel_rx, shutdown).await;
     // Give queued notifications (e.g. "rebooting", sent just before the host went down) a

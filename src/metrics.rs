@@ -48,6 +48,8 @@ pub struct Metrics {
     pub config_valid: IntGaugeVec,
     /// Unix time of the last successful policy load.
     pub config_last_reload: GaugeVec,
+    /// This host's clock minus the API server's (from its `Date` header), in seconds.
+    pub clock_skew: GaugeVec,
     /// 1 while the reboot-loop back-off holds a reboot back.
     pub reboot_loop_backoff: IntGaugeVec,
     /// Duration of drains.
@@ -238,6 +240,12 @@ impl Metrics {
                 &r,
                 "kreboot_paused",
                 "1 while this node needs a reboot and an operator has paused reboots cluster-wide (kreboot pause); 0 otherwise.",
+                n,
+            ),
+            clock_skew: fgauge(
+                &r,
+                "kreboot_clock_skew_seconds",
+                "This host's clock minus the API server's, from its Date header (whole seconds, so within about 1 s); positive: this host is ahead.",
                 n,
             ),
             sentinel_watch_mode: gauge(

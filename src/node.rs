@@ -84,12 +84,15 @@ impl RebootRequest {
         if value.trim().is_empty() {
             return None;
         }
-        Some(
-            serde_json::from_str::<RebootRequest>(value).unwrap_or_else(|_| RebootRequest {
-                by: "unknown".into(),
-                at: String::new(),
-            }),
-        )
+        let r = serde_json::from_str::<RebootRequest>(value).unwrap_or_else(|_| RebootRequest {
+            by: "unknown".into(),
+            at: String::new(),
+        });
+        // Its words go into Events, notifications and logs: bounded.
+        Some(RebootRequest {
+            by: bounded(r.by),
+            at: bounded(r.at),
+        })
     }
 
     /// `requested by alice at 2026-12-01T10:00:00Z`.
@@ -188,14 +191,95 @@ pub struct NodeView {
     pub waiting: bool,
 }
 
+/// How much of a bad annotation value a problem quotes: annotations may hold 256 kB, and a
+/// log line, an Event or `kreboot status` must not.
+const QUOTED: usize = 80;
+
+/// `value`, quoted, cut to [`QUOTED`] bytes.
+pub fn quote(value: &str) -> String {
+    if value.len() <= QUOTED {
+        return format!("{value:?}");
+    }
+    let mut cut = QUOTED;
+    while !value.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{:?}… ({} bytes)", &value[..cut], value.len())
+}
+
+/// Longest text kept from an operator's free-form value (a reboot request's `by` and `at`,
+/// the reboot reason) before it goes into Events, notifications and logs.
+const MAX_FREE_TEXT: usize = 256;
+
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_FREE_TEXT {
+        let mut cut = MAX_FREE_TEXT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
+/// A drain no longer than this is believable; a longer one in [`ANN_DRAINED`] is garbage.
+const MAX_DRAIN_MILLIS: u64 = 7 * 24 * 3600 * 1000;
+/// Pods evicted in one drain beyond which [`ANN_DRAINED`] is garbage (a Node runs at most a
+/// few hundred).
+const MAX_DRAIN_EVICTED: u64 = 100_000;
+
 fn parse_time(value: &str, key: &str, problems: &mut Vec<String>) -> Option<DateTime<Utc>> {
-    match DateTime::parse_from_rfc3339(value) {
+    match DateTime::parse_from_rfc3339(value.trim()) {
         Ok(t) => Some(t.with_timezone(&Utc)),
         Err(e) => {
-            problems.push(format!("{key}={value:?} is not an RFC 3339 time: {e}"));
+            problems.push(format!(
+                "{key}={} is not an RFC 3339 time ({e}); ignored",
+                quote(value)
+            ));
             None
         }
     }
+}
+
+/// A recorded time this far ahead of this node's clock is not clock skew but a wrong value.
+pub const FUTURE_TOLERANCE: Duration = Duration::minutes(5);
+
+/// Recorded times in the future of `now` (hand-edited, or written by a node whose clock was
+/// wrong). They are obeyed the safe way, as written: a back-off runs until the time plus the
+/// back-off, a health gate's deadline moves out accordingly; no reboot happens earlier than
+/// the annotation says. The problem tells the operator to fix or remove it.
+pub fn time_problems(r: &Recorded, now: DateTime<Utc>) -> Vec<String> {
+    [
+        (
+            ANN_LAST_REBOOT,
+            r.last_reboot,
+            "the reboot-loop back-off holds the node until then",
+        ),
+        (
+            ANN_LAST_FAILURE,
+            r.last_failure,
+            "the failure back-off holds the node until then",
+        ),
+        (
+            ANN_VERIFYING_SINCE,
+            r.verifying_since,
+            "the health gate's deadline counts from then",
+        ),
+        (ANN_HEALTH_GATE_FAILED, r.health_gate_failed, "recorded as failed"),
+    ]
+    .into_iter()
+    .filter_map(|(key, t, effect)| {
+        let t = t?;
+        (t > now + FUTURE_TOLERANCE).then(|| {
+            format!(
+                "{key}={} is in the future (this node's clock says {}): {effect}; fix or remove it",
+                format_time(t),
+                format_time(now)
+            )
+        })
+    })
+    .collect()
 }
 
 /// Parses kreboot's annotations.
@@ -212,16 +296,29 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
             // safe interpretation, because the drain step is idempotent and ends either in a
             // reboot or in an uncordon of what kreboot cordoned.
             r.problems.push(format!(
-                "{ANN_PHASE}={other:?} is not a known phase; resuming as draining"
+                "{ANN_PHASE}={} is not a known phase; resuming as draining",
+                quote(other)
             ));
             Phase::Draining
         }
     };
-    r.cordoned_by_kreboot = get(ANN_CORDONED_BY_KREBOOT) == Some("true");
+    r.cordoned_by_kreboot = match get(ANN_CORDONED_BY_KREBOOT) {
+        None | Some("false") => false,
+        Some("true") => true,
+        // Anything else: kreboot did not cordon (as far as it can tell), so it never uncordons
+        // the node: an administrator's cordon is never lifted by mistake.
+        Some(other) => {
+            r.problems.push(format!(
+                "{ANN_CORDONED_BY_KREBOOT}={} is neither true nor false; taken as false (kreboot will not uncordon the node)",
+                quote(other)
+            ));
+            false
+        }
+    };
     r.lock = get(ANN_LOCK).map(str::to_owned);
     r.pre_reboot_boot_id = get(ANN_PRE_REBOOT_BOOT_ID).map(str::to_owned);
     r.pre_reboot_kernel_boot_id = get(ANN_PRE_REBOOT_KERNEL_BOOT_ID).map(str::to_owned);
-    r.reboot_reason = get(ANN_REBOOT_REASON).unwrap_or_default().to_owned();
+    r.reboot_reason = bounded(get(ANN_REBOOT_REASON).unwrap_or_default().to_owned());
     r.reboot_requested = get(ANN_REBOOT_REQUESTED).and_then(RebootRequest::parse);
     r.operator_drained = get(crate::drain_cli::ANN_DRAINED_BY).is_some_and(|v| !v.is_empty());
     let mut problems = std::mem::take(&mut r.problems);
@@ -232,9 +329,16 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
     r.health_gate_failed =
         get(ANN_HEALTH_GATE_FAILED).and_then(|v| parse_time(v, ANN_HEALTH_GATE_FAILED, &mut problems));
     r.drained = get(ANN_DRAINED).and_then(|v| match serde_json::from_str::<DrainRecord>(v) {
-        Ok(d) => Some(d),
+        Ok(d) if d.millis <= MAX_DRAIN_MILLIS && d.evicted <= MAX_DRAIN_EVICTED => Some(d),
+        Ok(_) => {
+            problems.push(format!("{ANN_DRAINED}={} is out of range; ignored", quote(v)));
+            None
+        }
         Err(_) => {
-            problems.push(format!("{ANN_DRAINED}={v:?} is not a drain record; ignored"));
+            problems.push(format!(
+                "{ANN_DRAINED}={} is not a drain record; ignored",
+                quote(v)
+            ));
             None
         }
     });
@@ -1352,5 +1456,163 @@ mod tests {
             json!("drain timeout")
         );
         assert_eq!(p["metadata"]["annotations"][ANN_PHASE], Value::Null);
+    }
+
+    /// Every annotation the agent reads.
+    const READ: &[&str] = &[
+        ANN_PHASE,
+        ANN_CORDONED_BY_KREBOOT,
+        ANN_LOCK,
+        ANN_PRE_REBOOT_BOOT_ID,
+        ANN_PRE_REBOOT_KERNEL_BOOT_ID,
+        ANN_LAST_REBOOT,
+        ANN_LAST_FAILURE,
+        ANN_LAST_FAILURE_REASON,
+        ANN_REBOOT_REQUIRED_SINCE,
+        ANN_REBOOT_REASON,
+        ANN_REBOOT_REQUESTED,
+        ANN_VERIFYING_SINCE,
+        ANN_HEALTH_GATE_FAILED,
+        ANN_DRAINED,
+        ANN_WAITING_SINCE,
+        ANN_BLOCKED_BY,
+        crate::drain_cli::ANN_DRAINED_BY,
+        crate::drain_cli::ANN_DRAINED_AT,
+    ];
+
+    /// Issue 17: hand-edited garbage in every annotation the agent reads. Never a panic; each
+    /// problem quotes a bounded part of the value; and whatever the garbage, the decision for
+    /// an idle node whose lock is not held is never a step that takes it out of service
+    /// (cordon, drain, reboot) — at most asking for the lock.
+    #[test]
+    fn garbage_in_any_annotation_never_panics_nor_takes_the_node_out() {
+        use proptest::prelude::*;
+        let garbage = prop_oneof![
+            Just(String::new()),
+            Just("{".to_string()),
+            Just("null".to_string()),
+            Just("[1,2,3]".to_string()),
+            Just(r#"{"millis": -1, "evicted": 1}"#.to_string()),
+            Just(r#"{"millis": 18446744073709551615, "evicted": 18446744073709551615}"#.to_string()),
+            Just(r#"{"millis": 1e400}"#.to_string()),
+            Just(r#"{"by": 5, "at": []}"#.to_string()),
+            Just("-9223372036854775808".to_string()),
+            Just("9999-12-31T23:59:59Z".to_string()),
+            Just("+262143-01-01T00:00:00Z".to_string()),
+            Just("2026-13-45T99:99:99Z".to_string()),
+            Just("x".repeat(300_000)),
+            Just("é".repeat(100_000)),
+            any::<String>(),
+        ];
+        let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+            cases: 2000,
+            failure_persistence: None,
+            ..Default::default()
+        });
+        runner
+            .run(
+                &(
+                    proptest::sample::subsequence(READ.to_vec(), 1..=4),
+                    prop::collection::vec(garbage, 4),
+                ),
+                |(keys, values)| {
+                    let a: BTreeMap<String, String> = keys
+                        .iter()
+                        .zip(values.iter().cycle())
+                        .map(|(k, v)| (k.to_string(), v.clone()))
+                        .collect();
+                    let r = parse_recorded(&a);
+                    let mut problems = r.problems.clone();
+                    problems.extend(time_problems(&r, t("2026-11-24T22:00:00Z")));
+                    for p in &problems {
+                        prop_assert!(p.len() < 600, "unbounded problem: {} bytes", p.len());
+                    }
+                    if let Some(q) = &r.reboot_requested {
+                        prop_assert!(q.describe().len() < 700);
+                    }
+                    prop_assert!(r.reboot_reason.len() <= 260);
+                    let mut o = obs();
+                    o.node.recorded = r.clone();
+                    let action = decide(&o);
+                    if r.phase == Phase::Idle {
+                        prop_assert!(
+                            matches!(action, Action::Wait { .. } | Action::AcquireLock),
+                            "{action:?} for {a:.200?}"
+                        );
+                    } else {
+                        // Mid-cycle without the lock: the cycle ends (never a drain or a
+                        // reboot without the lock).
+                        prop_assert!(
+                            !matches!(action, Action::Cordon | Action::Drain | Action::Reboot),
+                            "{action:?} for {a:.200?}"
+                        );
+                    }
+                    let _ = end_cycle_patch(&o.node, CycleEnd::Failed("x"), o.now);
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn each_kind_of_garbage_is_read_the_documented_way() {
+        let now = t("2026-11-24T22:00:00Z");
+        let one = |k: &str, v: &str| parse_recorded(&BTreeMap::from([(k.to_owned(), v.to_owned())]));
+        // cordoned-by-kreboot: anything but "true" is false (never uncordon an admin's cordon).
+        let r = one(ANN_CORDONED_BY_KREBOOT, "yes");
+        assert!(!r.cordoned_by_kreboot);
+        assert!(
+            r.problems[0].contains("neither true nor false"),
+            "{:?}",
+            r.problems
+        );
+        assert!(one(ANN_CORDONED_BY_KREBOOT, "false").problems.is_empty());
+        // Times that are not times: ignored, reported.
+        let r = one(ANN_LAST_FAILURE, "last tuesday");
+        assert_eq!(r.last_failure, None);
+        assert!(r.problems[0].contains("not an RFC 3339 time"));
+        // A huge value is quoted in part.
+        let r = one(ANN_PHASE, &"z".repeat(200_000));
+        assert!(
+            r.problems[0].len() < 300 && r.problems[0].contains("200000 bytes"),
+            "{}",
+            r.problems[0]
+        );
+        // A drain record out of range: ignored (it only feeds metrics).
+        let r = one(ANN_DRAINED, r#"{"millis": 18446744073709551615, "evicted": 3}"#);
+        assert_eq!(r.drained, None);
+        assert!(r.problems[0].contains("out of range"));
+        // A reboot request's words are bounded.
+        let r = one(
+            ANN_REBOOT_REQUESTED,
+            &format!(r#"{{"by": "{}", "at": ""}}"#, "a".repeat(10_000)),
+        );
+        assert!(r.reboot_requested.unwrap().by.len() <= 260);
+        // Times in the future: obeyed as written (the node waits), and reported.
+        let r = one(ANN_LAST_REBOOT, "9999-12-31T23:59:59Z");
+        assert!(r.problems.is_empty());
+        let p = time_problems(&r, now);
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].contains("is in the future") && p[0].contains("9999-12-31"),
+            "{}",
+            p[0]
+        );
+        let mut o = obs();
+        o.node.recorded = r;
+        assert!(
+            matches!(
+                decide(&o),
+                Action::Wait {
+                    reason: WaitReason::RebootLoopBackoff,
+                    ..
+                }
+            ),
+            "{:?}",
+            decide(&o)
+        );
+        // A few minutes ahead is clock skew, not garbage.
+        let r = one(ANN_LAST_FAILURE, "2026-11-24T22:04:00Z");
+        assert!(time_problems(&r, now).is_empty());
     }
 }

@@ -102,6 +102,51 @@ pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Re
     Ok(out)
 }
 
+/// The policy text of a file given to `policy check`: the file itself, or, when it is a
+/// ConfigMap manifest (`kubectl get configmap kreboot-config -o yaml > f`, a chart's
+/// rendering), the document under its [`crate::policy::CONFIG_KEY`] key, as the agents read
+/// it. A ConfigMap with the policy under another key (`config.yml`, `policy.yaml`) is the
+/// error the agents report, naming the expected key and the keys found.
+///
+/// # Errors
+/// The ConfigMap has no `config.yaml` key.
+pub fn policy_text(doc: &str) -> Result<std::borrow::Cow<'_, str>, String> {
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        kind: Option<String>,
+        #[serde(default)]
+        metadata: Meta,
+        data: Option<std::collections::BTreeMap<String, String>>,
+        #[serde(rename = "binaryData")]
+        binary_data: Option<std::collections::BTreeMap<String, String>>,
+    }
+    #[derive(serde::Deserialize, Default)]
+    struct Meta {
+        name: Option<String>,
+        namespace: Option<String>,
+    }
+    // Not a manifest (any policy, or text that is not YAML): the policy parser says what is
+    // wrong with it.
+    let Ok(m) = serde_saphyr::from_str::<Manifest>(doc) else {
+        return Ok(doc.into());
+    };
+    if m.kind.as_deref() != Some("ConfigMap") {
+        return Ok(doc.into());
+    }
+    let name = format!(
+        "{}/{}",
+        m.metadata.namespace.as_deref().unwrap_or("-"),
+        m.metadata.name.as_deref().unwrap_or("-")
+    );
+    let binary: Vec<&str> = m
+        .binary_data
+        .iter()
+        .flat_map(|d| d.keys())
+        .map(String::as_str)
+        .collect();
+    crate::policy::document_in(&name, m.data.as_ref(), &binary).map(|d| d.to_owned().into())
+}
+
 /// Runs `kreboot policy ...`.
 pub fn run(args: &PolicyArgs) -> ExitCode {
     match &args.command {
@@ -114,6 +159,13 @@ fn run_check(args: &PolicyCheckArgs) -> ExitCode {
         Ok(d) => d,
         Err(e) => {
             eprintln!("error: cannot read {}: {e}", args.file.display());
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let doc = match policy_text(&doc) {
+        Ok(d) => d.into_owned(),
+        Err(e) => {
+            eprintln!("error: {}: {e}", args.file.display());
             return ExitCode::from(EXIT_INVALID);
         }
     };

@@ -86,9 +86,71 @@ pub fn bound_packages(text: &str) -> Vec<String> {
     out
 }
 
+/// What is at the sentinel's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Nothing.
+    Absent,
+    /// A file (or another non-directory: a FIFO, a socket), directly or through a symlink:
+    /// a reboot is required, whatever it contains (as in kured, whose test is "exists").
+    File,
+    /// A directory: not a reboot request. Nothing that asks for a reboot makes one (apt,
+    /// needs-restarting and kured's users `touch` a file); the usual way one appears is a
+    /// hostPath volume of the sentinel *file* whose file was absent, which the kubelet creates
+    /// as an empty directory, again at every pod start. Read as "required" it would reboot the
+    /// node, and every node so mounted, in a loop; so it is ignored with a warning.
+    Directory,
+    /// A symlink whose target does not exist: absent (the target is what would say it).
+    DanglingSymlink(PathBuf),
+    /// The path cannot be examined (permission denied, a looping symlink, an I/O error): not a
+    /// reboot request, with a warning; the watch re-reads it at every change and poll.
+    Unreadable(String),
+}
+
+impl Found {
+    /// Whether this means "reboot required".
+    pub fn required(&self) -> bool {
+        matches!(self, Found::File)
+    }
+
+    /// The warning for an operator when the path holds something unexpected.
+    pub fn warning(&self, path: &Path) -> Option<String> {
+        let p = path.display();
+        match self {
+            Found::Absent | Found::File => None,
+            Found::Directory => Some(format!(
+                "sentinel {p} is a directory, not a file: not read as a reboot request (a hostPath volume of a missing file creates a directory; mount its parent directory instead, and remove it)"
+            )),
+            Found::DanglingSymlink(target) => Some(format!(
+                "sentinel {p} is a symlink to {}, which does not exist: no reboot required until it does",
+                target.display()
+            )),
+            Found::Unreadable(e) => Some(format!(
+                "sentinel {p} cannot be examined ({e}): not read as a reboot request"
+            )),
+        }
+    }
+}
+
+/// Looks at the sentinel's path (following symlinks) without reading it.
+pub fn examine(path: &Path) -> Found {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Found::Directory,
+        Ok(_) => Found::File,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::symlink_metadata(path) {
+            // The link itself exists, its target does not.
+            Ok(m) if m.file_type().is_symlink() => {
+                Found::DanglingSymlink(std::fs::read_link(path).unwrap_or_default())
+            }
+            _ => Found::Absent,
+        },
+        Err(e) => Found::Unreadable(e.to_string()),
+    }
+}
+
 /// Reads the sentinel's state from the filesystem.
 pub fn read_state(path: &Path) -> SentinelState {
-    let required = path.exists();
+    let required = examine(path).required();
     let mut pkgs = path.as_os_str().to_owned();
     pkgs.push(".pkgs");
     let packages = if required {
@@ -447,6 +509,9 @@ struct Worker {
     armed: Armed,
     /// When a polling watch next tries inotify (`None`: on inotify, or never).
     next_retry: Option<Instant>,
+    /// The last warning logged about what is at the path (each is logged once, when it
+    /// appears, not at every poll).
+    warned: std::cell::RefCell<Option<String>>,
 }
 
 impl Worker {
@@ -487,6 +552,17 @@ impl Worker {
 
     /// Re-reads the sentinel and publishes a change.
     fn publish(&self) {
+        let warning = examine(&self.path).warning(&self.path);
+        if *self.warned.borrow() != warning {
+            match &warning {
+                Some(w) => warn!(path = %self.path.display(), "{w}"),
+                None if self.warned.borrow().is_some() => {
+                    info!(path = %self.path.display(), "sentinel path is back to a file or nothing")
+                }
+                None => {}
+            }
+            self.warned.replace(warning);
+        }
         let now = read_state(&self.path);
         self.state.send_if_modified(|s| {
             let changed = *s != now;
@@ -681,6 +757,7 @@ impl SentinelWatch {
             active: Active::Poll { _watcher: None },
             armed: Armed::default(),
             next_retry: None,
+            warned: std::cell::RefCell::new(None),
         };
         match watch_target(&worker.path).map(|t| worker.inotify(&t)) {
             Some(Ok((watcher, armed))) => {

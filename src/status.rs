@@ -19,7 +19,6 @@ use kube::{Api, api::ListParams};
 use serde::{Serialize, Serializer};
 
 use crate::{
-    agent::CONFIG_KEY,
     cli::{StatusArgs, StatusFormat},
     lock::{self, CLOCK_SKEW_ALLOWANCE, SlotStatus},
     node::{
@@ -122,8 +121,9 @@ pub struct LockSlot {
     /// When the holder last renewed it (or acquired it).
     #[serde(serialize_with = "ser_opt_time")]
     pub renewed: Option<DateTime<Utc>>,
-    /// When other nodes count it as expired unless renewed: renewal + lease duration + the
-    /// clock-skew allowance (None: free, or no times recorded).
+    /// An estimate of when it expires unless renewed: renewal + lease duration + the
+    /// clock-skew allowance (None: free, or no times recorded). The agents judge expiry by
+    /// how long they have watched the Lease unchanged, not by this (see `lock`).
     #[serde(serialize_with = "ser_opt_time")]
     pub expires: Option<DateTime<Utc>>,
     /// Expired at `now`.
@@ -319,7 +319,10 @@ fn parse_time(
     match DateTime::parse_from_rfc3339(value) {
         Ok(t) => Some(t.with_timezone(&Utc)),
         Err(e) => {
-            problems.push(format!("{key}={value:?} is not an RFC 3339 time: {e}"));
+            problems.push(format!(
+                "{key}={} is not an RFC 3339 time: {e}",
+                node::quote(value)
+            ));
             None
         }
     }
@@ -342,6 +345,7 @@ fn node_status(
     let view = node::view(n);
     let annotations = n.metadata.annotations.clone().unwrap_or_default();
     let mut problems = view.recorded.problems.clone();
+    problems.extend(node::time_problems(&view.recorded, now));
     let since = parse_time(&annotations, ANN_REBOOT_REQUIRED_SINCE, &mut problems);
     let waiting_since = parse_time(&annotations, ANN_WAITING_SINCE, &mut problems);
     let phase = non_empty(&annotations, ANN_PHASE);
@@ -800,13 +804,25 @@ async fn gather(args: &StatusArgs) -> anyhow::Result<ClusterStatus> {
         .await
         .map_err(|e| api_error(&format!("read ConfigMap {ns}/{}", args.config_map), e))?;
     let now = args.now.unwrap_or_else(Utc::now);
-    let no_key = format!("ConfigMap {ns}/{} has no key {CONFIG_KEY}", args.config_map);
+    let no_key;
     let input = match &cm {
         None => PolicyInput::Missing,
-        Some(cm) => match cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) {
-            Some(doc) => PolicyInput::Document(doc),
-            None => PolicyInput::Unusable(&no_key),
-        },
+        Some(cm) => {
+            let binary: Vec<&str> = cm
+                .binary_data
+                .iter()
+                .flat_map(|d| d.keys())
+                .map(String::as_str)
+                .collect();
+            match crate::policy::document_in(&format!("{ns}/{}", args.config_map), cm.data.as_ref(), &binary)
+            {
+                Ok(doc) => PolicyInput::Document(doc),
+                Err(e) => {
+                    no_key = e;
+                    PolicyInput::Unusable(&no_key)
+                }
+            }
+        }
     };
     let mut status = build_with(&nodes, &leases, input, now);
     status.paused = crate::pause::of_config_map(cm.as_ref());

@@ -121,6 +121,8 @@ fn every_reason_is_documented() {
         SentinelPolling,
         HostAccessDenied,
         RebootsPaused,
+        BadAnnotation,
+        ClockSkew,
     ] {
         assert!(
             readme.contains(&format!("`{}`", r.as_str())),

@@ -365,7 +365,9 @@ async fn expired_lease_is_taken_over() {
     leases
         .create(
             &PostParams::default(),
-            &foreign_lease("other", chrono::Duration::seconds(300), 60),
+            // Expired by its timestamps long ago; the agent still watches it unchanged for its
+            // 3 s duration (on its own clock) before taking it.
+            &foreign_lease("other", chrono::Duration::seconds(300), 3),
         )
         .await
         .unwrap();
@@ -382,12 +384,13 @@ async fn lease_held_by_a_live_node_is_respected_until_it_expires() {
     let (sim, fleet) = cluster(1, |_| {}).await;
     sim.add_node("other", BTreeMap::new());
     let leases: Api<Lease> = Api::namespaced(sim.client().await, "kube-system");
-    // Renewed 117 s ago with a 60 s duration: stale in 3 s, counting the 60 s clock-skew
-    // allowance (this agent sees this version only now, so only its timestamp can expire it).
+    // Renewed an hour ago by its timestamp (or by a holder whose clock is an hour behind) with
+    // a 3 s duration: this agent sees this version only now, and expiry is judged on its own
+    // monotonic clock from that sight, never by the timestamp: it waits the 3 s.
     leases
         .create(
             &PostParams::default(),
-            &foreign_lease("other", chrono::Duration::seconds(117), 60),
+            &foreign_lease("other", chrono::Duration::seconds(3600), 3),
         )
         .await
         .unwrap();

@@ -114,6 +114,39 @@ fn valid_policy_shows_rule_answer_and_windows_in_both_zones() {
     );
 }
 
+/// Issue 17: the policy under the wrong key of the ConfigMap. `policy check` reads a ConfigMap
+/// manifest as the agents read the ConfigMap, and names the expected key and the keys found.
+#[test]
+fn a_configmap_with_the_policy_under_the_wrong_key_names_both() {
+    let indented: String = POLICY.lines().map(|l| format!("    {l}\n")).collect();
+    let manifest = |key: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kreboot-config\n  namespace: kube-system\ndata:\n  {key}: |\n{indented}  other: x\n"
+        )
+    };
+    for wrong in ["config.yml", "policy.yaml"] {
+        let (code, out, err) = check(&manifest(wrong), &[]);
+        assert_eq!(code, 2, "{out}{err}");
+        assert!(
+            err.contains(&format!(
+                "ConfigMap kube-system/kreboot-config has no key \"config.yaml\" (keys found: \"{wrong}\", \"other\"); the policy must be under \"config.yaml\""
+            )) || err.contains(&format!(
+                "ConfigMap kube-system/kreboot-config has no key \"config.yaml\" (keys found: \"other\", \"{wrong}\"); the policy must be under \"config.yaml\""
+            )),
+            "{err}"
+        );
+    }
+    // Under the right key, the manifest is checked like the bare document.
+    let (code, out, err) = check(&manifest("config.yaml"), &["--at", "2026-11-28T01:30:00Z"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, bare, _) = check(POLICY, &["--at", "2026-11-28T01:30:00Z"]);
+    assert_eq!(out, bare);
+    // A manifest with no data at all.
+    let (code, _, err) = check("kind: ConfigMap\nmetadata: {name: kreboot-config}\n", &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("(it has no keys)"), "{err}");
+}
+
 #[test]
 fn invalid_policy_exits_2_naming_the_key() {
     let bad = POLICY.replace("week: last", "week: fifth");

@@ -95,3 +95,75 @@ async fn a_long_package_list_is_bounded() {
     assert_eq!(s.packages.len(), kreboot::sentinel::MAX_PACKAGES + 1);
     assert_eq!(s.packages.last().unwrap(), "and 480 more");
 }
+
+/// Issue 17: the sentinel path holds something other than a file. What `examine` says for
+/// each, on real files: a directory and a dangling symlink are not reboot requests (each with
+/// a warning naming what was found), a symlink to a file and a FIFO are.
+#[test]
+fn what_is_at_the_sentinel_path_decides_and_is_named() {
+    use kreboot::sentinel::{Found, examine, read_state};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("reboot-required");
+    assert_eq!(examine(&p), Found::Absent);
+    assert_eq!(Found::Absent.warning(&p), None);
+
+    std::fs::create_dir(&p).unwrap();
+    assert_eq!(examine(&p), Found::Directory);
+    assert!(!read_state(&p).required, "a directory is not a reboot request");
+    let w = examine(&p).warning(&p).unwrap();
+    assert!(w.contains("is a directory, not a file"), "{w}");
+    std::fs::remove_dir(&p).unwrap();
+
+    let target = dir.path().join("real-sentinel");
+    std::os::unix::fs::symlink(&target, &p).unwrap();
+    assert_eq!(examine(&p), Found::DanglingSymlink(target.clone()));
+    assert!(!read_state(&p).required, "a dangling symlink is absent");
+    let w = examine(&p).warning(&p).unwrap();
+    assert!(w.contains("symlink to") && w.contains("real-sentinel"), "{w}");
+    write(&target, "x\n");
+    assert_eq!(examine(&p), Found::File, "the symlink's target appeared");
+    assert!(read_state(&p).required);
+    std::fs::remove_file(&p).unwrap();
+
+    // A symlink to a directory is a directory.
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("d"), &p).unwrap();
+    assert_eq!(examine(&p), Found::Directory);
+    std::fs::remove_file(&p).unwrap();
+
+    // A symlink loop cannot be examined: not a request, and said so.
+    std::os::unix::fs::symlink(&p, &p).unwrap();
+    assert!(matches!(examine(&p), Found::Unreadable(_)), "{:?}", examine(&p));
+    assert!(!read_state(&p).required);
+    std::fs::remove_file(&p).unwrap();
+
+    // Any other non-directory exists: a request, as in kured.
+    let status = std::process::Command::new("mkfifo").arg(&p).status().unwrap();
+    assert!(status.success());
+    assert_eq!(examine(&p), Found::File);
+    assert!(read_state(&p).required);
+}
+
+/// The watch follows the same rules: a directory created at the path is not published as a
+/// reboot request, the file that replaces it is.
+#[tokio::test]
+async fn a_directory_at_the_path_is_not_a_request_but_the_file_after_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let sentinel = dir.path().join("reboot-required");
+    let w = SentinelWatch::start(sentinel.clone()).unwrap();
+    let mut rx = w.receiver();
+    std::fs::create_dir(&sentinel).unwrap();
+    // Time for the watch to see it (it reports changes within milliseconds).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!rx.borrow().required, "a directory was read as a reboot request");
+    std::fs::remove_dir(&sentinel).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &sentinel).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !rx.borrow().required,
+        "a dangling symlink was read as a reboot request"
+    );
+    write(&dir.path().join("nowhere"), "x\n");
+    // The target appearing is an event on the same directory.
+    until(&mut rx, "the symlink's target appeared", |s| s.required).await;
+}

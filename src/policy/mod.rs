@@ -634,6 +634,52 @@ impl Schedule {
     }
 }
 
+/// The key of the policy ConfigMap that holds the policy document.
+pub const CONFIG_KEY: &str = "config.yaml";
+
+/// Longest list of other keys quoted in [`document_in`]'s error.
+const MAX_KEYS_LISTED: usize = 10;
+
+/// The policy document of ConfigMap `name` (`namespace/name`), given its `data` and the keys of
+/// its `binaryData`: the text under [`CONFIG_KEY`], or an error that names the expected key and
+/// the keys found (`config.yml`, `policy.yaml` are the usual slips), so the operator sees at
+/// once what to rename. The caller treats the error like an invalid policy: the last good
+/// policy stays in force (none yet: no reboots), with an Event and `kreboot_config_valid 0`.
+pub fn document_in<'a>(
+    name: &str,
+    data: Option<&'a std::collections::BTreeMap<String, String>>,
+    binary_keys: &[&str],
+) -> Result<&'a str, String> {
+    if let Some(doc) = data.and_then(|d| d.get(CONFIG_KEY)) {
+        return Ok(doc);
+    }
+    let mut found: Vec<String> = data
+        .into_iter()
+        .flat_map(|d| d.keys())
+        .map(|k| format!("{:?}", parse::bounded_key(k)))
+        .collect();
+    found.extend(
+        binary_keys
+            .iter()
+            .map(|k| format!("{:?} (binaryData)", parse::bounded_key(k))),
+    );
+    let listed = if found.is_empty() {
+        "it has no keys".to_owned()
+    } else {
+        let more = found.len().saturating_sub(MAX_KEYS_LISTED);
+        found.truncate(MAX_KEYS_LISTED);
+        let tail = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        format!("keys found: {}{tail}", found.join(", "))
+    };
+    Err(format!(
+        "ConfigMap {name} has no key {CONFIG_KEY:?} ({listed}); the policy must be under {CONFIG_KEY:?}"
+    ))
+}
+
 impl Policy {
     /// Parses and validates a `config.yaml` document.
     ///

@@ -29,10 +29,40 @@ pub struct PolicyError {
     pub message: String,
 }
 
+/// Longest message or key path kept in a [`PolicyError`]: the messages quote the bad value,
+/// and a pasted 100 kB value must not become a 100 kB log line, Event or metric label.
+const MAX_ERROR_TEXT: usize = 300;
+
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_ERROR_TEXT {
+        let total = text.len();
+        let mut cut = MAX_ERROR_TEXT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(&format!("… ({total} bytes in all)"));
+    }
+    text
+}
+
+/// A key as quoted in an error: at most 100 bytes.
+pub(super) fn bounded_key(key: &str) -> String {
+    let mut cut = key.len().min(100);
+    while !key.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    if cut < key.len() {
+        format!("{}…", &key[..cut])
+    } else {
+        key.to_owned()
+    }
+}
+
 fn err(path: impl Into<String>, message: impl Into<String>) -> PolicyError {
     PolicyError {
-        path: path.into(),
-        message: message.into(),
+        path: bounded(path.into()),
+        message: bounded(message.into()),
     }
 }
 
@@ -545,11 +575,30 @@ fn selector(s: &Option<RawSelector>, path: &str) -> Result<Selector, PolicyError
     Ok(out)
 }
 
+/// Reads the document's shape. In two steps so that every error names where it is: YAML that
+/// does not parse has no key path (the message gives the line and column; the path is
+/// `config.yaml`), and a shape error (an unknown key, a list where a map belongs) is reported
+/// at its key path, e.g. `rules[1].windows[0].strat`, instead of serde's bare message.
+fn raw_policy(yaml: &str) -> Result<RawPolicy, PolicyError> {
+    let value: serde_json::Value =
+        serde_saphyr::from_str(yaml).map_err(|e| err("config.yaml", e.to_string()))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        // The document itself (a list, a number) has the path ".".
+        let path = if path == "." {
+            "config.yaml".to_owned()
+        } else {
+            path
+        };
+        err(path, e.into_inner().to_string())
+    })
+}
+
 pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
     if yaml.trim().is_empty() {
         return Ok(Policy::default());
     }
-    let raw: RawPolicy = serde_saphyr::from_str(yaml).map_err(|e| err("config.yaml", e.to_string()))?;
+    let raw = raw_policy(yaml)?;
     // Every addition to the schema is optional and old documents keep their meaning, so the
     // version stays 1; an older agent rejects the new keys as unknown instead of misreading them.
     if let Some(v) = &raw.version

@@ -149,11 +149,19 @@ fn errors_name_the_key() {
             "blackouts[0].from",
         ),
         ("version: 2", "version"),
-        ("window: []", "config.yaml"),
+        // Shape errors name their key too (an unknown key, a list where a map belongs).
+        ("window: []", "window"),
         (
             "windows: [{days: [mon], start: \"01:00\", end: \"02:00\", strat: x}]",
-            "config.yaml",
+            "windows[0].strat",
         ),
+        (
+            "rules: [{name: a}, {name: b, windows: {days: mon}}]",
+            "rules[1].windows",
+        ),
+        ("rules: 5", "rules"),
+        ("- a\n- b", "config.yaml"),
+        ("windows: [mon: [", "config.yaml"),
     ] {
         let e = Policy::parse(doc).unwrap_err();
         assert_eq!(e.path, path, "{doc}: {e}");
@@ -683,7 +691,7 @@ fn new_fields_errors_name_the_key() {
         ),
         (
             "rules: [{name: a, nodeSelector: {}, healthGate: {timeuot: 5m}}]",
-            "config.yaml",
+            "rules[0].healthGate.timeuot",
             "timeuot",
         ),
         (
@@ -1137,4 +1145,30 @@ fn health_gate_has_a_timeout_with_a_default() {
     );
     assert_eq!(p.rule_for(NONE).health_gate, Some(chrono::Duration::minutes(10)));
     assert_eq!(Policy::default().rule_for(NONE).health_gate, None);
+}
+
+/// Issue 17: the policy under the wrong key of the ConfigMap: the error names the expected key
+/// and the keys found, bounded however many and however long they are.
+#[test]
+fn the_document_under_the_wrong_key_names_the_expected_key_and_those_found() {
+    use std::collections::BTreeMap;
+    let data = BTreeMap::from([("config.yml".to_string(), "timezone: UTC".to_string())]);
+    let e = document_in("kube-system/kreboot-config", Some(&data), &["policy.yaml"]).unwrap_err();
+    assert_eq!(
+        e,
+        "ConfigMap kube-system/kreboot-config has no key \"config.yaml\" (keys found: \"config.yml\", \
+         \"policy.yaml\" (binaryData)); the policy must be under \"config.yaml\""
+    );
+    assert!(
+        document_in("ns/cm", None, &[])
+            .unwrap_err()
+            .contains("(it has no keys)")
+    );
+    let many: BTreeMap<String, String> = (0..50)
+        .map(|i| (format!("k{i:02}{}", "x".repeat(500)), String::new()))
+        .collect();
+    let e = document_in("ns/cm", Some(&many), &[]).unwrap_err();
+    assert!(e.contains("and 40 more") && e.len() < 2000, "{}", e.len());
+    let good = BTreeMap::from([(CONFIG_KEY.to_string(), "timezone: UTC".to_string())]);
+    assert_eq!(document_in("ns/cm", Some(&good), &[]), Ok("timezone: UTC"));
 }
