@@ -596,6 +596,7 @@ impl Agent {
         let namespace = self.cfg.namespace.clone();
         let name = cm_name.clone();
         let me = self.cfg.node_name.clone();
+        let has_prometheus = self.cfg.blockers.prometheus.is_some();
         let apply = move |cm: Option<ConfigMap>| {
             let cm = cm.as_ref();
             let paused = pause::of_config_map(cm);
@@ -612,6 +613,15 @@ impl Agent {
                     None => Err(format!("ConfigMap {cm_name} has no key {CONFIG_KEY}")),
                 },
             };
+            // A gate query needs a Prometheus to ask. Without one every rebooted node of the
+            // rule would sit in its gate until the timeout and stop the rollout there: refuse
+            // the policy now, where the operator sees it (Event, config_valid 0).
+            let parsed = parsed.and_then(|p| match p.gate_queries().first() {
+                Some(path) if !has_prometheus => Err(format!(
+                    "invalid policy at {path}: a gate query needs the agent's --prometheus-url, which is not set"
+                )),
+                _ => Ok(p),
+            });
             match parsed {
                 Ok(p) => {
                     info!(configmap = %cm_name, present = cm.is_some(), "policy loaded");
@@ -1012,6 +1022,9 @@ pub async fn run(
         let _renewer = AbortOnDrop(spawn_renewer(agent.clone(), w.leases.clone()));
         let mut announced_required = false;
         let mut block_cache: Option<(Instant, Option<String>)> = None;
+        // The last answer of the rule's gate query (health gate), and whether it is being asked.
+        let mut gate_query_cache: Option<(Instant, Option<String>)> = None;
+        let mut gate_query_pending;
         let mut pool_count: Option<PoolCount> = None;
         loop {
             changes.mark_seen();
@@ -1119,18 +1132,46 @@ pub async fn run(
                 soak_until: None,
                 health_gate: None,
             };
+            gate_query_pending = false;
+            if view.recorded.phase != Phase::Verifying {
+                // A new gate starts with a fresh answer.
+                gate_query_cache = None;
+            }
             if view.recorded.phase == Phase::Verifying {
                 // The health gate: the Node's Ready condition (own Node watch) and the pods
                 // bound to it (a watch that runs only while the gate holds).
                 agent.watch_pods(&mut w);
                 let pods = w.pods.borrow().clone();
-                obs.health_gate = policy
+                let rule = policy.as_ref().map(|p| p.rule_for(&view.labels));
+                obs.health_gate = rule
                     .as_ref()
-                    .and_then(|p| p.rule_for(&view.labels).health_gate)
+                    .and_then(|r| r.health_gate)
                     .map(|timeout| HealthGate {
                         timeout,
                         unhealthy: health::unhealthy(view.ready, pods.as_deref()),
                     });
+                // The rule's gate query, once the node and its DaemonSet pods are Ready: asked
+                // again after --blocker-check-interval (the wait below wakes for it), a
+                // recent answer reused when something else woke the loop.
+                if let Some(gate) = obs.health_gate.as_mut()
+                    && gate.unhealthy.is_empty()
+                    && let Some(query) = rule.as_ref().and_then(|r| r.health_query.as_deref())
+                {
+                    gate_query_pending = true;
+                    let cached = gate_query_cache
+                        .as_ref()
+                        .filter(|(t, _)| t.elapsed() < agent.cfg.blockers.interval)
+                        .map(|(_, r)| r.clone());
+                    let verdict = match cached {
+                        Some(v) => v,
+                        None => {
+                            let v = gate_query(&agent, query).await;
+                            gate_query_cache = Some((Instant::now(), v.clone()));
+                            v
+                        }
+                    };
+                    gate.unhealthy.extend(verdict);
+                }
             }
             // The rule's soak, counted from the last release of a slot of this node's set (the
             // Leases it watches already carry it). Only for a claimed slot: a slot handed over
@@ -1392,6 +1433,10 @@ pub async fn run(
                         WaitReason::Blocked => Some(Instant::now() + agent.cfg.blockers.interval),
                         // A refused preflight is tried again on a back-off.
                         WaitReason::HostAccess => Some(Instant::now() + HOST_ACCESS_RECHECK),
+                        // A gate query is asked again (Prometheus sends no news).
+                        WaitReason::HealthGate if gate_query_pending => {
+                            Some(Instant::now() + agent.cfg.blockers.interval)
+                        }
                         _ => None,
                     };
                     let deadline = [until, next_window]
@@ -1794,6 +1839,24 @@ async fn release(agent: &Agent, w: &Watches) -> Result<(), StepError> {
 
 /// `slots` and every other Lease of the lock, sorted (the slot set follows the policy; a slot
 /// of an earlier set may still be held).
+/// Evaluates a rule's `healthGate.query` against `--prometheus-url`: None when it returns no
+/// series, else why the gate stays closed (see [`health::query_verdict`]).
+async fn gate_query(agent: &Agent, query: &str) -> Option<String> {
+    let Some(prometheus) = agent.cfg.blockers.prometheus.as_ref() else {
+        // Refused at policy load; kept closed here too should it ever get this far.
+        return Some("cannot evaluate healthGate.query: the agent has no --prometheus-url".to_owned());
+    };
+    let result = match reqwest::Client::builder().build() {
+        Ok(http) => blockers::query_series(&http, &prometheus.url, query).await,
+        Err(e) => Err(e.to_string()),
+    };
+    let verdict = health::query_verdict(&result);
+    if let Some(v) = &verdict {
+        debug!(node = %agent.cfg.node_name, verdict = %v, "health gate query holds the slot");
+    }
+    verdict
+}
+
 fn all_slots(slots: &[String], leases: &BTreeMap<String, Lease>) -> Vec<String> {
     let mut all: BTreeSet<String> = slots.iter().cloned().collect();
     all.extend(leases.keys().cloned());

@@ -253,6 +253,73 @@ pub async fn alert_reason(p: &AlertBlocker) -> Option<String> {
     (!names.is_empty()).then(|| reason("alerts", &names))
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct QueryResponse {
+    status: String,
+    #[serde(default)]
+    data: Option<QueryData>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct QueryData {
+    result_type: String,
+    #[serde(default)]
+    result: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct QuerySeries {
+    #[serde(default)]
+    metric: std::collections::BTreeMap<String, String>,
+}
+
+/// Evaluates PromQL `query` at Prometheus's present (`/api/v1/query`) and returns the label
+/// sets of the series it returns (a vector or a matrix).
+///
+/// # Errors
+/// A transport error, Prometheus's own error (a query it cannot parse or run), or a scalar or
+/// string result: such a query always has a value, so "no series" could never be reached.
+pub async fn query_series(
+    http: &reqwest::Client,
+    base: &str,
+    query: &str,
+) -> Result<Vec<std::collections::BTreeMap<String, String>>, String> {
+    let url = format!("{}/api/v1/query", base.trim_end_matches('/'));
+    let resp = http
+        .get(&url)
+        .query(&[("query", query)])
+        .timeout(PROMETHEUS_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status();
+    // Prometheus answers a bad query with 400 and a JSON error: read the body either way.
+    let body: QueryResponse = resp
+        .json()
+        .await
+        .map_err(|e| format!("{url}: HTTP {status}, not a Prometheus answer: {e}"))?;
+    if body.status != "success" {
+        return Err(body.error.unwrap_or_else(|| format!("status {}", body.status)));
+    }
+    let data = body
+        .data
+        .ok_or_else(|| format!("{url}: a success without data"))?;
+    match data.result_type.as_str() {
+        "vector" | "matrix" => {
+            let series: Vec<QuerySeries> = serde_json::from_value(data.result)
+                .map_err(|e| format!("{url}: not a Prometheus result: {e}"))?;
+            Ok(series.into_iter().map(|s| s.metric).collect())
+        }
+        other => Err(format!(
+            "the query returns a {other}, which always has a value: write one that returns series (an instant vector, e.g. `up{{job=\"x\"}} == 0`)"
+        )),
+    }
+}
+
 /// Reads Alertmanager's `/api/v2/alerts` (every alert it holds: active, silenced, inhibited,
 /// unprocessed).
 ///

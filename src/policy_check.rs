@@ -60,6 +60,11 @@ pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Re
                 humantime::format_duration(timeout)
             );
         }
+        if let Some(q) = &rule.health_query {
+            out += &format!(
+                "health gate query: the slot is kept while `{q}` returns any series (asked of the agents' --prometheus-url; an agent without it rejects this policy)\n"
+            );
+        }
         if let Some(g) = &rule.lock_group {
             let value = g.value.as_deref().unwrap_or("(label absent)");
             out += &format!("lock group: {}={value}", g.label);

@@ -3,7 +3,8 @@
 //! here on 127.0.0.1 with a rule that fires while a gate metric says so); an alert the filter
 //! excludes never blocks; with a real Alertmanager beside it, an alert silenced there does not
 //! block and one that is not silenced does. Also the pre/post-reboot labels and the PreferNoSchedule taint while
-//! a node waits for the lock.
+//! a node waits for the lock. And a rule's `healthGate.query`, asked of the real Prometheus:
+//! the rebooted node keeps its lock slot while the query returns a series.
 
 mod common;
 
@@ -20,7 +21,11 @@ use std::{
 
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
-use kreboot::{blockers::AlertBlocker, node::ANN_BLOCKED_BY, sim};
+use kreboot::{
+    blockers::AlertBlocker,
+    node::{ANN_BLOCKED_BY, ANN_LAST_REBOOT, ANN_PHASE},
+    sim,
+};
 use kube::{Api, api::DeleteParams};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -355,6 +360,145 @@ async fn an_alert_silenced_in_real_alertmanager_does_not_block_an_unsilenced_one
         kreboot::blockers::alert_reason(&blocker(None)).await.as_deref(),
         Some("alerts: Quiet"),
         "Quiet was still firing in Prometheus when n0 rebooted"
+    );
+}
+
+/// `healthGate.query: gate_closed == 1` against a real Prometheus scraping the gate: the
+/// rebooted node stays in phase `verifying`, holding its slot, with the query's series as the
+/// reason on the Node (what `kreboot status` shows under BLOCKED BY), until the series is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_query_in_real_prometheus_holds_the_slot_until_it_returns_no_series() {
+    let test = "a_gate_query_in_real_prometheus_holds_the_slot_until_it_returns_no_series";
+    if !found("prometheus") {
+        cannot_run(test, "prometheus is not installed (Debian's prometheus package)");
+        return;
+    }
+    let closed = Arc::new(AtomicBool::new(true));
+    let gate_port = gate_server(closed.clone());
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gate\n    static_configs:\n      - targets: ['127.0.0.1:{gate_port}']\n"
+        ),
+    )
+    .expect("config");
+    let (_prom, prom_port) = common::start_prometheus(&dir.path().join("prometheus.yml"), dir.path());
+    let url = format!("http://127.0.0.1:{prom_port}");
+    let http = reqwest::Client::new();
+    let query = "gate_closed == 1";
+    wait_async(LIMIT, "Prometheus has the gate's series", || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            kreboot::blockers::query_series(&http, &url, query)
+                .await
+                .is_ok_and(|s| s.len() == 1)
+        }
+    })
+    .await;
+    // A query Prometheus refuses is an error (the gate would stay closed), not "no series".
+    let bad = kreboot::blockers::query_series(&http, &url, "gate_closed ==").await;
+    assert!(bad.is_err(), "{bad:?}");
+
+    let (sim, fleet) = cluster(1, |c| {
+        c.blockers.prometheus = Some(AlertBlocker {
+            url: url.clone(),
+            filter: None,
+            match_only: false,
+            firing_only: true,
+            alertmanager: None,
+        });
+        c.blockers.interval = Duration::from_secs(1);
+    })
+    .await;
+    sim.configmap_put(
+        "kube-system",
+        "kreboot-config",
+        BTreeMap::from([(
+            "config.yaml".to_string(),
+            format!(
+                "rules:\n  - name: all\n    nodeSelector: {{}}\n    healthGate: {{timeout: 5m, query: '{query}'}}\n"
+            ),
+        )]),
+    );
+    fleet.start_all();
+    fleet.require_reboot("n0");
+    wait_for(LIMIT, "n0 rebooted and held in its gate by the query", || {
+        annotation(&sim, "n0", ANN_PHASE).as_deref() == Some("verifying")
+            && annotation(&sim, "n0", ANN_BLOCKED_BY)
+                .is_some_and(|r| r.starts_with("health_gate: query returned 1 series: gate_closed{"))
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(
+            annotation(&sim, "n0", ANN_PHASE).as_deref(),
+            Some("verifying"),
+            "the gate holds while the series is there"
+        );
+        assert_eq!(
+            lease_holder(&sim, "kreboot-lock").as_deref(),
+            Some("n0"),
+            "slot kept"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        annotation(&sim, "n0", ANN_LAST_REBOOT).is_some(),
+        "the reboot happened"
+    );
+    closed.store(false, Ordering::SeqCst);
+    wait_for(
+        LIMIT,
+        "n0 leaves its gate once the query returns no series",
+        || completed(&sim, "n0"),
+    )
+    .await;
+    assert_eq!(annotation(&sim, "n0", ANN_BLOCKED_BY), None, "reason cleared");
+    assert!(
+        !event_reasons(&sim, "n0").iter().any(|r| r == "HealthGateFailed"),
+        "passed within the timeout"
+    );
+}
+
+/// An agent without `--prometheus-url` refuses a policy with a gate query (it could never be
+/// answered): `ConfigInvalid` Event naming the key, `kreboot_config_valid 0`, and no reboot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_query_without_prometheus_is_refused_at_policy_load() {
+    let (sim, fleet) = cluster(1, |_| {}).await;
+    sim.configmap_put(
+        "kube-system",
+        "kreboot-config",
+        BTreeMap::from([(
+            "config.yaml".to_string(),
+            "rules:\n  - name: all\n    nodeSelector: {}\n    healthGate: {query: 'up == 0'}\n".to_string(),
+        )]),
+    );
+    fleet.start_all();
+    fleet.require_reboot("n0");
+    wait_for(LIMIT, "a ConfigInvalid event naming the gate query", || {
+        sim.events().iter().any(|e| {
+            e.get("reason").and_then(|r| r.as_str()) == Some("ConfigInvalid")
+                && e.get("note")
+                    .or_else(|| e.get("message"))
+                    .and_then(|m| m.as_str())
+                    .is_some_and(|m| {
+                        m.contains(
+                            "rules[0].healthGate.query: a gate query needs the agent's --prometheus-url",
+                        )
+                    })
+        })
+    })
+    .await;
+    let metrics = fleet.metrics("n0").expect("agent metrics");
+    assert!(
+        metrics.render().contains("kreboot_config_valid{node=\"n0\"} 0"),
+        "{}",
+        metrics.render()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !unschedulable(&sim, "n0") && lock_free(&sim),
+        "no reboot under a refused policy"
     );
 }
 

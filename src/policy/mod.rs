@@ -37,7 +37,8 @@
 //!   next start (cordon) of a node of the same slot set; the agent reads the release times from
 //!   the Leases (`kreboot.io/released-at`).
 //! - A rule's `healthGate: {timeout}` keeps a rebooted node's slot until the node is Ready and
-//!   its DaemonSet pods are Ready; past the timeout the cycle fails and the slot is kept.
+//!   its DaemonSet pods are Ready; past the timeout the cycle fails and the slot is kept. With
+//!   `query` (PromQL), the slot is also kept while the query returns any series.
 //! - Unknown keys are rejected: a typo must not silently widen a window.
 
 mod parse;
@@ -204,6 +205,8 @@ struct Rule {
     soak: Option<chrono::Duration>,
     /// `healthGate.timeout`: how long a rebooted node may take to become healthy.
     health_gate: Option<chrono::Duration>,
+    /// `healthGate.query`: PromQL that must return no series before the slot goes on.
+    health_query: Option<String>,
 }
 
 /// A rule's `concurrency`: how many nodes sharing its slots may be out at once, as a number, or
@@ -346,6 +349,9 @@ pub struct RuleView {
     /// The rule's `healthGate` timeout: after its reboot a node keeps its slot until it is
     /// Ready and its DaemonSet pods are Ready; past this, the cycle fails and the slot is kept.
     pub health_gate: Option<chrono::Duration>,
+    /// The rule's `healthGate.query`: after the checks above pass, the node keeps its slot while
+    /// this PromQL returns any series (evaluated against the agent's `--prometheus-url`).
+    pub health_query: Option<String>,
 }
 
 /// A rule's `lockGroup` as seen by one node.
@@ -666,6 +672,7 @@ impl Policy {
                 lock_group: None,
                 soak: None,
                 health_gate: None,
+                health_query: None,
             },
             Some((i, r)) => RuleView {
                 name: Some(r.name.clone()),
@@ -679,6 +686,7 @@ impl Policy {
                 }),
                 soak: r.soak,
                 health_gate: r.health_gate,
+                health_query: r.health_query.clone(),
             },
         }
     }
@@ -728,6 +736,18 @@ impl Policy {
     /// a percentage `concurrency` is a share of.
     pub fn pool_size<'a>(&self, me: &Labels, nodes: impl IntoIterator<Item = &'a Labels>) -> usize {
         nodes.into_iter().filter(|n| self.same_pool(me, n)).count()
+    }
+
+    /// The key paths of the rules' `healthGate.query` (`rules[2].healthGate.query`): each needs
+    /// a Prometheus to ask. An agent without `--prometheus-url` rejects a policy that has one,
+    /// rather than hold every rebooted node in its gate until the timeout.
+    pub fn gate_queries(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.health_query.is_some())
+            .map(|(i, _)| format!("rules[{i}].healthGate.query"))
+            .collect()
     }
 
     /// The time zone of the top-level schedule (the nodes that no rule selects).

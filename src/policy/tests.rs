@@ -682,6 +682,11 @@ fn new_fields_errors_name_the_key() {
             "not a duration",
         ),
         (
+            "rules: [{name: a, nodeSelector: {}, healthGate: {query: \"  \"}}]",
+            "rules[0].healthGate.query",
+            "is empty",
+        ),
+        (
             "rules: [{name: a, nodeSelector: {}, healthGate: {timeuot: 5m}}]",
             "config.yaml",
             "timeuot",
@@ -1137,4 +1142,27 @@ fn health_gate_has_a_timeout_with_a_default() {
     );
     assert_eq!(p.rule_for(NONE).health_gate, Some(chrono::Duration::minutes(10)));
     assert_eq!(Policy::default().rule_for(NONE).health_gate, None);
+}
+
+#[test]
+fn health_gate_query_is_kept_per_rule_and_listed() {
+    let p = policy(
+        "rules:\n  - {name: a, nodeSelector: {matchLabels: {role: db}}, healthGate: {query: 'sum(rate(errors_total[5m])) > 1'}}\n  - {name: b, nodeSelector: {}, healthGate: {timeout: 2m}}\n",
+    );
+    let db = p.rule_for(&labels(&[("role", "db")]));
+    assert_eq!(
+        db.health_query.as_deref(),
+        Some("sum(rate(errors_total[5m])) > 1")
+    );
+    // A query alone gets the default timeout: the gate is never without one.
+    assert_eq!(db.health_gate, Some(chrono::Duration::minutes(10)));
+    assert_eq!(p.rule_for(NONE).health_query, None);
+    assert_eq!(p.gate_queries(), ["rules[0].healthGate.query"]);
+    assert!(Policy::default().gate_queries().is_empty());
+    let long = format!(
+        "rules: [{{name: a, nodeSelector: {{}}, healthGate: {{query: '{}'}}}}]",
+        "x".repeat(5000)
+    );
+    let e = Policy::parse(&long).unwrap_err();
+    assert_eq!(e.path, "rules[0].healthGate.query");
 }
