@@ -220,13 +220,16 @@ struct PoolCount {
 
 impl PoolCount {
     /// The pool's size, counted again when the last count is older than `max_age` or was made
-    /// for another policy or other labels.
+    /// for another policy or other labels. `whole_rule`: the rule's nodes over all its groups
+    /// (a percentage `maxConcurrent`) instead of the nodes sharing this node's slots; a cache
+    /// holds one kind only.
     async fn size(
         cache: &mut Option<PoolCount>,
         agent: &Agent,
         policy: &Policy,
         labels: &crate::policy::Labels,
         max_age: Duration,
+        whole_rule: bool,
     ) -> Result<(usize, Instant), kube::Error> {
         if let Some(c) = cache.as_ref()
             && c.at.elapsed() <= max_age
@@ -235,7 +238,7 @@ impl PoolCount {
         {
             return Ok((c.size, c.at));
         }
-        let size = agent.count_pool(policy, labels).await?;
+        let size = agent.count_pool(policy, labels, whole_rule).await?;
         let at = Instant::now();
         *cache = Some(PoolCount {
             policy: policy.clone(),
@@ -459,22 +462,41 @@ impl Agent {
     /// resourceVersion 0, so the API server answers from its watch cache without reading etcd.
     /// It is asked only by a node that competes for a slot or hands one over, at most once a
     /// [`POOL_MAX_AGE`] while it waits.
+    ///
+    /// `whole_rule`: counts instead the nodes of the rule over all its lock groups (the pool of a
+    /// percentage `lockGroup.maxConcurrent`).
     async fn count_pool(
         &self,
         policy: &Policy,
         labels: &crate::policy::Labels,
+        whole_rule: bool,
     ) -> Result<usize, kube::Error> {
-        let params = ListParams::default()
-            .labels(&policy.pool_selector(labels))
-            .match_any();
+        let selector = if whole_rule {
+            policy.rule_pool_selector(labels)
+        } else {
+            policy.pool_selector(labels)
+        };
+        let params = ListParams::default().labels(&selector).match_any();
         let list = self.node_api().list_metadata(&params).await?;
         let empty = BTreeMap::new();
-        Ok(policy.pool_size(
-            labels,
-            list.items
-                .iter()
-                .map(|n| n.metadata.labels.as_ref().unwrap_or(&empty)),
-        ))
+        let nodes = list
+            .items
+            .iter()
+            .map(|n| n.metadata.labels.as_ref().unwrap_or(&empty));
+        Ok(if whole_rule {
+            policy.rule_pool_size(labels, nodes)
+        } else {
+            policy.pool_size(labels, nodes)
+        })
+    }
+
+    /// Whether a node with `labels` has a percentage `lockGroup.maxConcurrent` under `policy`
+    /// (its cap slots depend on the number of the rule's nodes).
+    fn needs_rule_pool(policy: Option<&Policy>, labels: &crate::policy::Labels) -> bool {
+        policy
+            .and_then(|p| p.rule_for(labels).lock_group)
+            .and_then(|g| g.max_concurrent)
+            .is_some_and(crate::policy::Budget::needs_pool)
     }
 
     /// Whether a node with `labels` has a percentage budget under `policy` (its slots depend on
@@ -1026,6 +1048,8 @@ pub async fn run(
         let mut gate_query_cache: Option<(Instant, Option<String>)> = None;
         let mut gate_query_pending;
         let mut pool_count: Option<PoolCount> = None;
+        // The same for the rule's nodes over all its groups (a percentage `maxConcurrent`).
+        let mut rule_pool_count: Option<PoolCount> = None;
         loop {
             changes.mark_seen();
             if !w.synced() {
@@ -1062,9 +1086,12 @@ pub async fn run(
             };
             // A rule with `lockGroup.maxConcurrent`: a node also needs one of the rule's cap
             // slots to start, taken after its group's slot (see `lock::cap_slot_set`).
+            // A percentage cap is counted only when a cap slot is competed for (below): slot 0
+            // is enough to know which cap slot this node holds (every Lease is looked at).
             let cap_slots = lock::cap_slot_set(
                 &agent.cfg.lock_name,
                 policy.as_ref().map(|p| p.rule_for(&view.labels)).as_ref(),
+                None,
             );
             let is_cap = |n: &String| lock::is_cap_slot(&agent.cfg.lock_name, n);
             // A slot held from before a policy change still counts as held.
@@ -1478,12 +1505,55 @@ pub async fn run(
                     let pooled = !partial && Agent::needs_pool(policy.as_ref(), &view.labels);
                     let mut counted_at = None;
                     let slots = match policy.as_ref().filter(|_| pooled) {
-                        // Holding the group's slot: compete for a cap slot.
-                        None if partial => cap_slots.clone().unwrap_or_default(),
+                        // Holding the group's slot: compete for a cap slot; a percentage cap is a
+                        // share of the rule's nodes, counted (as the group's pool is) first.
+                        None if partial => match policy
+                            .as_ref()
+                            .filter(|p| Agent::needs_rule_pool(Some(p), &view.labels))
+                        {
+                            None => cap_slots.clone().unwrap_or_default(),
+                            Some(p) => match PoolCount::size(
+                                &mut rule_pool_count,
+                                &agent,
+                                p,
+                                &view.labels,
+                                POOL_MAX_AGE,
+                                true,
+                            )
+                            .await
+                            {
+                                Ok((size, at)) => {
+                                    counted_at = Some(at);
+                                    lock::cap_slot_set(
+                                        &agent.cfg.lock_name,
+                                        Some(&p.rule_for(&view.labels)),
+                                        Some(size),
+                                    )
+                                    .unwrap_or_default()
+                                }
+                                Err(e) => {
+                                    // No count, no cap slot: the cap cannot be known.
+                                    warn!(node = %me, error = %e, "cannot count the nodes of the rule");
+                                    tokio::select! {
+                                        _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                                        _ = tokio::time::sleep(backoff(attempt)) => {}
+                                    }
+                                    attempt += 1;
+                                    continue;
+                                }
+                            },
+                        },
                         None => slots,
                         Some(p) => {
-                            match PoolCount::size(&mut pool_count, &agent, p, &view.labels, POOL_MAX_AGE)
-                                .await
+                            match PoolCount::size(
+                                &mut pool_count,
+                                &agent,
+                                p,
+                                &view.labels,
+                                POOL_MAX_AGE,
+                                false,
+                            )
+                            .await
                             {
                                 Ok((size, at)) => {
                                     counted_at = Some(at);
@@ -1507,6 +1577,7 @@ pub async fn run(
                         // About to take a slot on an old count: count again first (a pool that
                         // shrank has fewer slots), then decide again.
                         pool_count = None;
+                        rule_pool_count = None;
                         continue;
                     }
                     match picked {
@@ -1894,13 +1965,15 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
     // A percentage budget: the slots that exist for the pool as it is now. A slot beyond them
     // (the pool shrank) is handed to nobody (no waiter's set contains it) and is released.
     let pool = match policy.as_ref() {
-        Some(p) if Agent::needs_pool(Some(p), &my_labels) => match agent.count_pool(p, &my_labels).await {
-            Ok(n) => Some(n),
-            Err(e) => {
-                warn!(error = %e, "cannot count the rule's pool; handing over slot 0 only");
-                None
+        Some(p) if Agent::needs_pool(Some(p), &my_labels) => {
+            match agent.count_pool(p, &my_labels, false).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    warn!(error = %e, "cannot count the rule's pool; handing over slot 0 only");
+                    None
+                }
             }
-        },
+        }
         _ => None,
     };
     let now = agent.clock.now();
@@ -1915,13 +1988,28 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
         Ok(list) => {
             let successor = if lock::is_cap_slot(lock_name, &slot) {
                 // A cap slot: only to a waiter of the same rule that holds its group's slot
-                // and waits for a cap slot (it starts at once).
+                // and waits for a cap slot (it starts at once). A percentage cap: the slots
+                // that exist for the rule's nodes as they are now (a cap slot beyond them, the
+                // rule having shrunk, is handed to nobody and released).
+                let rule_pool = match policy.as_ref() {
+                    Some(p) if Agent::needs_rule_pool(Some(p), &my_labels) => {
+                        match agent.count_pool(p, &my_labels, true).await {
+                            Ok(n) => Some(n),
+                            Err(e) => {
+                                warn!(error = %e, "cannot count the rule's nodes; handing over cap slot 0 only");
+                                None
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 let eligible: Vec<Node> = list
                     .items
                     .into_iter()
                     .filter(|n| {
                         let rule = policy.as_ref().map(|p| p.rule_for(n.labels()));
-                        lock::cap_slot_set(lock_name, rule.as_ref()).is_some_and(|c| c.contains(&slot))
+                        lock::cap_slot_set(lock_name, rule.as_ref(), rule_pool)
+                            .is_some_and(|c| c.contains(&slot))
                             && holders.contains(&n.name_any())
                     })
                     .collect();

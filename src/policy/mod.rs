@@ -33,6 +33,8 @@
 //! - A rule's `concurrency` is a number of nodes or a percentage (`"25%"`) of the nodes that
 //!   share its slots (its pool: [`Policy::same_pool`]); [`slots`] turns it into a slot count
 //!   for a pool of a given size. Counting the pool is the agent's business (it lists Nodes).
+//! - A rule's `lockGroup.maxConcurrent` is likewise a number or a percentage, of the nodes the
+//!   rule selects over all its groups ([`Policy::rule_pool_size`]), rounded down, at least 1.
 //! - A rule's `soak` (1s..7d) is the least time between a release of one of its slots and the
 //!   next start (cordon) of a node of the same slot set; the agent reads the release times from
 //!   the Leases (`kreboot.io/released-at`).
@@ -251,7 +253,7 @@ pub fn slots(budget: Budget, pool_size: usize) -> u32 {
 #[derive(Debug, Clone, PartialEq)]
 struct LockGroup {
     by_label: String,
-    max_concurrent: Option<u32>,
+    max_concurrent: Option<Budget>,
 }
 
 /// A Kubernetes label selector (`matchLabels` and `matchExpressions`); empty selects all.
@@ -361,8 +363,10 @@ pub struct LockGroupView {
     pub label: String,
     /// The node's value of that label; None: the node lacks it (all such nodes form one group).
     pub value: Option<String>,
-    /// At most this many nodes of the rule, over all its groups, at once.
-    pub max_concurrent: Option<u32>,
+    /// At most this many nodes of the rule, over all its groups, at once: a number, or a share
+    /// of the rule's nodes (all its groups: [`Policy::rule_pool_selector`],
+    /// [`Policy::rule_pool_size`]).
+    pub max_concurrent: Option<Budget>,
 }
 
 pub use parse::PolicyError;
@@ -730,6 +734,27 @@ impl Policy {
             },
             _ => false,
         }
+    }
+
+    /// A label selector that every node of the rule of a node with `labels` matches, whatever
+    /// its lock group: the pool a percentage `lockGroup.maxConcurrent` is a share of. A
+    /// superset, as [`Policy::pool_selector`]; empty: list every Node.
+    pub fn rule_pool_selector(&self, labels: &Labels) -> String {
+        self.rule(labels)
+            .and_then(|(_, r)| r.selector.query())
+            .unwrap_or_default()
+    }
+
+    /// How many of `nodes` (their labels) the rule of a node labelled `me` selects (the first
+    /// rule that selects them is `me`'s), over all its lock groups. 0 for a node no rule selects.
+    pub fn rule_pool_size<'a>(&self, me: &Labels, nodes: impl IntoIterator<Item = &'a Labels>) -> usize {
+        let Some((i, _)) = self.rule(me) else {
+            return 0;
+        };
+        nodes
+            .into_iter()
+            .filter(|n| self.rule(n).is_some_and(|(j, _)| j == i))
+            .count()
     }
 
     /// How many of `nodes` (their labels) share lock slots with a node labelled `me`: the pool

@@ -622,14 +622,11 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
                 if label.is_empty() {
                     return Err(err(format!("{p}.lockGroup.byLabel"), "is empty"));
                 }
+                // A number, or a share of the rule's nodes over all its groups: parsed as
+                // `concurrency` is, with the same bounds.
                 let max_concurrent = match &g.max_concurrent {
                     None => None,
-                    Some(n) => Some(number(
-                        &n.0,
-                        &format!("{p}.lockGroup.maxConcurrent"),
-                        1,
-                        MAX_CONCURRENCY,
-                    )?),
+                    Some(n) => Some(budget(&n.0, &format!("{p}.lockGroup.maxConcurrent"))?),
                 };
                 Some(LockGroup {
                     by_label: label.to_owned(),
