@@ -221,13 +221,16 @@ struct PoolCount {
 
 impl PoolCount {
     /// The pool's size, counted again when the last count is older than `max_age` or was made
-    /// for another policy or other labels.
+    /// for another policy or other labels. `whole_rule`: the rule's nodes over all its groups
+    /// (a percentage `maxConcurrent`) instead of the nodes sharing this node's slots; a cache
+    /// holds one kind only.
     async fn size(
         cache: &mut Option<PoolCount>,
         agent: &Agent,
         policy: &Policy,
         labels: &crate::policy::Labels,
         max_age: Duration,
+        whole_rule: bool,
     ) -> Result<(usize, Instant), kube::Error> {
         if let Some(c) = cache.as_ref()
             && c.at.elapsed() <= max_age
@@ -236,7 +239,7 @@ impl PoolCount {
         {
             return Ok((c.size, c.at));
         }
-        let size = agent.count_pool(policy, labels).await?;
+        let size = agent.count_pool(policy, labels, whole_rule).await?;
         let at = Instant::now();
         *cache = Some(PoolCount {
             policy: policy.clone(),
@@ -460,22 +463,41 @@ impl Agent {
     /// resourceVersion 0, so the API server answers from its watch cache without reading etcd.
     /// It is asked only by a node that competes for a slot or hands one over, at most once a
     /// [`POOL_MAX_AGE`] while it waits.
+    ///
+    /// `whole_rule`: counts instead the nodes of the rule over all its lock groups (the pool of a
+    /// percentage `lockGroup.maxConcurrent`).
     async fn count_pool(
         &self,
         policy: &Policy,
         labels: &crate::policy::Labels,
+        whole_rule: bool,
     ) -> Result<usize, kube::Error> {
-        let params = ListParams::default()
-            .labels(&policy.pool_selector(labels))
-            .match_any();
+        let selector = if whole_rule {
+            policy.rule_pool_selector(labels)
+        } else {
+            policy.pool_selector(labels)
+        };
+        let params = ListParams::default().labels(&selector).match_any();
         let list = self.node_api().list_metadata(&params).await?;
         let empty = BTreeMap::new();
-        Ok(policy.pool_size(
-            labels,
-            list.items
-                .iter()
-                .map(|n| n.metadata.labels.as_ref().unwrap_or(&empty)),
-        ))
+        let nodes = list
+            .items
+            .iter()
+            .map(|n| n.metadata.labels.as_ref().unwrap_or(&empty));
+        Ok(if whole_rule {
+            policy.rule_pool_size(labels, nodes)
+        } else {
+            policy.pool_size(labels, nodes)
+        })
+    }
+
+    /// Whether a node with `labels` has a percentage `lockGroup.maxConcurrent` under `policy`
+    /// (its cap slots depend on the number of the rule's nodes).
+    fn needs_rule_pool(policy: Option<&Policy>, labels: &crate::policy::Labels) -> bool {
+        policy
+            .and_then(|p| p.rule_for(labels).lock_group)
+            .and_then(|g| g.max_concurrent)
+            .is_some_and(crate::policy::Budget::needs_pool)
     }
 
     /// Whether a node with `labels` has a percentage budget under `policy` (its slots depend on
@@ -596,6 +618,7 @@ impl Agent {
         let namespace = self.cfg.namespace.clone();
         let name = cm_name.clone();
         let me = self.cfg.node_name.clone();
+        let has_prometheus = self.cfg.blockers.prometheus.is_some();
         let apply = move |cm: Option<ConfigMap>| {
             let cm = cm.as_ref();
             let paused = pause::of_config_map(cm);
@@ -618,6 +641,15 @@ impl Agent {
                         .and_then(|doc| Policy::parse(doc).map_err(|e| e.to_string()))
                 }
             };
+            // A gate query needs a Prometheus to ask. Without one every rebooted node of the
+            // rule would sit in its gate until the timeout and stop the rollout there: refuse
+            // the policy now, where the operator sees it (Event, config_valid 0).
+            let parsed = parsed.and_then(|p| match p.gate_queries().first() {
+                Some(path) if !has_prometheus => Err(format!(
+                    "invalid policy at {path}: a gate query needs the agent's --prometheus-url, which is not set"
+                )),
+                _ => Ok(p),
+            });
             match parsed {
                 Ok(p) => {
                     info!(configmap = %cm_name, present = cm.is_some(), "policy loaded");
@@ -1019,7 +1051,12 @@ pub async fn run(
         let mut announced_required = false;
         let mut reported_problems: Vec<String> = Vec::new();
         let mut block_cache: Option<(Instant, Option<String>)> = None;
+        // The last answer of the rule's gate query (health gate), and whether it is being asked.
+        let mut gate_query_cache: Option<(Instant, Option<String>)> = None;
+        let mut gate_query_pending;
         let mut pool_count: Option<PoolCount> = None;
+        // The same for the rule's nodes over all its groups (a percentage `maxConcurrent`).
+        let mut rule_pool_count: Option<PoolCount> = None;
         loop {
             changes.mark_seen();
             if !w.synced() {
@@ -1067,9 +1104,12 @@ pub async fn run(
             };
             // A rule with `lockGroup.maxConcurrent`: a node also needs one of the rule's cap
             // slots to start, taken after its group's slot (see `lock::cap_slot_set`).
+            // A percentage cap is counted only when a cap slot is competed for (below): slot 0
+            // is enough to know which cap slot this node holds (every Lease is looked at).
             let cap_slots = lock::cap_slot_set(
                 &agent.cfg.lock_name,
                 policy.as_ref().map(|p| p.rule_for(&view.labels)).as_ref(),
+                None,
             );
             let is_cap = |n: &String| lock::is_cap_slot(&agent.cfg.lock_name, n);
             // A slot held from before a policy change still counts as held.
@@ -1137,18 +1177,46 @@ pub async fn run(
                 soak_until: None,
                 health_gate: None,
             };
+            gate_query_pending = false;
+            if view.recorded.phase != Phase::Verifying {
+                // A new gate starts with a fresh answer.
+                gate_query_cache = None;
+            }
             if view.recorded.phase == Phase::Verifying {
                 // The health gate: the Node's Ready condition (own Node watch) and the pods
                 // bound to it (a watch that runs only while the gate holds).
                 agent.watch_pods(&mut w);
                 let pods = w.pods.borrow().clone();
-                obs.health_gate = policy
+                let rule = policy.as_ref().map(|p| p.rule_for(&view.labels));
+                obs.health_gate = rule
                     .as_ref()
-                    .and_then(|p| p.rule_for(&view.labels).health_gate)
+                    .and_then(|r| r.health_gate)
                     .map(|timeout| HealthGate {
                         timeout,
                         unhealthy: health::unhealthy(view.ready, pods.as_deref()),
                     });
+                // The rule's gate query, once the node and its DaemonSet pods are Ready: asked
+                // again after --blocker-check-interval (the wait below wakes for it), a
+                // recent answer reused when something else woke the loop.
+                if let Some(gate) = obs.health_gate.as_mut()
+                    && gate.unhealthy.is_empty()
+                    && let Some(query) = rule.as_ref().and_then(|r| r.health_query.as_deref())
+                {
+                    gate_query_pending = true;
+                    let cached = gate_query_cache
+                        .as_ref()
+                        .filter(|(t, _)| t.elapsed() < agent.cfg.blockers.interval)
+                        .map(|(_, r)| r.clone());
+                    let verdict = match cached {
+                        Some(v) => v,
+                        None => {
+                            let v = gate_query(&agent, query).await;
+                            gate_query_cache = Some((Instant::now(), v.clone()));
+                            v
+                        }
+                    };
+                    gate.unhealthy.extend(verdict);
+                }
             }
             // The rule's soak, counted from the last release of a slot of this node's set (the
             // Leases it watches already carry it). Only for a claimed slot: a slot handed over
@@ -1410,6 +1478,10 @@ pub async fn run(
                         WaitReason::Blocked => Some(Instant::now() + agent.cfg.blockers.interval),
                         // A refused preflight is tried again on a back-off.
                         WaitReason::HostAccess => Some(Instant::now() + HOST_ACCESS_RECHECK),
+                        // A gate query is asked again (Prometheus sends no news).
+                        WaitReason::HealthGate if gate_query_pending => {
+                            Some(Instant::now() + agent.cfg.blockers.interval)
+                        }
                         _ => None,
                     };
                     let deadline = [until, next_window]
@@ -1451,12 +1523,55 @@ pub async fn run(
                     let pooled = !partial && Agent::needs_pool(policy.as_ref(), &view.labels);
                     let mut counted_at = None;
                     let slots = match policy.as_ref().filter(|_| pooled) {
-                        // Holding the group's slot: compete for a cap slot.
-                        None if partial => cap_slots.clone().unwrap_or_default(),
+                        // Holding the group's slot: compete for a cap slot; a percentage cap is a
+                        // share of the rule's nodes, counted (as the group's pool is) first.
+                        None if partial => match policy
+                            .as_ref()
+                            .filter(|p| Agent::needs_rule_pool(Some(p), &view.labels))
+                        {
+                            None => cap_slots.clone().unwrap_or_default(),
+                            Some(p) => match PoolCount::size(
+                                &mut rule_pool_count,
+                                &agent,
+                                p,
+                                &view.labels,
+                                POOL_MAX_AGE,
+                                true,
+                            )
+                            .await
+                            {
+                                Ok((size, at)) => {
+                                    counted_at = Some(at);
+                                    lock::cap_slot_set(
+                                        &agent.cfg.lock_name,
+                                        Some(&p.rule_for(&view.labels)),
+                                        Some(size),
+                                    )
+                                    .unwrap_or_default()
+                                }
+                                Err(e) => {
+                                    // No count, no cap slot: the cap cannot be known.
+                                    warn!(node = %me, error = %e, "cannot count the nodes of the rule");
+                                    tokio::select! {
+                                        _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                                        _ = tokio::time::sleep(backoff(attempt)) => {}
+                                    }
+                                    attempt += 1;
+                                    continue;
+                                }
+                            },
+                        },
                         None => slots,
                         Some(p) => {
-                            match PoolCount::size(&mut pool_count, &agent, p, &view.labels, POOL_MAX_AGE)
-                                .await
+                            match PoolCount::size(
+                                &mut pool_count,
+                                &agent,
+                                p,
+                                &view.labels,
+                                POOL_MAX_AGE,
+                                false,
+                            )
+                            .await
                             {
                                 Ok((size, at)) => {
                                     counted_at = Some(at);
@@ -1481,6 +1596,7 @@ pub async fn run(
                         // About to take a slot on an old count: count again first (a pool that
                         // shrank has fewer slots), then decide again.
                         pool_count = None;
+                        rule_pool_count = None;
                         continue;
                     }
                     match picked {
@@ -1815,6 +1931,24 @@ async fn release(agent: &Agent, w: &Watches) -> Result<(), StepError> {
 
 /// `slots` and every other Lease of the lock, sorted (the slot set follows the policy; a slot
 /// of an earlier set may still be held).
+/// Evaluates a rule's `healthGate.query` against `--prometheus-url`: None when it returns no
+/// series, else why the gate stays closed (see [`health::query_verdict`]).
+async fn gate_query(agent: &Agent, query: &str) -> Option<String> {
+    let Some(prometheus) = agent.cfg.blockers.prometheus.as_ref() else {
+        // Refused at policy load; kept closed here too should it ever get this far.
+        return Some("cannot evaluate healthGate.query: the agent has no --prometheus-url".to_owned());
+    };
+    let result = match reqwest::Client::builder().build() {
+        Ok(http) => blockers::query_series(&http, &prometheus.url, query).await,
+        Err(e) => Err(e.to_string()),
+    };
+    let verdict = health::query_verdict(&result);
+    if let Some(v) = &verdict {
+        debug!(node = %agent.cfg.node_name, verdict = %v, "health gate query holds the slot");
+    }
+    verdict
+}
+
 fn all_slots(slots: &[String], leases: &BTreeMap<String, Lease>) -> Vec<String> {
     let mut all: BTreeSet<String> = slots.iter().cloned().collect();
     all.extend(leases.keys().cloned());
@@ -1852,13 +1986,15 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
     // A percentage budget: the slots that exist for the pool as it is now. A slot beyond them
     // (the pool shrank) is handed to nobody (no waiter's set contains it) and is released.
     let pool = match policy.as_ref() {
-        Some(p) if Agent::needs_pool(Some(p), &my_labels) => match agent.count_pool(p, &my_labels).await {
-            Ok(n) => Some(n),
-            Err(e) => {
-                warn!(error = %e, "cannot count the rule's pool; handing over slot 0 only");
-                None
+        Some(p) if Agent::needs_pool(Some(p), &my_labels) => {
+            match agent.count_pool(p, &my_labels, false).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    warn!(error = %e, "cannot count the rule's pool; handing over slot 0 only");
+                    None
+                }
             }
-        },
+        }
         _ => None,
     };
     let now = agent.clock.now();
@@ -1873,13 +2009,28 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
         Ok(list) => {
             let successor = if lock::is_cap_slot(lock_name, &slot) {
                 // A cap slot: only to a waiter of the same rule that holds its group's slot
-                // and waits for a cap slot (it starts at once).
+                // and waits for a cap slot (it starts at once). A percentage cap: the slots
+                // that exist for the rule's nodes as they are now (a cap slot beyond them, the
+                // rule having shrunk, is handed to nobody and released).
+                let rule_pool = match policy.as_ref() {
+                    Some(p) if Agent::needs_rule_pool(Some(p), &my_labels) => {
+                        match agent.count_pool(p, &my_labels, true).await {
+                            Ok(n) => Some(n),
+                            Err(e) => {
+                                warn!(error = %e, "cannot count the rule's nodes; handing over cap slot 0 only");
+                                None
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 let eligible: Vec<Node> = list
                     .items
                     .into_iter()
                     .filter(|n| {
                         let rule = policy.as_ref().map(|p| p.rule_for(n.labels()));
-                        lock::cap_slot_set(lock_name, rule.as_ref()).is_some_and(|c| c.contains(&slot))
+                        lock::cap_slot_set(lock_name, rule.as_ref(), rule_pool)
+                            .is_some_and(|c| c.contains(&slot))
                             && holders.contains(&n.name_any())
                     })
                     .collect();

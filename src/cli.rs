@@ -464,6 +464,11 @@ pub struct AgentArgs {
     /// Hold the reboot back while Prometheus at this URL has active alerts (see the filters).
     #[arg(long, env = "KREBOOT_PROMETHEUS_URL")]
     pub prometheus_url: Option<String>,
+    /// Alertmanager base URL: a Prometheus alert that this Alertmanager reports as silenced or
+    /// inhibited does not hold the reboot back (one it does not know yet still does; an
+    /// Alertmanager that cannot be asked holds it back). Needs --prometheus-url.
+    #[arg(long, env = "KREBOOT_ALERTMANAGER_URL")]
+    pub alertmanager_url: Option<String>,
     /// Alerts whose names match this regular expression are ignored (or, with
     /// --alert-filter-match-only, the only ones that count).
     #[arg(long, env = "KREBOOT_ALERT_FILTER_REGEXP")]
@@ -701,16 +706,31 @@ impl AgentArgs {
         if self.alert_filter_match_only && filter.is_none() {
             problems.push("--alert-filter-match-only needs --alert-filter-regexp".to_owned());
         }
+        let http_url = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        let alertmanager = match self.alertmanager_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) if http_url(url) => Some(url.to_owned()),
+            Some(url) => {
+                problems.push(format!("--alertmanager-url {url:?} is not an http(s) URL"));
+                None
+            }
+            None => None,
+        };
         match self.prometheus_url.as_deref().filter(|u| !u.is_empty()) {
-            Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+            Some(url) if http_url(url) => {
                 blockers.prometheus = Some(crate::blockers::AlertBlocker {
                     url: url.to_owned(),
                     filter,
                     match_only: self.alert_filter_match_only,
                     firing_only: self.alert_firing_only,
+                    alertmanager,
                 });
             }
             Some(url) => problems.push(format!("--prometheus-url {url:?} is not an http(s) URL")),
+            // Alertmanager only ever lifts a block that Prometheus's alerts set: alone it would
+            // silently do nothing.
+            None if alertmanager.is_some() => {
+                problems.push("--alertmanager-url needs --prometheus-url".to_owned());
+            }
             None => {}
         }
         let pre_reboot_labels = parse_label_list(&self.pre_reboot_node_labels, "--pre-reboot-node-labels")
@@ -851,6 +871,50 @@ mod tests {
         assert!(err.contains("--lock-ttl"), "{err}");
         assert!(err.contains("--metrics-addr"), "{err}");
         assert!(err.contains("--reboot-command"), "{err}");
+    }
+
+    #[test]
+    fn alertmanager_url_needs_prometheus_and_is_kept_with_it() {
+        let c = agent(&["--node-name", "n1", "--prometheus-url", "http://p:9090"])
+            .validate()
+            .unwrap();
+        assert_eq!(
+            c.blockers.prometheus.unwrap().alertmanager,
+            None,
+            "off by default"
+        );
+        let c = agent(&[
+            "--node-name",
+            "n1",
+            "--prometheus-url",
+            "http://p:9090",
+            "--alertmanager-url",
+            "http://am:9093",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(
+            c.blockers.prometheus.unwrap().alertmanager.as_deref(),
+            Some("http://am:9093")
+        );
+        let err = agent(&["--node-name", "n1", "--alertmanager-url", "http://am:9093"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("--alertmanager-url needs --prometheus-url"), "{err}");
+        let err = agent(&[
+            "--node-name",
+            "n1",
+            "--prometheus-url",
+            "http://p:9090",
+            "--alertmanager-url",
+            "am:9093",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(
+            err.contains("--alertmanager-url \"am:9093\" is not an http(s) URL"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -63,6 +63,40 @@ pub fn unhealthy(node_ready: bool, pods: Option<&[Pod]>) -> Vec<String> {
     out
 }
 
+/// What a rule's `healthGate.query` says: None when it returned no series (the gate may open),
+/// else why the gate stays closed: the series it returned (the first few, by their labels), or
+/// why it could not be evaluated (an unreachable Prometheus or a query error keeps the gate
+/// closed: a check that did not happen is not a pass).
+pub fn query_verdict(
+    result: &Result<Vec<std::collections::BTreeMap<String, String>>, String>,
+) -> Option<String> {
+    match result {
+        Ok(series) if series.is_empty() => None,
+        Ok(series) => {
+            let shown: Vec<String> = series
+                .iter()
+                .take(3)
+                .map(|labels| {
+                    let name = labels.get("__name__").map_or("", String::as_str);
+                    let rest: Vec<String> = labels
+                        .iter()
+                        .filter(|(k, _)| *k != "__name__")
+                        .map(|(k, v)| format!("{k}={v:?}"))
+                        .collect();
+                    format!("{name}{{{}}}", rest.join(","))
+                })
+                .collect();
+            let more = series.len().saturating_sub(shown.len());
+            let mut out = format!("query returned {} series: {}", series.len(), shown.join(", "));
+            if more > 0 {
+                out.push_str(&format!(" and {more} more"));
+            }
+            Some(out)
+        }
+        Err(e) => Some(format!("cannot evaluate healthGate.query: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +115,37 @@ mod tests {
                 json!([{ "type": "Ready", "status": if r { "True" } else { "False" } }]);
         }
         serde_json::from_value(p).unwrap()
+    }
+
+    #[test]
+    fn the_gate_query_passes_only_on_no_series() {
+        let series = |n: usize| -> Vec<std::collections::BTreeMap<String, String>> {
+            (0..n)
+                .map(|i| {
+                    [
+                        ("__name__".to_string(), "up".to_string()),
+                        ("instance".to_string(), format!("n{i}")),
+                    ]
+                    .into()
+                })
+                .collect()
+        };
+        assert_eq!(query_verdict(&Ok(vec![])), None);
+        assert_eq!(
+            query_verdict(&Ok(series(1))).as_deref(),
+            Some("query returned 1 series: up{instance=\"n0\"}")
+        );
+        assert_eq!(
+            query_verdict(&Ok(series(5))).as_deref(),
+            Some(
+                "query returned 5 series: up{instance=\"n0\"}, up{instance=\"n1\"}, up{instance=\"n2\"} and 2 more"
+            )
+        );
+        assert_eq!(
+            query_verdict(&Err("connection refused".into())).as_deref(),
+            Some("cannot evaluate healthGate.query: connection refused"),
+            "an unanswered query keeps the gate closed"
+        );
     }
 
     #[test]

@@ -101,12 +101,21 @@ pub fn slot_set(
 /// `{lock}-c-{rule}`, … shared by every group of the rule. A node of such a rule starts only
 /// while it holds a slot of its group *and* one of these; it takes them in that order (the
 /// group's first), so a cap slot is only ever held by a node that holds its group's slot, and
-/// two nodes never hold one each of what the other waits for. None: no cap.
-pub fn cap_slot_set(lock_name: &str, rule: Option<&crate::policy::RuleView>) -> Option<Vec<String>> {
+/// two nodes never hold one each of what the other waits for. None: no cap. A percentage
+/// `maxConcurrent` is a share of `rule_pool`, the number of nodes the rule selects over all its
+/// groups (None: not known, which gives one slot: the cautious answer).
+pub fn cap_slot_set(
+    lock_name: &str,
+    rule: Option<&crate::policy::RuleView>,
+    rule_pool: Option<usize>,
+) -> Option<Vec<String>> {
     let rule = rule?;
     let max = rule.lock_group.as_ref()?.max_concurrent?;
     let name = rule.name.as_deref()?;
-    Some(slot_names(&format!("{lock_name}-c-{}", name_part(name)), max))
+    Some(slot_names(
+        &format!("{lock_name}-c-{}", name_part(name)),
+        crate::policy::slots(max, rule_pool.unwrap_or(0)),
+    ))
 }
 
 /// Whether Lease `name` is a cap slot of lock `lock_name` (of any rule).
@@ -595,7 +604,7 @@ mod tests {
         )
         .unwrap();
         let a = p.rule_for(&[("pool".to_string(), "a".to_string())].into());
-        let caps = cap_slot_set("kreboot-lock", Some(&a)).unwrap();
+        let caps = cap_slot_set("kreboot-lock", Some(&a), None).unwrap();
         assert_eq!(caps, ["kreboot-lock-c-pools", "kreboot-lock-c-pools-1"]);
         assert!(caps.iter().all(|c| is_cap_slot("kreboot-lock", c)));
         assert!(
@@ -609,10 +618,10 @@ mod tests {
         let no_cap =
             Policy::parse("rules: [{name: free, nodeSelector: {}, lockGroup: {byLabel: pool}}]").unwrap();
         assert_eq!(
-            cap_slot_set("kreboot-lock", Some(&no_cap.rule_for(&BTreeMap::new()))),
+            cap_slot_set("kreboot-lock", Some(&no_cap.rule_for(&BTreeMap::new())), None),
             None
         );
-        assert_eq!(cap_slot_set("kreboot-lock", None), None);
+        assert_eq!(cap_slot_set("kreboot-lock", None, None), None);
     }
 
     #[test]

@@ -60,11 +60,22 @@ pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Re
                 humantime::format_duration(timeout)
             );
         }
+        if let Some(q) = &rule.health_query {
+            out += &format!(
+                "health gate query: the slot is kept while `{q}` returns any series (asked of the agents' --prometheus-url; an agent without it rejects this policy)\n"
+            );
+        }
         if let Some(g) = &rule.lock_group {
             let value = g.value.as_deref().unwrap_or("(label absent)");
             out += &format!("lock group: {}={value}", g.label);
-            if let Some(max) = g.max_concurrent {
-                out += &format!(", at most {max} at once across the rule's groups");
+            match g.max_concurrent {
+                Some(max @ Budget::Percent(_)) => {
+                    out += &format!(
+                        ", at most {max} of the rule's nodes (rounded down, at least 1) at once across the rule's groups"
+                    );
+                }
+                Some(max) => out += &format!(", at most {max} at once across the rule's groups"),
+                None => {}
             }
             out += "\n";
         }

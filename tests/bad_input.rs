@@ -374,7 +374,7 @@ async fn a_clock_ten_minutes_ahead_does_not_take_a_renewed_lease() {
 
     let reboots = Arc::new(AtomicUsize::new(0));
     let agent = kreboot::agent::Agent {
-        cfg: kreboot::sim::fleet::agent_config("n0"),
+        cfg: kreboot_testkit::sim::fleet::agent_config("n0"),
         client: client.clone(),
         metrics: kreboot::metrics::Metrics::new("n0"),
         events: kreboot::events::Events::start(client.clone(), "n0", None),

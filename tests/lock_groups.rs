@@ -165,3 +165,33 @@ async fn max_concurrent_caps_the_groups_together() {
         "the cap's two slots were used: {names:?}"
     );
 }
+
+/// `maxConcurrent: "25%"` over three pools of four nodes (12 nodes: 25% is 3) with two slots
+/// each: three nodes out at once across the pools, never four, although the pools' own slots
+/// would allow six.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrent_as_a_share_of_the_rules_nodes() {
+    let policy = POLICY.replace("concurrency: 1", "concurrency: 2").replace(
+        "lockGroup: {byLabel: pool}",
+        "lockGroup: {byLabel: pool, maxConcurrent: \"25%\"}",
+    );
+    let nodes: Vec<(String, &str)> = (0..12)
+        .map(|i| (format!("n{i}"), ["a", "b", "c"][i % 3]))
+        .collect();
+    let (per_pool, overall, names) = roll(&policy, &nodes).await;
+    for pool in ["a", "b", "c"] {
+        assert!(
+            per_pool.get(pool).is_some_and(|m| *m <= 2),
+            "pool {pool}: {per_pool:?}"
+        );
+    }
+    assert_eq!(
+        overall, 3,
+        "25% of the rule's 12 nodes: three out at once, never four"
+    );
+    assert!(
+        names.contains(&"kreboot-lock-c-pools-2".to_string())
+            && !names.contains(&"kreboot-lock-c-pools-3".to_string()),
+        "the cap had three slots: {names:?}"
+    );
+}

@@ -208,6 +208,15 @@ fn budgets_and_soak_are_summarised() {
         out.contains("health gate: after its reboot the node keeps its slot until it and its DaemonSet pods are Ready; after 15m the rollout stops\n"),
         "{out}"
     );
+    let (code, out, _) = check(
+        "rules: [{name: g, nodeSelector: {}, healthGate: {query: 'up == 0'}}]",
+        &["--count", "1"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("health gate query: the slot is kept while `up == 0` returns any series"),
+        "{out}"
+    );
     let (code, _, err) = check(&doc.replace("\"25%\"", "\"25.5%\""), &["--labels", "role=web"]);
     assert_eq!(code, 2);
     assert!(

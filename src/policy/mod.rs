@@ -33,11 +33,14 @@
 //! - A rule's `concurrency` is a number of nodes or a percentage (`"25%"`) of the nodes that
 //!   share its slots (its pool: [`Policy::same_pool`]); [`slots`] turns it into a slot count
 //!   for a pool of a given size. Counting the pool is the agent's business (it lists Nodes).
+//! - A rule's `lockGroup.maxConcurrent` is likewise a number or a percentage, of the nodes the
+//!   rule selects over all its groups ([`Policy::rule_pool_size`]), rounded down, at least 1.
 //! - A rule's `soak` (1s..7d) is the least time between a release of one of its slots and the
 //!   next start (cordon) of a node of the same slot set; the agent reads the release times from
 //!   the Leases (`kreboot.io/released-at`).
 //! - A rule's `healthGate: {timeout}` keeps a rebooted node's slot until the node is Ready and
-//!   its DaemonSet pods are Ready; past the timeout the cycle fails and the slot is kept.
+//!   its DaemonSet pods are Ready; past the timeout the cycle fails and the slot is kept. With
+//!   `query` (PromQL), the slot is also kept while the query returns any series.
 //! - Unknown keys are rejected: a typo must not silently widen a window.
 
 mod parse;
@@ -204,6 +207,8 @@ struct Rule {
     soak: Option<chrono::Duration>,
     /// `healthGate.timeout`: how long a rebooted node may take to become healthy.
     health_gate: Option<chrono::Duration>,
+    /// `healthGate.query`: PromQL that must return no series before the slot goes on.
+    health_query: Option<String>,
 }
 
 /// A rule's `concurrency`: how many nodes sharing its slots may be out at once, as a number, or
@@ -248,7 +253,7 @@ pub fn slots(budget: Budget, pool_size: usize) -> u32 {
 #[derive(Debug, Clone, PartialEq)]
 struct LockGroup {
     by_label: String,
-    max_concurrent: Option<u32>,
+    max_concurrent: Option<Budget>,
 }
 
 /// A Kubernetes label selector (`matchLabels` and `matchExpressions`); empty selects all.
@@ -346,6 +351,9 @@ pub struct RuleView {
     /// The rule's `healthGate` timeout: after its reboot a node keeps its slot until it is
     /// Ready and its DaemonSet pods are Ready; past this, the cycle fails and the slot is kept.
     pub health_gate: Option<chrono::Duration>,
+    /// The rule's `healthGate.query`: after the checks above pass, the node keeps its slot while
+    /// this PromQL returns any series (evaluated against the agent's `--prometheus-url`).
+    pub health_query: Option<String>,
 }
 
 /// A rule's `lockGroup` as seen by one node.
@@ -355,8 +363,10 @@ pub struct LockGroupView {
     pub label: String,
     /// The node's value of that label; None: the node lacks it (all such nodes form one group).
     pub value: Option<String>,
-    /// At most this many nodes of the rule, over all its groups, at once.
-    pub max_concurrent: Option<u32>,
+    /// At most this many nodes of the rule, over all its groups, at once: a number, or a share
+    /// of the rule's nodes (all its groups: [`Policy::rule_pool_selector`],
+    /// [`Policy::rule_pool_size`]).
+    pub max_concurrent: Option<Budget>,
 }
 
 pub use parse::PolicyError;
@@ -712,6 +722,7 @@ impl Policy {
                 lock_group: None,
                 soak: None,
                 health_gate: None,
+                health_query: None,
             },
             Some((i, r)) => RuleView {
                 name: Some(r.name.clone()),
@@ -725,6 +736,7 @@ impl Policy {
                 }),
                 soak: r.soak,
                 health_gate: r.health_gate,
+                health_query: r.health_query.clone(),
             },
         }
     }
@@ -770,10 +782,43 @@ impl Policy {
         }
     }
 
+    /// A label selector that every node of the rule of a node with `labels` matches, whatever
+    /// its lock group: the pool a percentage `lockGroup.maxConcurrent` is a share of. A
+    /// superset, as [`Policy::pool_selector`]; empty: list every Node.
+    pub fn rule_pool_selector(&self, labels: &Labels) -> String {
+        self.rule(labels)
+            .and_then(|(_, r)| r.selector.query())
+            .unwrap_or_default()
+    }
+
+    /// How many of `nodes` (their labels) the rule of a node labelled `me` selects (the first
+    /// rule that selects them is `me`'s), over all its lock groups. 0 for a node no rule selects.
+    pub fn rule_pool_size<'a>(&self, me: &Labels, nodes: impl IntoIterator<Item = &'a Labels>) -> usize {
+        let Some((i, _)) = self.rule(me) else {
+            return 0;
+        };
+        nodes
+            .into_iter()
+            .filter(|n| self.rule(n).is_some_and(|(j, _)| j == i))
+            .count()
+    }
+
     /// How many of `nodes` (their labels) share lock slots with a node labelled `me`: the pool
     /// a percentage `concurrency` is a share of.
     pub fn pool_size<'a>(&self, me: &Labels, nodes: impl IntoIterator<Item = &'a Labels>) -> usize {
         nodes.into_iter().filter(|n| self.same_pool(me, n)).count()
+    }
+
+    /// The key paths of the rules' `healthGate.query` (`rules[2].healthGate.query`): each needs
+    /// a Prometheus to ask. An agent without `--prometheus-url` rejects a policy that has one,
+    /// rather than hold every rebooted node in its gate until the timeout.
+    pub fn gate_queries(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.health_query.is_some())
+            .map(|(i, _)| format!("rules[{i}].healthGate.query"))
+            .collect()
     }
 
     /// The time zone of the top-level schedule (the nodes that no rule selects).

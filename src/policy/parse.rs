@@ -139,6 +139,24 @@ struct RawRule {
 #[serde(deny_unknown_fields)]
 struct RawHealthGate {
     timeout: Option<Scalar>,
+    query: Option<Scalar>,
+}
+
+/// The longest `healthGate.query` accepted: a gate expression is a condition, not a program,
+/// and the query travels in a URL.
+const MAX_QUERY_LEN: usize = 4096;
+
+/// A `healthGate.query`: PromQL text, not empty. Its syntax is Prometheus's to judge (a query
+/// it refuses keeps the gate closed, with Prometheus's error as the reason).
+fn gate_query(s: &str, path: &str) -> Result<String, PolicyError> {
+    let q = s.trim();
+    if q.is_empty() {
+        return Err(err(path, "is empty (leave query out for no gate expression)"));
+    }
+    if q.len() > MAX_QUERY_LEN {
+        return Err(err(path, format!("is longer than {MAX_QUERY_LEN} characters")));
+    }
+    Ok(q.to_owned())
 }
 
 /// `healthGate.timeout` when not given: long enough for DaemonSet pods to pull their images
@@ -653,14 +671,11 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
                 if label.is_empty() {
                     return Err(err(format!("{p}.lockGroup.byLabel"), "is empty"));
                 }
+                // A number, or a share of the rule's nodes over all its groups: parsed as
+                // `concurrency` is, with the same bounds.
                 let max_concurrent = match &g.max_concurrent {
                     None => None,
-                    Some(n) => Some(number(
-                        &n.0,
-                        &format!("{p}.lockGroup.maxConcurrent"),
-                        1,
-                        MAX_CONCURRENCY,
-                    )?),
+                    Some(n) => Some(budget(&n.0, &format!("{p}.lockGroup.maxConcurrent"))?),
                 };
                 Some(LockGroup {
                     by_label: label.to_owned(),
@@ -679,6 +694,10 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
                 Some(t) => bounded_duration(&t.0, &format!("{p}.healthGate.timeout"))?,
             }),
         };
+        let health_query = match r.health_gate.as_ref().and_then(|g| g.query.as_ref()) {
+            None => None,
+            Some(q) => Some(gate_query(&q.0, &format!("{p}.healthGate.query"))?),
+        };
         rules.push(Rule {
             name,
             selector,
@@ -687,6 +706,7 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
             lock_group,
             soak,
             health_gate,
+            health_query,
         });
     }
     Ok(Policy { default, rules })

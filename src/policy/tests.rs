@@ -690,6 +690,11 @@ fn new_fields_errors_name_the_key() {
             "not a duration",
         ),
         (
+            "rules: [{name: a, nodeSelector: {}, healthGate: {query: \"  \"}}]",
+            "rules[0].healthGate.query",
+            "is empty",
+        ),
+        (
             "rules: [{name: a, nodeSelector: {}, healthGate: {timeuot: 5m}}]",
             "rules[0].healthGate.timeuot",
             "timeuot",
@@ -1129,9 +1134,50 @@ fn max_concurrent_caps_a_rule_across_its_groups() {
         Some(LockGroupView {
             label: "pool".into(),
             value: Some("x".into()),
-            max_concurrent: Some(3)
+            max_concurrent: Some(Budget::Nodes(3))
         })
     );
+}
+
+#[test]
+fn max_concurrent_may_be_a_share_of_the_rules_nodes() {
+    let p = policy(
+        "rules:\n  - {name: db, nodeSelector: {matchLabels: {role: db}}, concurrency: 1, lockGroup: {byLabel: pool, maxConcurrent: \"50%\"}}\n  - {name: rest, nodeSelector: {}}\n",
+    );
+    let me = labels(&[("role", "db"), ("pool", "a")]);
+    assert_eq!(
+        p.rule_for(&me).lock_group.and_then(|g| g.max_concurrent),
+        Some(Budget::Percent(50))
+    );
+    // The pool of the cap is the rule's nodes over every group, not the node's own group, and
+    // not the nodes of another rule.
+    let nodes = [
+        labels(&[("role", "db"), ("pool", "a")]),
+        labels(&[("role", "db"), ("pool", "a")]),
+        labels(&[("role", "db"), ("pool", "b")]),
+        labels(&[("role", "db")]),
+        labels(&[("role", "web"), ("pool", "a")]),
+    ];
+    assert_eq!(p.rule_pool_size(&me, &nodes), 4);
+    assert_eq!(p.pool_size(&me, &nodes), 2, "the group's own pool is smaller");
+    assert_eq!(p.rule_pool_selector(&me), "role=db");
+    assert_eq!(p.rule_pool_size(&labels(&[]), &nodes), 0, "rule without a cap");
+    // 50% of 4 is 2; of 3, rounded down, 1; never less than 1.
+    assert_eq!(slots(Budget::Percent(50), 4), 2);
+    assert_eq!(slots(Budget::Percent(50), 3), 1);
+    assert_eq!(slots(Budget::Percent(50), 0), 1);
+    for (bad, why) in [
+        ("\"0%\"", "percentage from 1% to 100%"),
+        ("\"101%\"", "percentage"),
+        ("0", "whole number from 1"),
+    ] {
+        let e = Policy::parse(&format!(
+            "rules: [{{name: a, nodeSelector: {{}}, lockGroup: {{byLabel: pool, maxConcurrent: {bad}}}}}]"
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "rules[0].lockGroup.maxConcurrent", "{bad}");
+        assert!(e.message.contains(why), "{bad}: {}", e.message);
+    }
 }
 
 #[test]
@@ -1171,4 +1217,27 @@ fn the_document_under_the_wrong_key_names_the_expected_key_and_those_found() {
     assert!(e.contains("and 40 more") && e.len() < 2000, "{}", e.len());
     let good = BTreeMap::from([(CONFIG_KEY.to_string(), "timezone: UTC".to_string())]);
     assert_eq!(document_in("ns/cm", Some(&good), &[]), Ok("timezone: UTC"));
+}
+
+#[test]
+fn health_gate_query_is_kept_per_rule_and_listed() {
+    let p = policy(
+        "rules:\n  - {name: a, nodeSelector: {matchLabels: {role: db}}, healthGate: {query: 'sum(rate(errors_total[5m])) > 1'}}\n  - {name: b, nodeSelector: {}, healthGate: {timeout: 2m}}\n",
+    );
+    let db = p.rule_for(&labels(&[("role", "db")]));
+    assert_eq!(
+        db.health_query.as_deref(),
+        Some("sum(rate(errors_total[5m])) > 1")
+    );
+    // A query alone gets the default timeout: the gate is never without one.
+    assert_eq!(db.health_gate, Some(chrono::Duration::minutes(10)));
+    assert_eq!(p.rule_for(NONE).health_query, None);
+    assert_eq!(p.gate_queries(), ["rules[0].healthGate.query"]);
+    assert!(Policy::default().gate_queries().is_empty());
+    let long = format!(
+        "rules: [{{name: a, nodeSelector: {{}}, healthGate: {{query: '{}'}}}}]",
+        "x".repeat(5000)
+    );
+    let e = Policy::parse(&long).unwrap_err();
+    assert_eq!(e.path, "rules[0].healthGate.query");
 }

@@ -280,11 +280,23 @@ impl Drop for Killed {
 /// A real Prometheus (Debian's package) with `config`, its data under `dir`, on a free port of
 /// 127.0.0.1; stopped when the returned guard drops. Returns the guard and the port.
 pub fn start_prometheus(config: &std::path::Path, dir: &std::path::Path) -> (Killed, u16) {
+    start_prometheus_with(config, dir, &[])
+}
+
+/// [`start_prometheus`] with more command-line flags, e.g. `--rules.alert.resend-delay=1s`
+/// (Prometheus drops the alerts it has before it has found its Alertmanagers and sends them
+/// again only after that delay, a minute by default).
+pub fn start_prometheus_with(
+    config: &std::path::Path,
+    dir: &std::path::Path,
+    flags: &[&str],
+) -> (Killed, u16) {
     let port = free_port();
     let child = std::process::Command::new(which("prometheus"))
         .arg(format!("--config.file={}", config.display()))
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .args(flags)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -292,12 +304,44 @@ pub fn start_prometheus(config: &std::path::Path, dir: &std::path::Path) -> (Kil
     (Killed(child), port)
 }
 
+/// A real Alertmanager (Debian's `prometheus-alertmanager`) with a minimal configuration (one
+/// receiver that notifies nobody), its data under `dir`, on a free port of 127.0.0.1, clustering
+/// off (it would bind port 9094); stopped when the returned guard drops. Returns the guard and
+/// the port.
+pub fn start_alertmanager(dir: &std::path::Path) -> (Killed, u16) {
+    let config = dir.join("alertmanager.yml");
+    std::fs::write(
+        &config,
+        "route:\n  receiver: nobody\n  group_wait: 1s\nreceivers:\n  - name: nobody\n",
+    )
+    .expect("alertmanager config");
+    let port = free_port();
+    let child = std::process::Command::new(which_in("prometheus-alertmanager", "prometheus-alertmanager"))
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.path={}",
+            dir.join("alertmanager-data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("alertmanager starts");
+    (Killed(child), port)
+}
+
 /// The path of `binary` on PATH; panics naming the package that brings it.
 pub fn which(binary: &str) -> std::path::PathBuf {
+    which_in(binary, "prometheus")
+}
+
+/// The path of `binary` on PATH; panics naming `package`, the Debian package that brings it.
+pub fn which_in(binary: &str, package: &str) -> std::path::PathBuf {
     std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
         .map(|d| d.join(binary))
         .find(|p| p.is_file())
         .unwrap_or_else(|| {
-            panic!("{binary} not found: install Debian's prometheus package (./scripts/test does)")
+            panic!("{binary} not found: install Debian's {package} package (./scripts/test does)")
         })
 }
