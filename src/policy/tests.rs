@@ -730,9 +730,9 @@ fn new_fields_errors_name_the_key() {
             "whole number",
         ),
         (
-            "rules: [{name: a, nodeSelector: {}, lockGroup: {byLabel: pool, maxConcurrent: \"50%\"}}]",
+            "rules: [{name: a, nodeSelector: {}, lockGroup: {byLabel: pool, maxConcurrent: \"150%\"}}]",
             "rules[0].lockGroup.maxConcurrent",
-            "whole number from 1 to 10000",
+            "percentage from 1% to 100%",
         ),
         (
             "rules: [{name: a, nodeSelector: {}, timezone: Moon/Base}]",
@@ -1161,7 +1161,8 @@ fn max_concurrent_may_be_a_share_of_the_rules_nodes() {
     assert_eq!(p.rule_pool_size(&me, &nodes), 4);
     assert_eq!(p.pool_size(&me, &nodes), 2, "the group's own pool is smaller");
     assert_eq!(p.rule_pool_selector(&me), "role=db");
-    assert_eq!(p.rule_pool_size(&labels(&[]), &nodes), 0, "rule without a cap");
+    // A node of the catch-all rule counts that rule's nodes: the web node.
+    assert_eq!(p.rule_pool_size(&labels(&[]), &nodes), 1);
     // 50% of 4 is 2; of 3, rounded down, 1; never less than 1.
     assert_eq!(slots(Budget::Percent(50), 4), 2);
     assert_eq!(slots(Budget::Percent(50), 3), 1);
