@@ -15,26 +15,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::backend::{Backend, Kind, Machine, NS};
+use common::{
+    backend::{Backend, Kind, Machine, NS},
+    wait_until,
+};
 use kreboot::node::{ANN_CORDONED_BY_KREBOOT, ANN_DRAINED, ANN_LAST_REBOOT, ANN_PHASE};
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(90);
-
-async fn wait_until<F, Fut>(limit: Duration, what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !done().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Events with `reason` in `ns`, their notes.
 async fn notes(b: &Backend, ns: &str, reason: &str) -> Vec<String> {

@@ -29,11 +29,12 @@ use std::{
 use common::{
     real::{self, ControlPlane},
     real_fleet::{
-        AuditReader, Audited, HandOver, Observer, RealFleet, Scrape, agent_node, bench_tokens, cpu_seconds,
-        create_nodes, open_fds, raise_nofile, status_kib,
+        AuditReader, Audited, HandOver, Observer, RealFleet, Scrape, agent_node, bench_tokens, create_nodes,
+        raise_nofile,
     },
 };
 use k8s_openapi::api::core::v1::Namespace;
+use kreboot_testkit::procfs::{cpu_seconds, open_fds, status_kib};
 use kube::{Api, api::PostParams};
 
 const NS: &str = "kube-system";

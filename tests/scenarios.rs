@@ -17,6 +17,7 @@ use std::{
 use common::{
     OutMonitor,
     backend::{Backend, Kind, Machine, NS},
+    wait_until,
 };
 use kreboot::node::{
     ANN_BLOCKED_BY, ANN_CORDONED_BY_KREBOOT, ANN_LAST_FAILURE, ANN_LAST_FAILURE_REASON, ANN_LAST_REBOOT,
@@ -628,22 +629,6 @@ async fn scrape(port: u16) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // Shared by the scenarios below.
-
-/// Waits, without playing any machine, until `done` holds, or panics after `limit`.
-async fn wait_until<F, Fut>(limit: Duration, what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !done().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// How many times `reason` was recorded about the object named `name` (an Event the same agent
 /// repeats is one object with a `series.count`).

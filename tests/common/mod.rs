@@ -83,6 +83,23 @@ pub async fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> boo
     }
 }
 
+/// Polls the async `done` every 20 ms until it holds (it may ask the API server), or panics
+/// after `limit` with `what`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// An annotation of a node.
 pub fn annotation(sim: &SimCluster, node: &str, key: &str) -> Option<String> {
     sim.node(node)?.metadata.annotations?.get(key).cloned()

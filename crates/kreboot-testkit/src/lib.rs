@@ -7,4 +7,5 @@
 #![deny(unsafe_code)]
 
 pub mod kubelet_sim;
+pub mod procfs;
 pub mod sim;

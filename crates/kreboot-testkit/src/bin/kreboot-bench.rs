@@ -20,7 +20,10 @@ use kreboot::{
     node::{ANN_LAST_REBOOT, ANN_PHASE},
     sentinel::SentinelWatch,
 };
-use kreboot_testkit::sim::{self, SimCluster, SimConfig, fleet::Fleet};
+use kreboot_testkit::{
+    procfs::{cpu_seconds, status_kib},
+    sim::{self, SimCluster, SimConfig, fleet::Fleet},
+};
 use kube::{
     Api,
     api::{PostParams, ResourceExt},
@@ -446,23 +449,6 @@ fn rss_kib(pid: u32) -> Option<u64> {
     status_kib(pid, "VmRSS:")
 }
 
-fn status_kib(pid: u32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = s.rsplit_once(')')?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
 /// What one agent process costs: binary size, RSS idle (in total, private and mapped from
 /// files) and at its peak during a drain of 110 pods, CPU time idle.
 struct AgentCost {
@@ -537,12 +523,9 @@ async fn agent_memory(exe: &std::path::Path) -> Option<AgentCost> {
     let idle_rss = rss_kib(pid)?;
     let idle_anon = status_kib(pid, "RssAnon:")?;
     let idle_file = status_kib(pid, "RssFile:")?;
-    let c0 = cpu_ticks(pid)?;
+    let c0 = cpu_seconds(pid)?;
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let c1 = cpu_ticks(pid)?;
-    // Clock ticks per second of /proc/<pid>/stat (USER_HZ, 100 on Linux).
-    let hz = 100.0;
-    let idle_cpu = (c1 - c0) as f64 / hz;
+    let idle_cpu = cpu_seconds(pid)? - c0;
     for i in 0..110 {
         sim.add_pod(
             sim::pod("apps", &format!("d{i:03}"), "m1")
