@@ -630,16 +630,8 @@ impl Agent {
             }
             let parsed = match cm {
                 None => Ok(Policy::default()),
-                Some(cm) => {
-                    let binary: Vec<&str> = cm
-                        .binary_data
-                        .iter()
-                        .flat_map(|d| d.keys())
-                        .map(String::as_str)
-                        .collect();
-                    crate::policy::document_in(&format!("{namespace}/{cm_name}"), cm.data.as_ref(), &binary)
-                        .and_then(|doc| Policy::parse(doc).map_err(|e| e.to_string()))
-                }
+                Some(cm) => crate::policy::document_of(&format!("{namespace}/{cm_name}"), cm)
+                    .and_then(|doc| Policy::parse(doc).map_err(|e| e.to_string())),
             };
             // A gate query needs a Prometheus to ask. Without one every rebooted node of the
             // rule would sit in its gate until the timeout and stop the rollout there: refuse

@@ -807,22 +807,13 @@ async fn gather(args: &StatusArgs) -> anyhow::Result<ClusterStatus> {
     let no_key;
     let input = match &cm {
         None => PolicyInput::Missing,
-        Some(cm) => {
-            let binary: Vec<&str> = cm
-                .binary_data
-                .iter()
-                .flat_map(|d| d.keys())
-                .map(String::as_str)
-                .collect();
-            match crate::policy::document_in(&format!("{ns}/{}", args.config_map), cm.data.as_ref(), &binary)
-            {
-                Ok(doc) => PolicyInput::Document(doc),
-                Err(e) => {
-                    no_key = e;
-                    PolicyInput::Unusable(&no_key)
-                }
+        Some(cm) => match crate::policy::document_of(&format!("{ns}/{}", args.config_map), cm) {
+            Ok(doc) => PolicyInput::Document(doc),
+            Err(e) => {
+                no_key = e;
+                PolicyInput::Unusable(&no_key)
             }
-        }
+        },
     };
     let mut status = build_with(&nodes, &leases, input, now);
     status.paused = crate::pause::of_config_map(cm.as_ref());

@@ -644,6 +644,18 @@ impl Schedule {
     }
 }
 
+/// The policy document of the ConfigMap `cm` (named `namespace/name` in errors): see
+/// [`document_in`].
+pub fn document_of<'a>(name: &str, cm: &'a k8s_openapi::api::core::v1::ConfigMap) -> Result<&'a str, String> {
+    let binary: Vec<&str> = cm
+        .binary_data
+        .iter()
+        .flat_map(|d| d.keys())
+        .map(String::as_str)
+        .collect();
+    document_in(name, cm.data.as_ref(), &binary)
+}
+
 /// The key of the policy ConfigMap that holds the policy document.
 pub const CONFIG_KEY: &str = "config.yaml";
 
