@@ -802,7 +802,8 @@ fn print_row(r: &Row) {
     );
 }
 
-fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
+/// The CPU model and the number of cores, for a benchmark's header.
+fn machine() -> (String, usize) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -810,7 +811,11 @@ fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
         .and_then(|l| l.split(':').nth(1))
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    (cpu, std::thread::available_parallelism().map_or(0, |n| n.get()))
+}
+
+fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
+    let (cpu, cores) = machine();
     let sizes: Vec<String> = rows.iter().map(|r| r.nodes.to_string()).collect();
     let mut md = String::new();
     let _ = writeln!(md, "{SECTION} (KWOK Nodes, in-process agents)\n");
@@ -992,14 +997,19 @@ fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
 
 /// Replaces (or appends) this benchmark's section of BENCHMARKS.md, keeping every other one.
 fn write_section(md: &str) {
+    write_named_section(SECTION, md);
+}
+
+/// Replaces (or appends) the section of BENCHMARKS.md whose heading starts with `section`.
+fn write_named_section(section: &str, md: &str) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
     let old = std::fs::read_to_string(&path).unwrap_or_default();
-    let new = match old.find(SECTION) {
+    let new = match old.find(section) {
         Some(start) => {
-            let rest = &old[start + SECTION.len()..];
+            let rest = &old[start + section.len()..];
             let end = rest
                 .find("\n## ")
-                .map_or(old.len(), |i| start + SECTION.len() + i + 1);
+                .map_or(old.len(), |i| start + section.len() + i + 1);
             format!("{}{md}{}", &old[..start], &old[end..])
         }
         None => format!("{}\n{md}", old.trim_end_matches('\n').to_owned() + "\n"),
@@ -1033,5 +1043,210 @@ async fn lock_hand_over_on_the_real_kube_apiserver() {
     println!("\n{md}");
     if std::env::var("KREBOOT_BENCH_WRITE").as_deref() != Ok("0") {
         write_section(&md);
+    }
+}
+
+/// BENCHMARKS.md's section of the kured-like poller on the real server.
+const POLLER_SECTION: &str = "## kured-like poller on the real kube-apiserver";
+
+/// One size of the kured-like poller: N waiters, each with its own client, read the lock Lease
+/// once per `period` (each at its own random phase, as N kured pods started at different times)
+/// and take it when free. Each sample frees the lock and times how long until a waiter holds it.
+struct PollerRow {
+    waiters: usize,
+    period: Duration,
+    latencies: Vec<f64>,
+    lease_reads_per_s: f64,
+    conflicts_per_handover: f64,
+}
+
+async fn poller_size(waiters: usize, period: Duration, samples: usize) -> PollerRow {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use rand::{RngExt, SeedableRng, rngs::StdRng};
+    let cp = ControlPlane::start(real::Options::default()).await;
+    let admin = cp.admin_client();
+    let _ = Api::<Namespace>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": NS}})).unwrap(),
+        )
+        .await;
+    let api: Api<Lease> = Api::namespaced(admin.clone(), NS);
+    let lease: Lease = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "kured-lock"},
+        "spec": {"holderIdentity": "bench"}
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &lease)
+        .await
+        .expect("create the lock");
+    let taken = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut rng = StdRng::seed_from_u64(42);
+    let mut tasks = Vec::new();
+    for i in 0..waiters {
+        // Its own client, connections and all, as a kured pod on its own node has.
+        let api: Api<Lease> = Api::namespaced(cp.admin_client(), NS);
+        let phase = period.mul_f64(rng.random::<f64>());
+        let taken = taken.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(phase).await;
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let Ok(mut l) = api.get("kured-lock").await else {
+                    continue;
+                };
+                let free = l
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.holder_identity.as_deref())
+                    .is_none_or(str::is_empty);
+                if free {
+                    if let Some(s) = l.spec.as_mut() {
+                        s.holder_identity = Some(format!("waiter-{i}"));
+                    }
+                    // A read-modify-write on the resourceVersion read: a second taker gets 409.
+                    if api
+                        .replace("kured-lock", &PostParams::default(), &l)
+                        .await
+                        .is_ok()
+                    {
+                        taken.notify_one();
+                    }
+                }
+            }
+        }));
+    }
+    // Every poller past its first phase; then one whole period with nobody else asking: the
+    // pollers' steady read rate.
+    tokio::time::sleep(period).await;
+    let quiet_start = Scrape::take(&admin).await;
+    let quiet = Instant::now();
+    tokio::time::sleep(period).await;
+    let quiet_end = Scrape::take(&admin).await;
+    let quiet_secs = quiet.elapsed().as_secs_f64();
+    let before = Scrape::take(&admin).await;
+    let mut latencies = Vec::new();
+    for _ in 0..samples {
+        let mut l = api.get("kured-lock").await.expect("read the lock");
+        if let Some(s) = l.spec.as_mut() {
+            s.holder_identity = None;
+        }
+        api.replace("kured-lock", &PostParams::default(), &l)
+            .await
+            .expect("free the lock");
+        let t = Instant::now();
+        if tokio::time::timeout(period * 3, taken.notified()).await.is_err() {
+            eprintln!("{waiters} pollers: nobody took the lock within {:?}", period * 3);
+            break;
+        }
+        latencies.push(t.elapsed().as_secs_f64());
+    }
+    let after = Scrape::take(&admin).await;
+    for t in tasks {
+        t.abort();
+    }
+    let leases = |from: &Scrape, to: &Scrape, verb: &'static str, code: Option<&'static str>| {
+        let keep = move |l: &BTreeMap<String, String>| {
+            l.get("resource").map(String::as_str) == Some("leases")
+                && l.get("verb").map(String::as_str) == Some(verb)
+                && code.is_none_or(|c| l.get("code").map(String::as_str) == Some(c))
+        };
+        to.sum("apiserver_request_total", keep) - from.sum("apiserver_request_total", keep)
+    };
+    let handovers = latencies.len().max(1) as f64;
+    PollerRow {
+        waiters,
+        period,
+        latencies: sorted(latencies),
+        lease_reads_per_s: leases(&quiet_start, &quiet_end, "GET", None) / quiet_secs,
+        conflicts_per_handover: leases(&before, &after, "PUT", Some("409")) / handovers,
+    }
+}
+
+/// Seconds as milliseconds below 10 s, as seconds above.
+fn span(secs: f64) -> String {
+    if secs < 10.0 {
+        ms(Some(secs))
+    } else {
+        format!("{secs:.0} s")
+    }
+}
+
+fn poller_markdown(rows: &[PollerRow], samples: usize) -> String {
+    let mut md = String::new();
+    let (cpu, cores) = machine();
+    let _ = writeln!(
+        md,
+        "{POLLER_SECTION} (the baseline)\n\nMeasured by `cargo test --release --test bench_real kured_like -- --ignored --nocapture` (`KREBOOT_BENCH_POLLER_NODES`, default `100,1000`; `KREBOOT_BENCH_POLLER_PERIOD_SECS`, default 10) on {cpu} ({cores} cores), {}; {}.\n",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        first_line("kube-apiserver").replace("Kubernetes ", "kube-apiserver "),
+    );
+    let _ = writeln!(
+        md,
+        "What kured does while a node waits for its lock, on the same real kube-apiserver as kreboot's rows above: each waiting node reads the lock once per `--period` at its own phase and writes it when it finds it free (a read-modify-write: a second taker in the same moment gets 409). Per size a fresh control plane, N pollers each with its own client, {samples} hand-overs: the lock is freed and the time until a poller holds it is taken. Expected, for N pollers at uniformly spread phases: the first read after the release comes after period / (N + 1) on average, and the lock is read N / period times a second whether or not anyone waits for it to change. The 1-hour rows (kured's default `--period`) are that formula, checked against the measured rows at the short period; they are not measured (one sample would take up to an hour).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| waiting nodes | period | hand-over p50 | p99 | expected mean period/(N+1) | measured mean | lock reads/s (over one period, no hand-over) | 409 per hand-over |\n|---|---|---|---|---|---|---|---|"
+    );
+    for r in rows {
+        let mean = r.latencies.iter().sum::<f64>() / r.latencies.len().max(1) as f64;
+        let p = r.period.as_secs_f64();
+        let _ = writeln!(
+            md,
+            "| {} | {} s | {} | {} | {} | {} | {:.1} | {:.2} |",
+            r.waiters,
+            p,
+            ms(pct(&r.latencies, 0.5)),
+            ms(pct(&r.latencies, 0.99)),
+            span(p / (r.waiters as f64 + 1.0)),
+            span(mean),
+            r.lease_reads_per_s,
+            r.conflicts_per_handover
+        );
+    }
+    for r in rows {
+        let hour = 3600.0;
+        let _ = writeln!(
+            md,
+            "| {} | 3600 s (kured's default; computed) | | | {} | | {:.2} | |",
+            r.waiters,
+            span(hour / (r.waiters as f64 + 1.0)),
+            r.waiters as f64 / hour
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nThe poller's hand-over is fast only because many pollers share the period: the last node of a rollout waits alone and gets the lock up to one whole period (1 h) after it is freed, and every waiting node reads the lock all night. kreboot's waiters make no request while they wait (they hold a watch) and the holder hands the lock to the longest waiter by name."
+    );
+    md
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly"]
+async fn kured_like_poller_on_the_real_kube_apiserver() {
+    let sizes: Vec<usize> = std::env::var("KREBOOT_BENCH_POLLER_NODES")
+        .unwrap_or_else(|_| "100,1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let period = Duration::from_secs(env_or("KREBOOT_BENCH_POLLER_PERIOD_SECS", 10));
+    let samples = env_or("KREBOOT_BENCH_POLLER_SAMPLES", 10);
+    raise_nofile(1 << 20);
+    let mut rows = Vec::new();
+    for n in sizes {
+        eprintln!("=== kured-like poller: {n} waiters, period {period:?} ===");
+        let row = poller_size(n, period, samples).await;
+        assert!(
+            !row.latencies.is_empty(),
+            "no hand-over measured with {n} pollers"
+        );
+        rows.push(row);
+    }
+    let md = poller_markdown(&rows, samples);
+    println!("\n{md}");
+    if std::env::var("KREBOOT_BENCH_WRITE").as_deref() != Ok("0") {
+        write_named_section(POLLER_SECTION, &md);
     }
 }
