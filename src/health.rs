@@ -9,8 +9,21 @@
 //! take workloads, and rebooting the next node would make things worse. Other pods are not
 //! waited for: after the drain they are scheduled elsewhere, or come back at the scheduler's
 //! pace.
+//!
+//! With the rule's `healthGate.disruptionBudgets` (on by default with a gate) the pods the drain
+//! evicted count too, through their PodDisruptionBudgets: the drain records on the Node which
+//! budgets selected a pod it evicted ([`touched_budgets`], [`encode_budgets`]; the agent that
+//! runs the gate after the reboot is a new process), and the gate holds until each of them is
+//! back at its desired health ([`budgets_unhealthy`]). A budget is what the application's owner
+//! declared as "enough of us": rebooting the next node while one is below it is the outage the
+//! budget was written to prevent.
 
-use k8s_openapi::api::core::v1::Pod;
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::{
+    api::{core::v1::Pod, policy::v1::PodDisruptionBudget},
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
 
 /// Whether `pod` is owned by a DaemonSet (its controller).
 fn daemonset_pod(pod: &Pod) -> bool {
@@ -97,10 +110,354 @@ pub fn query_verdict(
     }
 }
 
+/// A PodDisruptionBudget the drain touched, as recorded on the Node: one budget, every budget
+/// of a namespace, or every budget (the record outgrew its bound, or the budgets could not be
+/// listed at drain time: then the namespaces of the evicted pods are recorded).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BudgetRef {
+    /// `namespace/name`.
+    One(String, String),
+    /// `namespace/*`.
+    Namespace(String),
+    /// `*`.
+    All,
+}
+
+impl std::fmt::Display for BudgetRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BudgetRef::One(ns, name) => write!(f, "{ns}/{name}"),
+            BudgetRef::Namespace(ns) => write!(f, "{ns}/*"),
+            BudgetRef::All => f.write_str("*"),
+        }
+    }
+}
+
+impl BudgetRef {
+    fn covers(&self, ns: &str, name: &str) -> bool {
+        match self {
+            BudgetRef::One(n, m) => n == ns && m == name,
+            BudgetRef::Namespace(n) => n == ns,
+            BudgetRef::All => true,
+        }
+    }
+}
+
+/// The longest record of touched budgets (`kreboot.io/drained-budgets`). A node runs at most a
+/// few hundred pods; past this the record falls back to namespaces, then to `*`, so it stays
+/// small on the Node and still covers every budget touched.
+pub const MAX_BUDGETS_RECORD: usize = 2048;
+
+/// Whether `s` can be a namespace or object name (DNS subdomain characters).
+fn name_like(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// The record of `budgets` for the Node annotation: `ns/name,ns/name`, sorted; past
+/// [`MAX_BUDGETS_RECORD`] the namespaces (`ns/*`), and past that again `*`.
+pub fn encode_budgets(budgets: &BTreeSet<BudgetRef>) -> String {
+    let join =
+        |refs: &BTreeSet<BudgetRef>| refs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let exact = join(budgets);
+    if exact.len() <= MAX_BUDGETS_RECORD {
+        return exact;
+    }
+    if budgets.contains(&BudgetRef::All) {
+        return "*".to_owned();
+    }
+    let namespaces: BTreeSet<BudgetRef> = budgets
+        .iter()
+        .map(|b| match b {
+            BudgetRef::One(ns, _) | BudgetRef::Namespace(ns) => BudgetRef::Namespace(ns.clone()),
+            BudgetRef::All => BudgetRef::All,
+        })
+        .collect();
+    let wide = join(&namespaces);
+    if wide.len() <= MAX_BUDGETS_RECORD {
+        wide
+    } else {
+        "*".to_owned()
+    }
+}
+
+/// The record read back: the budgets, and the entries that are not a budget reference (for
+/// the operator; they are ignored).
+pub fn parse_budgets(record: &str) -> (BTreeSet<BudgetRef>, Vec<String>) {
+    let mut refs = BTreeSet::new();
+    let mut bad = Vec::new();
+    for entry in record.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let parsed = match entry.split_once('/') {
+            None if entry == "*" => Some(BudgetRef::All),
+            Some((ns, "*")) if name_like(ns) => Some(BudgetRef::Namespace(ns.to_owned())),
+            Some((ns, name)) if name_like(ns) && name_like(name) => {
+                Some(BudgetRef::One(ns.to_owned(), name.to_owned()))
+            }
+            _ => None,
+        };
+        match parsed {
+            Some(r) => {
+                refs.insert(r);
+            }
+            None => bad.push(entry.to_owned()),
+        }
+    }
+    (refs, bad)
+}
+
+/// Whether a PodDisruptionBudget's `spec.selector` selects a pod with `labels`. In policy/v1 a
+/// missing selector selects nothing and an empty one selects every pod of the namespace.
+pub fn selector_matches(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    let Some(sel) = selector else {
+        return false;
+    };
+    let labels_ok = sel
+        .match_labels
+        .as_ref()
+        .is_none_or(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let exprs_ok = sel
+        .match_expressions
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .all(|e| {
+            let values = e.values.as_deref().unwrap_or_default();
+            let value = labels.get(&e.key);
+            match e.operator.as_str() {
+                "In" => value.is_some_and(|v| values.contains(v)),
+                "NotIn" => value.is_none_or(|v| !values.contains(v)),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                // The API server admits no other operator; should one appear, count the budget as
+                // touched: waiting for a budget too many is safe, missing one is not.
+                _ => true,
+            }
+        });
+    labels_ok && exprs_ok
+}
+
+/// The budgets that select any of `evicted` (pods the drain evicts), by namespace and name.
+pub fn touched_budgets(evicted: &[&Pod], budgets: &[PodDisruptionBudget]) -> BTreeSet<BudgetRef> {
+    let empty = BTreeMap::new();
+    budgets
+        .iter()
+        .filter(|b| {
+            let ns = b.metadata.namespace.as_deref().unwrap_or_default();
+            let selector = b.spec.as_ref().and_then(|s| s.selector.as_ref());
+            evicted.iter().any(|p| {
+                p.metadata.namespace.as_deref().unwrap_or_default() == ns
+                    && selector_matches(selector, p.metadata.labels.as_ref().unwrap_or(&empty))
+            })
+        })
+        .map(|b| {
+            BudgetRef::One(
+                b.metadata.namespace.clone().unwrap_or_default(),
+                b.metadata.name.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// What keeps the recorded budgets from being healthy, one entry per budget (`pdb apps/web 1/2
+/// healthy`); empty: every one is back. A budget is healthy when the disruption controller has
+/// seen its current spec (`status.observedGeneration >= metadata.generation`) and counts
+/// `currentHealthy >= desiredHealthy`. A recorded budget that no longer exists protects nothing
+/// and is not waited for. `budgets` None: not listed yet, which is not healthy.
+pub fn budgets_unhealthy(
+    recorded: &BTreeSet<BudgetRef>,
+    budgets: Option<&[PodDisruptionBudget]>,
+) -> Vec<String> {
+    if recorded.is_empty() {
+        return Vec::new();
+    }
+    let Some(budgets) = budgets else {
+        return vec!["disruption budgets not listed yet".to_owned()];
+    };
+    let mut out: Vec<String> = budgets
+        .iter()
+        .filter_map(|b| {
+            let ns = b.metadata.namespace.as_deref().unwrap_or_default();
+            let name = b.metadata.name.as_deref().unwrap_or_default();
+            if !recorded.iter().any(|r| r.covers(ns, name)) {
+                return None;
+            }
+            let Some(status) = b.status.as_ref() else {
+                return Some(format!("pdb {ns}/{name} has no status yet"));
+            };
+            let generation = b.metadata.generation.unwrap_or(0);
+            let observed = status.observed_generation.unwrap_or(0);
+            if observed < generation {
+                return Some(format!(
+                    "pdb {ns}/{name} status not current (generation {generation}, observed {observed})"
+                ));
+            }
+            (status.current_healthy < status.desired_healthy).then(|| {
+                format!(
+                    "pdb {ns}/{name} {}/{} healthy",
+                    status.current_healthy, status.desired_healthy
+                )
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn pdb(
+        ns: &str,
+        name: &str,
+        selector: serde_json::Value,
+        health: Option<(i32, i32, i64, i64)>,
+    ) -> PodDisruptionBudget {
+        let mut b = json!({
+            "metadata": { "name": name, "namespace": ns, "generation": 1 },
+            "spec": { "minAvailable": 1 },
+        });
+        if !selector.is_null() {
+            b["spec"]["selector"] = selector;
+        }
+        if let Some((current, desired, generation, observed)) = health {
+            b["metadata"]["generation"] = json!(generation);
+            b["status"] = json!({
+                "currentHealthy": current, "desiredHealthy": desired, "disruptionsAllowed": 0,
+                "expectedPods": 2, "observedGeneration": observed,
+            });
+        }
+        serde_json::from_value(b).unwrap()
+    }
+
+    fn app_pod(ns: &str, name: &str, labels: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns, "labels": labels}}))
+            .unwrap()
+    }
+
+    fn one(ns: &str, name: &str) -> BudgetRef {
+        BudgetRef::One(ns.into(), name.into())
+    }
+
+    #[test]
+    fn the_budgets_selecting_an_evicted_pod_are_the_touched_ones() {
+        let budgets = [
+            pdb("apps", "web", json!({"matchLabels": {"app": "web"}}), None),
+            pdb("apps", "db", json!({"matchLabels": {"app": "db"}}), None),
+            pdb("other", "web", json!({"matchLabels": {"app": "web"}}), None),
+            pdb("apps", "all", json!({}), None),
+            pdb("apps", "none", serde_json::Value::Null, None),
+            pdb(
+                "apps",
+                "tier",
+                json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["front"]}]}),
+                None,
+            ),
+            pdb(
+                "apps",
+                "not-batch",
+                json!({"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["batch"]}, {"key": "gone", "operator": "DoesNotExist"}]}),
+                None,
+            ),
+        ];
+        let web = app_pod("apps", "web-1", json!({"app": "web", "tier": "front"}));
+        let batch = app_pod("apps", "batch-1", json!({"app": "batch"}));
+        assert_eq!(
+            touched_budgets(&[&web], &budgets),
+            [
+                one("apps", "all"),
+                one("apps", "not-batch"),
+                one("apps", "tier"),
+                one("apps", "web")
+            ]
+            .into(),
+            "same namespace only; an empty selector selects all, a missing one none"
+        );
+        assert_eq!(touched_budgets(&[&batch], &budgets), [one("apps", "all")].into());
+        assert!(touched_budgets(&[], &budgets).is_empty());
+    }
+
+    #[test]
+    fn the_record_is_bounded_and_still_covers_every_budget() {
+        let few: BTreeSet<BudgetRef> = [one("apps", "web"), one("db", "pg")].into();
+        assert_eq!(encode_budgets(&few), "apps/web,db/pg");
+        assert_eq!(parse_budgets("apps/web,db/pg"), (few, vec![]));
+        // Many budgets: the namespaces.
+        let many: BTreeSet<BudgetRef> = (0..200)
+            .map(|i| {
+                one(
+                    if i % 2 == 0 { "apps" } else { "db" },
+                    &format!("budget-number-{i}"),
+                )
+            })
+            .collect();
+        let record = encode_budgets(&many);
+        assert_eq!(record, "apps/*,db/*");
+        let (back, bad) = parse_budgets(&record);
+        assert!(bad.is_empty());
+        for b in &many {
+            let BudgetRef::One(ns, name) = b else {
+                unreachable!()
+            };
+            assert!(back.iter().any(|r| r.covers(ns, name)), "{b} covered");
+        }
+        // Many namespaces too: everything.
+        let wide: BTreeSet<BudgetRef> = (0..300).map(|i| one(&format!("namespace-{i}"), "b")).collect();
+        assert_eq!(encode_budgets(&wide), "*");
+        assert_eq!(parse_budgets("*").0, [BudgetRef::All].into());
+        assert!(encode_budgets(&BTreeSet::new()).is_empty());
+        // Hand-edited garbage is reported, the rest kept.
+        let (refs, bad) = parse_budgets("apps/web, Not A Name ,x/,/y,apps/*");
+        assert_eq!(
+            refs,
+            [one("apps", "web"), BudgetRef::Namespace("apps".into())].into()
+        );
+        assert_eq!(bad, ["Not A Name", "x/", "/y"]);
+    }
+
+    #[test]
+    fn the_gate_waits_for_each_touched_budget_to_be_healthy_and_current() {
+        let sel = json!({});
+        let budgets = [
+            pdb("apps", "web", sel.clone(), Some((1, 2, 1, 1))),
+            pdb("apps", "db", sel.clone(), Some((2, 2, 1, 1))),
+            pdb("apps", "new", sel.clone(), None),
+            pdb("apps", "edited", sel.clone(), Some((3, 2, 2, 1))),
+            pdb("other", "x", sel.clone(), Some((0, 1, 1, 1))),
+        ];
+        let recorded: BTreeSet<BudgetRef> =
+            [one("apps", "web"), one("apps", "db"), one("apps", "gone")].into();
+        assert_eq!(
+            budgets_unhealthy(&recorded, Some(&budgets)),
+            ["pdb apps/web 1/2 healthy"]
+        );
+        assert_eq!(
+            budgets_unhealthy(&[BudgetRef::Namespace("apps".into())].into(), Some(&budgets)),
+            [
+                "pdb apps/edited status not current (generation 2, observed 1)",
+                "pdb apps/new has no status yet",
+                "pdb apps/web 1/2 healthy",
+            ]
+        );
+        assert_eq!(
+            budgets_unhealthy(&[BudgetRef::All].into(), Some(&budgets)).len(),
+            4
+        );
+        assert_eq!(
+            budgets_unhealthy(&recorded, None),
+            ["disruption budgets not listed yet"],
+            "unknown is not healthy"
+        );
+        assert!(
+            budgets_unhealthy(&BTreeSet::new(), None).is_empty(),
+            "nothing recorded, nothing to wait for"
+        );
+        let healed = [pdb("apps", "web", sel, Some((2, 2, 1, 1)))];
+        assert!(budgets_unhealthy(&recorded, Some(&healed)).is_empty());
+    }
 
     fn pod(name: &str, owner: Option<&str>, ready: Option<bool>, phase: &str) -> Pod {
         let mut p = json!({
