@@ -744,14 +744,14 @@ impl Agent {
     /// The budgets that select a pod the drain of this node is about to evict. When the budgets
     /// cannot be listed, every budget of the evicted pods' namespaces (the gate then waits for
     /// those: a check that cannot be narrowed is widened, not skipped).
-    async fn budgets_to_touch(&self) -> Result<BTreeSet<health::BudgetRef>, kube::Error> {
+    async fn budgets_to_touch(&self) -> Result<health::Touched, kube::Error> {
         let pods: Api<Pod> = Api::all(self.client.clone());
         let list = pods
             .list(&ListParams::default().fields(&format!("spec.nodeName={}", self.cfg.node_name)))
             .await?;
         let (evict, _) = drain::plan(&list.items);
         if evict.is_empty() {
-            return Ok(BTreeSet::new());
+            return Ok(health::Touched::new());
         }
         let budgets: Api<PodDisruptionBudget> = Api::all(self.client.clone());
         match budgets.list(&ListParams::default()).await {
@@ -760,7 +760,12 @@ impl Agent {
                 warn!(node = %self.cfg.node_name, error = %e, "cannot list PodDisruptionBudgets; the health gate will wait for every budget of the drained namespaces");
                 Ok(evict
                     .iter()
-                    .map(|p| health::BudgetRef::Namespace(p.namespace().unwrap_or_default()))
+                    .map(|p| {
+                        (
+                            health::BudgetRef::Namespace(p.namespace().unwrap_or_default()),
+                            None,
+                        )
+                    })
                     .collect())
             }
         }

@@ -18,7 +18,7 @@
 //! declared as "enough of us": rebooting the next node while one is below it is the outage the
 //! budget was written to prevent.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{core::v1::Pod, policy::v1::PodDisruptionBudget},
@@ -143,6 +143,10 @@ impl BudgetRef {
     }
 }
 
+/// The budgets a drain touched, each with its `status.currentHealthy` just before the drain
+/// (None when unknown: the budget had no status yet, or the entry is a wildcard).
+pub type Touched = BTreeMap<BudgetRef, Option<i32>>;
+
 /// The longest record of touched budgets (`kreboot.io/drained-budgets`). A node runs at most a
 /// few hundred pods; past this the record falls back to namespaces, then to `*`, so it stays
 /// small on the Node and still covers every budget touched.
@@ -156,27 +160,33 @@ fn name_like(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
-/// The record of `budgets` for the Node annotation: `ns/name,ns/name`, sorted; past
-/// [`MAX_BUDGETS_RECORD`] the namespaces (`ns/*`), and past that again `*`.
-pub fn encode_budgets(budgets: &BTreeSet<BudgetRef>) -> String {
-    let join =
-        |refs: &BTreeSet<BudgetRef>| refs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+fn join(budgets: &Touched) -> String {
+    budgets
+        .iter()
+        .map(|(r, before)| match before {
+            Some(n) => format!("{r}={n}"),
+            None => r.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The record of `budgets` for the Node annotation: `ns/name=healthy-before,…`, sorted; past
+/// [`MAX_BUDGETS_RECORD`] the namespaces (`ns/*`, the counts dropped), and past that `*`.
+pub fn encode_budgets(budgets: &Touched) -> String {
     let exact = join(budgets);
     if exact.len() <= MAX_BUDGETS_RECORD {
         return exact;
     }
-    if budgets.contains(&BudgetRef::All) {
-        return "*".to_owned();
-    }
-    let namespaces: BTreeSet<BudgetRef> = budgets
-        .iter()
+    let namespaces: Touched = budgets
+        .keys()
         .map(|b| match b {
-            BudgetRef::One(ns, _) | BudgetRef::Namespace(ns) => BudgetRef::Namespace(ns.clone()),
-            BudgetRef::All => BudgetRef::All,
+            BudgetRef::One(ns, _) | BudgetRef::Namespace(ns) => (BudgetRef::Namespace(ns.clone()), None),
+            BudgetRef::All => (BudgetRef::All, None),
         })
         .collect();
     let wide = join(&namespaces);
-    if wide.len() <= MAX_BUDGETS_RECORD {
+    if wide.len() <= MAX_BUDGETS_RECORD && !namespaces.contains_key(&BudgetRef::All) {
         wide
     } else {
         "*".to_owned()
@@ -185,23 +195,27 @@ pub fn encode_budgets(budgets: &BTreeSet<BudgetRef>) -> String {
 
 /// The record read back: the budgets, and the entries that are not a budget reference (for
 /// the operator; they are ignored).
-pub fn parse_budgets(record: &str) -> (BTreeSet<BudgetRef>, Vec<String>) {
-    let mut refs = BTreeSet::new();
+pub fn parse_budgets(record: &str) -> (Touched, Vec<String>) {
+    let mut refs = Touched::new();
     let mut bad = Vec::new();
     for entry in record.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let parsed = match entry.split_once('/') {
-            None if entry == "*" => Some(BudgetRef::All),
+        let (reference, before) = match entry.split_once('=') {
+            None => (entry, Some(None)),
+            Some((r, n)) => (r, n.parse::<i32>().ok().filter(|n| *n >= 0).map(Some)),
+        };
+        let parsed = match reference.split_once('/') {
+            None if reference == "*" => Some(BudgetRef::All),
             Some((ns, "*")) if name_like(ns) => Some(BudgetRef::Namespace(ns.to_owned())),
             Some((ns, name)) if name_like(ns) && name_like(name) => {
                 Some(BudgetRef::One(ns.to_owned(), name.to_owned()))
             }
             _ => None,
         };
-        match parsed {
-            Some(r) => {
-                refs.insert(r);
+        match (parsed, before) {
+            (Some(r), Some(before)) => {
+                refs.insert(r, before);
             }
-            None => bad.push(entry.to_owned()),
+            _ => bad.push(entry.to_owned()),
         }
     }
     (refs, bad)
@@ -238,8 +252,9 @@ pub fn selector_matches(selector: Option<&LabelSelector>, labels: &BTreeMap<Stri
     labels_ok && exprs_ok
 }
 
-/// The budgets that select any of `evicted` (pods the drain evicts), by namespace and name.
-pub fn touched_budgets(evicted: &[&Pod], budgets: &[PodDisruptionBudget]) -> BTreeSet<BudgetRef> {
+/// The budgets that select any of `evicted` (pods the drain evicts), with their
+/// `currentHealthy` as listed before the drain.
+pub fn touched_budgets(evicted: &[&Pod], budgets: &[PodDisruptionBudget]) -> Touched {
     let empty = BTreeMap::new();
     budgets
         .iter()
@@ -252,23 +267,27 @@ pub fn touched_budgets(evicted: &[&Pod], budgets: &[PodDisruptionBudget]) -> BTr
             })
         })
         .map(|b| {
-            BudgetRef::One(
-                b.metadata.namespace.clone().unwrap_or_default(),
-                b.metadata.name.clone().unwrap_or_default(),
+            (
+                BudgetRef::One(
+                    b.metadata.namespace.clone().unwrap_or_default(),
+                    b.metadata.name.clone().unwrap_or_default(),
+                ),
+                b.status.as_ref().map(|s| s.current_healthy),
             )
         })
         .collect()
 }
 
 /// What keeps the recorded budgets from being healthy, one entry per budget (`pdb apps/web 1/2
-/// healthy`); empty: every one is back. A budget is healthy when the disruption controller has
+/// healthy`); empty: every one is back. A budget is back when the disruption controller has
 /// seen its current spec (`status.observedGeneration >= metadata.generation`) and counts
-/// `currentHealthy >= desiredHealthy`. A recorded budget that no longer exists protects nothing
-/// and is not waited for. `budgets` None: not listed yet, which is not healthy.
-pub fn budgets_unhealthy(
-    recorded: &BTreeSet<BudgetRef>,
-    budgets: Option<&[PodDisruptionBudget]>,
-) -> Vec<String> {
+/// `currentHealthy >= desiredHealthy` and, when its health before the drain was recorded, at
+/// least as many healthy pods as then (no more than it now expects, `expectedPods`): an
+/// eviction the budget allowed leaves it at `desiredHealthy` or above by construction, so only
+/// the count from before tells that the evicted pods are back. A recorded budget that no longer
+/// exists protects nothing and is not waited for. `budgets` None: not listed yet, which is not
+/// healthy.
+pub fn budgets_unhealthy(recorded: &Touched, budgets: Option<&[PodDisruptionBudget]>) -> Vec<String> {
     if recorded.is_empty() {
         return Vec::new();
     }
@@ -280,7 +299,7 @@ pub fn budgets_unhealthy(
         .filter_map(|b| {
             let ns = b.metadata.namespace.as_deref().unwrap_or_default();
             let name = b.metadata.name.as_deref().unwrap_or_default();
-            if !recorded.iter().any(|r| r.covers(ns, name)) {
+            if !recorded.keys().any(|r| r.covers(ns, name)) {
                 return None;
             }
             let Some(status) = b.status.as_ref() else {
@@ -293,12 +312,14 @@ pub fn budgets_unhealthy(
                     "pdb {ns}/{name} status not current (generation {generation}, observed {observed})"
                 ));
             }
-            (status.current_healthy < status.desired_healthy).then(|| {
-                format!(
-                    "pdb {ns}/{name} {}/{} healthy",
-                    status.current_healthy, status.desired_healthy
-                )
-            })
+            let before = recorded
+                .get(&BudgetRef::One(ns.to_owned(), name.to_owned()))
+                .copied()
+                .flatten()
+                .map_or(0, |n| n.min(status.expected_pods));
+            let wanted = status.desired_healthy.max(before);
+            (status.current_healthy < wanted)
+                .then(|| format!("pdb {ns}/{name} {}/{wanted} healthy", status.current_healthy))
         })
         .collect();
     out.sort();
@@ -327,7 +348,7 @@ mod tests {
             b["metadata"]["generation"] = json!(generation);
             b["status"] = json!({
                 "currentHealthy": current, "desiredHealthy": desired, "disruptionsAllowed": 0,
-                "expectedPods": 2, "observedGeneration": observed,
+                "expectedPods": 3, "observedGeneration": observed,
             });
         }
         serde_json::from_value(b).unwrap()
@@ -345,7 +366,12 @@ mod tests {
     #[test]
     fn the_budgets_selecting_an_evicted_pod_are_the_touched_ones() {
         let budgets = [
-            pdb("apps", "web", json!({"matchLabels": {"app": "web"}}), None),
+            pdb(
+                "apps",
+                "web",
+                json!({"matchLabels": {"app": "web"}}),
+                Some((3, 2, 1, 1)),
+            ),
             pdb("apps", "db", json!({"matchLabels": {"app": "db"}}), None),
             pdb("other", "web", json!({"matchLabels": {"app": "web"}}), None),
             pdb("apps", "all", json!({}), None),
@@ -368,29 +394,35 @@ mod tests {
         assert_eq!(
             touched_budgets(&[&web], &budgets),
             [
-                one("apps", "all"),
-                one("apps", "not-batch"),
-                one("apps", "tier"),
-                one("apps", "web")
+                (one("apps", "all"), None),
+                (one("apps", "not-batch"), None),
+                (one("apps", "tier"), None),
+                (one("apps", "web"), Some(3)),
             ]
             .into(),
-            "same namespace only; an empty selector selects all, a missing one none"
+            "same namespace only; an empty selector selects all, a missing one none; the health before"
         );
-        assert_eq!(touched_budgets(&[&batch], &budgets), [one("apps", "all")].into());
+        assert_eq!(
+            touched_budgets(&[&batch], &budgets),
+            [(one("apps", "all"), None)].into()
+        );
         assert!(touched_budgets(&[], &budgets).is_empty());
     }
 
     #[test]
     fn the_record_is_bounded_and_still_covers_every_budget() {
-        let few: BTreeSet<BudgetRef> = [one("apps", "web"), one("db", "pg")].into();
-        assert_eq!(encode_budgets(&few), "apps/web,db/pg");
-        assert_eq!(parse_budgets("apps/web,db/pg"), (few, vec![]));
+        let few: Touched = [(one("apps", "web"), Some(2)), (one("db", "pg"), None)].into();
+        assert_eq!(encode_budgets(&few), "apps/web=2,db/pg");
+        assert_eq!(parse_budgets("apps/web=2,db/pg"), (few, vec![]));
         // Many budgets: the namespaces.
-        let many: BTreeSet<BudgetRef> = (0..200)
+        let many: Touched = (0..200)
             .map(|i| {
-                one(
-                    if i % 2 == 0 { "apps" } else { "db" },
-                    &format!("budget-number-{i}"),
+                (
+                    one(
+                        if i % 2 == 0 { "apps" } else { "db" },
+                        &format!("budget-number-{i}"),
+                    ),
+                    Some(5),
                 )
             })
             .collect();
@@ -398,24 +430,30 @@ mod tests {
         assert_eq!(record, "apps/*,db/*");
         let (back, bad) = parse_budgets(&record);
         assert!(bad.is_empty());
-        for b in &many {
+        for b in many.keys() {
             let BudgetRef::One(ns, name) = b else {
                 unreachable!()
             };
-            assert!(back.iter().any(|r| r.covers(ns, name)), "{b} covered");
+            assert!(back.keys().any(|r| r.covers(ns, name)), "{b} covered");
         }
         // Many namespaces too: everything.
-        let wide: BTreeSet<BudgetRef> = (0..300).map(|i| one(&format!("namespace-{i}"), "b")).collect();
+        let wide: Touched = (0..300)
+            .map(|i| (one(&format!("namespace-{i}"), "b"), None))
+            .collect();
         assert_eq!(encode_budgets(&wide), "*");
-        assert_eq!(parse_budgets("*").0, [BudgetRef::All].into());
-        assert!(encode_budgets(&BTreeSet::new()).is_empty());
+        assert_eq!(parse_budgets("*").0, [(BudgetRef::All, None)].into());
+        assert!(encode_budgets(&Touched::new()).is_empty());
         // Hand-edited garbage is reported, the rest kept.
-        let (refs, bad) = parse_budgets("apps/web, Not A Name ,x/,/y,apps/*");
+        let (refs, bad) = parse_budgets("apps/web=1, Not A Name ,x/,/y,apps/*,db/pg=-1,db/x=two");
         assert_eq!(
             refs,
-            [one("apps", "web"), BudgetRef::Namespace("apps".into())].into()
+            [
+                (one("apps", "web"), Some(1)),
+                (BudgetRef::Namespace("apps".into()), None)
+            ]
+            .into()
         );
-        assert_eq!(bad, ["Not A Name", "x/", "/y"]);
+        assert_eq!(bad, ["Not A Name", "x/", "/y", "db/pg=-1", "db/x=two"]);
     }
 
     #[test]
@@ -428,14 +466,21 @@ mod tests {
             pdb("apps", "edited", sel.clone(), Some((3, 2, 2, 1))),
             pdb("other", "x", sel.clone(), Some((0, 1, 1, 1))),
         ];
-        let recorded: BTreeSet<BudgetRef> =
-            [one("apps", "web"), one("apps", "db"), one("apps", "gone")].into();
+        let recorded: Touched = [
+            (one("apps", "web"), None),
+            (one("apps", "db"), None),
+            (one("apps", "gone"), None),
+        ]
+        .into();
         assert_eq!(
             budgets_unhealthy(&recorded, Some(&budgets)),
             ["pdb apps/web 1/2 healthy"]
         );
         assert_eq!(
-            budgets_unhealthy(&[BudgetRef::Namespace("apps".into())].into(), Some(&budgets)),
+            budgets_unhealthy(
+                &[(BudgetRef::Namespace("apps".into()), None)].into(),
+                Some(&budgets)
+            ),
             [
                 "pdb apps/edited status not current (generation 2, observed 1)",
                 "pdb apps/new has no status yet",
@@ -443,7 +488,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            budgets_unhealthy(&[BudgetRef::All].into(), Some(&budgets)).len(),
+            budgets_unhealthy(&[(BudgetRef::All, None)].into(), Some(&budgets)).len(),
             4
         );
         assert_eq!(
@@ -452,11 +497,38 @@ mod tests {
             "unknown is not healthy"
         );
         assert!(
-            budgets_unhealthy(&BTreeSet::new(), None).is_empty(),
+            budgets_unhealthy(&Touched::new(), None).is_empty(),
             "nothing recorded, nothing to wait for"
         );
         let healed = [pdb("apps", "web", sel, Some((2, 2, 1, 1)))];
         assert!(budgets_unhealthy(&recorded, Some(&healed)).is_empty());
+    }
+
+    /// A budget that allowed the eviction is at `desiredHealthy` or above right after it: what
+    /// says the evicted pods are back is the health it had before the drain (capped at what it
+    /// expects now: a pod nobody replaces is not waited for).
+    #[test]
+    fn the_gate_waits_for_the_health_the_budget_had_before_the_drain() {
+        let sel = json!({});
+        // minAvailable 1 of 3: evicting one leaves 2 >= 1; the replacement is not Ready yet.
+        let after = [pdb("apps", "web", sel.clone(), Some((2, 1, 1, 1)))];
+        let before3: Touched = [(one("apps", "web"), Some(3))].into();
+        assert_eq!(
+            budgets_unhealthy(&before3, Some(&after)),
+            ["pdb apps/web 2/3 healthy"]
+        );
+        let back = [pdb("apps", "web", sel.clone(), Some((3, 1, 1, 1)))];
+        assert!(budgets_unhealthy(&before3, Some(&back)).is_empty());
+        // Unhealthy already before the drain: back to that, not more.
+        let before2: Touched = [(one("apps", "web"), Some(2))].into();
+        assert!(budgets_unhealthy(&before2, Some(&after)).is_empty());
+        // More healthy before than it now expects (scaled down, or bare pods not replaced).
+        let before9: Touched = [(one("apps", "web"), Some(9))].into();
+        assert_eq!(
+            budgets_unhealthy(&before9, Some(&after)),
+            ["pdb apps/web 2/3 healthy"]
+        );
+        assert!(budgets_unhealthy(&before9, Some(&back)).is_empty());
     }
 
     fn pod(name: &str, owner: Option<&str>, ready: Option<bool>, phase: &str) -> Pod {

@@ -58,7 +58,8 @@ pub const ANN_HEALTH_GATE_FAILED: &str = "kreboot.io/health-gate-failed";
 /// on) reports it in `kreboot_drain_duration_seconds` and `kreboot_evictions_total`, and the
 /// cycle's end removes it.
 pub const ANN_DRAINED: &str = "kreboot.io/drained";
-/// The PodDisruptionBudgets that selected a pod this cycle's drain evicted (`ns/name,…`, or
+/// The PodDisruptionBudgets that selected a pod this cycle's drain evicted, each with its
+/// `currentHealthy` before the drain (`ns/name=3,…`, or
 /// `ns/*` and `*` when bounded, see [`crate::health::encode_budgets`]), written before the
 /// evictions when the node's rule has a health gate with `disruptionBudgets`. The gate after the
 /// reboot runs in a new process: it learns from this which budgets to wait for.
@@ -174,7 +175,7 @@ pub struct Recorded {
     /// The drain before this cycle's reboot ([`ANN_DRAINED`]).
     pub drained: Option<DrainRecord>,
     /// The budgets this cycle's drain touched ([`ANN_DRAINED_BUDGETS`]).
-    pub drained_budgets: std::collections::BTreeSet<crate::health::BudgetRef>,
+    pub drained_budgets: crate::health::Touched,
     /// Annotations that could not be understood.
     pub problems: Vec<String>,
 }
@@ -806,14 +807,15 @@ pub fn verified_patch(node: &NodeView) -> Value {
 /// The patch that records the budgets the drain is about to touch ([`ANN_DRAINED_BUDGETS`]),
 /// added to those already recorded in this cycle (a drain resumed after a crash evicts fewer
 /// pods than the first attempt did). None when there is nothing new to record.
-pub fn drained_budgets_patch(
-    node: &NodeView,
-    touched: &std::collections::BTreeSet<crate::health::BudgetRef>,
-) -> Option<Value> {
-    if touched.is_subset(&node.recorded.drained_budgets) {
+pub fn drained_budgets_patch(node: &NodeView, touched: &crate::health::Touched) -> Option<Value> {
+    let recorded = &node.recorded.drained_budgets;
+    if touched.keys().all(|k| recorded.contains_key(k)) {
         return None;
     }
-    let all = node.recorded.drained_budgets.union(touched).cloned().collect();
+    // A budget already recorded keeps its count: the first attempt saw its health before the
+    // drain.
+    let mut all = touched.clone();
+    all.extend(recorded.iter().map(|(k, v)| (k.clone(), *v)));
     Some(with_resource_version(
         json!({ "metadata": { "annotations": { ANN_DRAINED_BUDGETS: crate::health::encode_budgets(&all) } } }),
         node,
@@ -983,25 +985,26 @@ mod tests {
         let web = BudgetRef::One("apps".into(), "web".into());
         let db = BudgetRef::One("apps".into(), "db".into());
         let mut view = NodeView::default();
-        let patch = drained_budgets_patch(&view, &[web.clone()].into()).expect("something to record");
+        let patch =
+            drained_budgets_patch(&view, &[(web.clone(), Some(2))].into()).expect("something to record");
         let text = patch["metadata"]["annotations"][ANN_DRAINED_BUDGETS]
             .as_str()
             .unwrap();
-        assert_eq!(text, "apps/web");
+        assert_eq!(text, "apps/web=2");
         view.recorded = parse_recorded(&BTreeMap::from([(
             ANN_DRAINED_BUDGETS.to_owned(),
             text.to_owned(),
         )]));
-        assert_eq!(view.recorded.drained_budgets, [web.clone()].into());
+        assert_eq!(view.recorded.drained_budgets, [(web.clone(), Some(2))].into());
         assert!(
-            drained_budgets_patch(&view, &[web.clone()].into()).is_none(),
-            "nothing new"
+            drained_budgets_patch(&view, &[(web.clone(), Some(1))].into()).is_none(),
+            "nothing new: a resumed drain sees the budget lower, the first count stands"
         );
         assert!(drained_budgets_patch(&view, &Default::default()).is_none());
-        let more = drained_budgets_patch(&view, &[db].into()).unwrap();
+        let more = drained_budgets_patch(&view, &[(db, None), (web.clone(), Some(1))].into()).unwrap();
         assert_eq!(
             more["metadata"]["annotations"][ANN_DRAINED_BUDGETS],
-            "apps/db,apps/web"
+            "apps/db,apps/web=2"
         );
         let verifying = verifying_patch(&view, "kreboot-lock", Utc::now());
         assert!(
@@ -1023,7 +1026,7 @@ mod tests {
             ANN_DRAINED_BUDGETS.to_owned(),
             "apps/web,BAD".to_owned(),
         )]));
-        assert_eq!(r.drained_budgets, [web].into());
+        assert_eq!(r.drained_budgets, [(web, None)].into());
         assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
     }
 
