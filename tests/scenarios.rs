@@ -419,7 +419,8 @@ async fn set_pod_ready(b: &Backend, ns: &str, name: &str, ready: bool) {
 /// A rule `healthGate: {timeout: 4s}`: after its reboot the first node is uncordoned but keeps
 /// its slot while its DaemonSet pod is not Ready; past the timeout the cycle fails (Event
 /// `HealthGateFailed`, `kreboot_health_gate_failed 1`) and the slot is still kept, so the second
-/// node does not start; once the pod is Ready the slot goes on and the rollout finishes.
+/// node does not start; once the pod is Ready the slot goes on, the second node cordons within
+/// a second, and the rollout finishes.
 async fn health_gate_holds_the_lock(kind: Kind) {
     let (b, mut machines) = cluster(kind, 2, &[]).await;
     for n in ["n0", "n1"] {
@@ -495,8 +496,23 @@ async fn health_gate_holds_the_lock(kind: Kind) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Healthy: the slot goes on; the second node passes its gate as soon as its pod is Ready.
+    // Healthy: the slot goes on at once (the second node cordons within a second); the second
+    // node passes its gate as soon as its pod is Ready.
     set_pod_ready(&b, "apps", &format!("{first}-ds"), true).await;
+    let ready_at = Instant::now();
+    while !b.unschedulable(second).await {
+        assert!(
+            ready_at.elapsed() < LIMIT,
+            "timed out: {second} cordons after {first}'s pod is Ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gap = ready_at.elapsed();
+    eprintln!("{second} cordoned {gap:?} after {first}'s DaemonSet pod turned Ready");
+    assert!(
+        gap < Duration::from_millis(1500),
+        "{second} cordoned {gap:?} after {first} was healthy"
+    );
     set_pod_ready(&b, "apps", &format!("{second}-ds"), true).await;
     run_until(&b, &mut machines, LIMIT, "both nodes through their gates", || {
         all_completed(&b, &["n0", "n1"])
