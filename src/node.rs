@@ -351,12 +351,15 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
         }
     });
     if let Some(v) = get(ANN_DRAINED_BUDGETS) {
-        let (refs, bad) = crate::health::parse_budgets(v);
+        let (mut refs, bad) = crate::health::parse_budgets(v);
         if !bad.is_empty() {
+            // Which budgets those meant is unknown: the gate waits for every budget rather
+            // than for none of them (a check that cannot be narrowed is widened).
             problems.push(format!(
-                "{ANN_DRAINED_BUDGETS} has entries that are not PodDisruptionBudgets ({}); ignored",
+                "{ANN_DRAINED_BUDGETS} has entries that are not PodDisruptionBudgets ({}); the health gate waits for every budget",
                 quote(&bad.join(","))
             ));
+            refs.insert(crate::health::BudgetRef::All, None);
         }
         r.drained_budgets = refs;
     }
@@ -1026,7 +1029,11 @@ mod tests {
             ANN_DRAINED_BUDGETS.to_owned(),
             "apps/web,BAD".to_owned(),
         )]));
-        assert_eq!(r.drained_budgets, [(web, None)].into());
+        assert_eq!(
+            r.drained_budgets,
+            [(web, None), (BudgetRef::All, None)].into(),
+            "garbage widens the check"
+        );
         assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
     }
 
