@@ -48,6 +48,7 @@ on_both!(
     concurrency_two_never_three,
     percent_budget_two_of_eight,
     max_concurrent_across_groups,
+    max_concurrent_percent_across_groups,
     soak_between_nodes,
     health_gate_holds_the_lock,
     health_gate_waits_for_disruption_budgets,
@@ -270,34 +271,49 @@ async fn percent_budget_two_of_eight(kind: Kind) {
 /// Three pools of two nodes, one slot per pool (`lockGroup`), `maxConcurrent: 2` over them: two
 /// nodes out at once, never three, and every node rebooted.
 async fn max_concurrent_across_groups(kind: Kind) {
+    capped_pools(kind, 3, "2", 2).await;
+}
+
+/// Four pools of two nodes, one slot per pool, `maxConcurrent: "25%"` of the rule's eight
+/// nodes: two out at once (not the four the pools alone would allow), never three.
+async fn max_concurrent_percent_across_groups(kind: Kind) {
+    capped_pools(kind, 4, "\"25%\"", 2).await;
+}
+
+/// `pools` pools of two nodes, `concurrency: 1` per pool and `maxConcurrent: <cap>` over them:
+/// exactly `expected` nodes out at once at the most, and every node rebooted.
+async fn capped_pools(kind: Kind, pools: usize, cap: &str, expected: usize) {
     let b = Backend::start(kind).await;
     let mut machines = Vec::new();
-    for i in 0..6 {
+    let names = ["a", "b", "c", "d"];
+    let count = pools * 2;
+    for i in 0..count {
         let name = format!("n{i}");
-        b.add_node(&name, &[("pool", ["a", "b", "c"][i % 3])]).await;
+        b.add_node(&name, &[("pool", names[i % pools])]).await;
         b.add_pod("apps", &format!("{name}-app-0"), &name, &[("app", "web")])
             .await;
         machines.push(Machine::new(&name, &b.kubeconfig(), &[]));
     }
     b.wait_pods_ready("apps").await;
-    b.set_policy(
-        "rules:\n  - name: pools\n    nodeSelector: {}\n    concurrency: 1\n    lockGroup: {byLabel: pool, maxConcurrent: 2}\n",
-    )
+    b.set_policy(&format!(
+        "rules:\n  - name: pools\n    nodeSelector: {{}}\n    concurrency: 1\n    lockGroup: {{byLabel: pool, maxConcurrent: {cap}}}\n"
+    ))
     .await;
     let monitor = OutMonitor::watch(b.client());
     for m in machines.iter_mut() {
         m.require_reboot();
         m.start();
     }
-    let nodes = ["n0", "n1", "n2", "n3", "n4", "n5"];
+    let nodes: Vec<String> = (0..count).map(|i| format!("n{i}")).collect();
+    let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
     run_until(&b, &mut machines, LIMIT, "every node rebooted", || {
         all_completed(&b, &nodes)
     })
     .await;
     assert_eq!(
         monitor.max(),
-        2,
-        "two of the three pools out at once, never three"
+        expected,
+        "{pools} pools, maxConcurrent {cap}: {expected} out at once, never more"
     );
 }
 
