@@ -4,7 +4,9 @@
 //! sentinel alone, so an idle node makes no API requests at all. When the sentinel appears (or
 //! the Node records a cycle in progress, or the node holds a lock slot), it *engages*: it
 //! watches its own Node, the lock Leases and the policy ConfigMap, and from then on every
-//! decision is made on caches that finished their first list — never on an empty cache.
+//! decision is made on caches that finished their first list — never on an empty cache. While
+//! a health gate holds (phase `verifying`) it also watches the pods bound to its node and, when
+//! its drain recorded PodDisruptionBudgets, the budgets.
 //!
 //! Each action is one atomic write recorded on the Node or the Lease, so a SIGTERM or a crash
 //! between two actions leaves a state that [`node::decide`] resumes from. SIGTERM is obeyed only
