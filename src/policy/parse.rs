@@ -603,11 +603,13 @@ fn raw_policy(yaml: &str) -> Result<RawPolicy, PolicyError> {
         serde_saphyr::from_str(yaml).map_err(|e| err("config.yaml", e.to_string()))?;
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        // The document itself (a list, a number) has the path ".".
-        let path = if path == "." {
-            "config.yaml".to_owned()
-        } else {
-            path
+        // The document itself (a list, a number) has the path "."; an empty key has an empty
+        // last segment, which is shown as `""` so that the path still says where.
+        let path = match path.as_str() {
+            "." => "config.yaml".to_owned(),
+            "" => "\"\"".to_owned(),
+            p if p.ends_with('.') => format!("{p}\"\""),
+            _ => path,
         };
         err(path, e.into_inner().to_string())
     })

@@ -1270,3 +1270,13 @@ fn health_gate_disruption_budgets_default_on_with_a_gate() {
         "a typo is rejected: {e:?}"
     );
 }
+
+/// An empty key (`"": 1`, which the fuzzer finds now and then) is named, not an empty path.
+#[test]
+fn an_empty_key_is_named() {
+    let e = Policy::parse("\"\": 1").unwrap_err();
+    assert_eq!(e.path, "\"\"");
+    assert!(e.message.contains("unknown field"), "{}", e.message);
+    let e = Policy::parse("rules: [{\"\": 1}]").unwrap_err();
+    assert_eq!(e.path, "rules[0].\"\"");
+}
