@@ -61,7 +61,7 @@ pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Re
             );
         }
         if rule.health_budgets {
-            out += "health gate budgets: the slot is also kept until every PodDisruptionBudget that selected a pod the drain evicted has currentHealthy >= desiredHealthy again\n";
+            out += "health gate budgets: the slot is also kept until every PodDisruptionBudget that selected a pod the drain evicted is as healthy as before the drain (and at least desiredHealthy)\n";
         }
         if let Some(q) = &rule.health_query {
             out += &format!(

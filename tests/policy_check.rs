@@ -209,7 +209,7 @@ fn budgets_and_soak_are_summarised() {
         "{out}"
     );
     assert!(
-        out.contains("health gate budgets: the slot is also kept until every PodDisruptionBudget that selected a pod the drain evicted has currentHealthy >= desiredHealthy again\n"),
+        out.contains("health gate budgets: the slot is also kept until every PodDisruptionBudget that selected a pod the drain evicted is as healthy as before the drain (and at least desiredHealthy)\n"),
         "the budget check is on by default with a gate: {out}"
     );
     let (code, out, _) = check(
