@@ -1228,7 +1228,7 @@ pub async fn run(
                         timeout,
                         unhealthy: health::unhealthy(view.ready, pods.as_deref()),
                     });
-                // The budgets the drain touched, back at their desired health (a watch of the
+                // The budgets the drain touched, as healthy as before the drain (a watch of the
                 // budgets, again only while the gate holds).
                 if let Some(gate) = obs.health_gate.as_mut()
                     && rule.as_ref().is_some_and(|r| r.health_budgets)

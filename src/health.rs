@@ -14,9 +14,10 @@
 //! evicted count too, through their PodDisruptionBudgets: the drain records on the Node which
 //! budgets selected a pod it evicted ([`touched_budgets`], [`encode_budgets`]; the agent that
 //! runs the gate after the reboot is a new process), and the gate holds until each of them is
-//! back at its desired health ([`budgets_unhealthy`]). A budget is what the application's owner
-//! declared as "enough of us": rebooting the next node while one is below it is the outage the
-//! budget was written to prevent.
+//! as healthy as before the drain, and at least at its desired health ([`budgets_unhealthy`]).
+//! A budget is what the application's owner declared as "enough of us": rebooting the next
+//! node while the pods the drain took are not back spends the margin the budget was written to
+//! keep.
 
 use std::collections::BTreeMap;
 

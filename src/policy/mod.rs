@@ -42,7 +42,7 @@
 //!   its DaemonSet pods are Ready; past the timeout the cycle fails and the slot is kept. With
 //!   `query` (PromQL), the slot is also kept while the query returns any series. With
 //!   `disruptionBudgets` (on by default with a gate) it is also kept until every
-//!   PodDisruptionBudget that selected a pod the drain evicted is back at its desired health.
+//!   PodDisruptionBudget that selected a pod the drain evicted is as healthy as before the drain.
 //! - Unknown keys are rejected: a typo must not silently widen a window.
 
 mod parse;
@@ -212,7 +212,7 @@ struct Rule {
     /// `healthGate.query`: PromQL that must return no series before the slot goes on.
     health_query: Option<String>,
     /// `healthGate.disruptionBudgets` (default true with a gate): the slot is also kept until
-    /// every PodDisruptionBudget the drain touched is back at its desired health.
+    /// every PodDisruptionBudget the drain touched is as healthy as before the drain.
     health_budgets: bool,
 }
 
@@ -360,8 +360,8 @@ pub struct RuleView {
     /// this PromQL returns any series (evaluated against the agent's `--prometheus-url`).
     pub health_query: Option<String>,
     /// The rule's `healthGate.disruptionBudgets`: the node also keeps its slot until every
-    /// PodDisruptionBudget that selected a pod its drain evicted has `currentHealthy >=
-    /// desiredHealthy` again. False without a gate.
+    /// PodDisruptionBudget that selected a pod its drain evicted is as healthy as before the
+    /// drain (and at least `desiredHealthy`). False without a gate.
     pub health_budgets: bool,
 }
 
