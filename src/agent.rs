@@ -4,7 +4,9 @@
 //! sentinel alone, so an idle node makes no API requests at all. When the sentinel appears (or
 //! the Node records a cycle in progress, or the node holds a lock slot), it *engages*: it
 //! watches its own Node, the lock Leases and the policy ConfigMap, and from then on every
-//! decision is made on caches that finished their first list — never on an empty cache.
+//! decision is made on caches that finished their first list — never on an empty cache. While
+//! a health gate holds (phase `verifying`) it also watches the pods bound to its node and, when
+//! its drain recorded PodDisruptionBudgets, the budgets.
 //!
 //! Each action is one atomic write recorded on the Node or the Lease, so a SIGTERM or a crash
 //! between two actions leaves a state that [`node::decide`] resumes from. SIGTERM is obeyed only
@@ -22,6 +24,7 @@ use futures::StreamExt;
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{ConfigMap, Node, ObjectReference, Pod},
+    policy::v1::PodDisruptionBudget,
 };
 use kube::{
     Api, Client,
@@ -306,6 +309,10 @@ struct Watches {
     /// holds (phase `verifying`): the watch starts with the gate, not before.
     pods: watch::Sender<Option<Vec<Pod>>>,
     pods_watched: bool,
+    /// The PodDisruptionBudgets (None until listed), watched only while a health gate waits
+    /// for the budgets its drain touched.
+    budgets: watch::Sender<Option<Vec<PodDisruptionBudget>>>,
+    budgets_watched: bool,
 }
 
 impl Drop for Watches {
@@ -680,6 +687,7 @@ impl Agent {
         tasks.push(tokio::spawn(follow_named(api, name, "policy ConfigMap", apply)));
 
         let (pods_tx, _) = watch::channel(None);
+        let (budgets_tx, _) = watch::channel(None);
         Watches {
             node: node_tx,
             leases: lease_tx,
@@ -691,6 +699,8 @@ impl Agent {
             tasks,
             pods: pods_tx,
             pods_watched: false,
+            budgets: budgets_tx,
+            budgets_watched: false,
         }
     }
 
@@ -700,41 +710,59 @@ impl Agent {
             return;
         }
         w.pods_watched = true;
-        let api: Api<Pod> = Api::all(self.client.clone());
-        let tx = w.pods.clone();
         let selector = format!("spec.nodeName={}", self.cfg.node_name);
-        w.tasks.push(tokio::spawn(async move {
-            let stream = watcher(api, watcher::Config::default().fields(&selector)).default_backoff();
-            futures::pin_mut!(stream);
-            let mut pods: BTreeMap<(String, String), Pod> = BTreeMap::new();
-            let mut listing = BTreeMap::new();
-            let key = |p: &Pod| (p.namespace().unwrap_or_default(), p.name_any());
-            while let Some(ev) = stream.next().await {
-                // Published once listed, then on every change (never a half-done relist).
-                match ev {
-                    Ok(watcher::Event::Init) => {
-                        listing.clear();
-                        continue;
-                    }
-                    Ok(watcher::Event::InitApply(p)) => {
-                        listing.insert(key(&p), p);
-                        continue;
-                    }
-                    Ok(watcher::Event::InitDone) => pods = std::mem::take(&mut listing),
-                    Ok(watcher::Event::Apply(p)) => {
-                        pods.insert(key(&p), p);
-                    }
-                    Ok(watcher::Event::Delete(p)) => {
-                        pods.remove(&key(&p));
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "watch of the node's pods failed; retrying with back-off");
-                        continue;
-                    }
-                }
-                tx.send_replace(Some(pods.values().cloned().collect()));
+        w.tasks.push(tokio::spawn(publish_list(
+            Api::<Pod>::all(self.client.clone()),
+            watcher::Config::default().fields(&selector),
+            w.pods.clone(),
+            "the node's pods",
+        )));
+    }
+
+    /// Starts the watch of the PodDisruptionBudgets (for the health gate's budget check), once.
+    /// Every namespace: the budgets the drain touched may be anywhere, and the gate holds only
+    /// for minutes.
+    fn watch_budgets(&self, w: &mut Watches) {
+        if w.budgets_watched {
+            return;
+        }
+        w.budgets_watched = true;
+        w.tasks.push(tokio::spawn(publish_list(
+            Api::<PodDisruptionBudget>::all(self.client.clone()),
+            watcher::Config::default(),
+            w.budgets.clone(),
+            "PodDisruptionBudgets",
+        )));
+    }
+
+    /// The budgets that select a pod the drain of this node is about to evict. When the budgets
+    /// cannot be listed, every budget of the evicted pods' namespaces (the gate then waits for
+    /// those: a check that cannot be narrowed is widened, not skipped).
+    async fn budgets_to_touch(&self) -> Result<health::Touched, kube::Error> {
+        let pods: Api<Pod> = Api::all(self.client.clone());
+        let list = pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName={}", self.cfg.node_name)))
+            .await?;
+        let (evict, _) = drain::plan(&list.items);
+        if evict.is_empty() {
+            return Ok(health::Touched::new());
+        }
+        let budgets: Api<PodDisruptionBudget> = Api::all(self.client.clone());
+        match budgets.list(&ListParams::default()).await {
+            Ok(b) => Ok(health::touched_budgets(&evict, &b.items)),
+            Err(e) => {
+                warn!(node = %self.cfg.node_name, error = %e, "cannot list PodDisruptionBudgets; the health gate will wait for every budget of the drained namespaces");
+                Ok(evict
+                    .iter()
+                    .map(|p| {
+                        (
+                            health::BudgetRef::Namespace(p.namespace().unwrap_or_default()),
+                            None,
+                        )
+                    })
+                    .collect())
             }
-        }));
+        }
     }
 
     /// Adds the `--prefer-no-schedule-taint` change to `patch` (present while the node waits
@@ -891,6 +919,7 @@ struct Changes {
     holders: watch::Receiver<BTreeMap<String, lock::HolderNode>>,
     labelled: watch::Receiver<BTreeMap<String, Labelled>>,
     pods: watch::Receiver<Option<Vec<Pod>>>,
+    budgets: watch::Receiver<Option<Vec<PodDisruptionBudget>>>,
 }
 
 impl Changes {
@@ -902,6 +931,7 @@ impl Changes {
             holders: w.holder_nodes.subscribe(),
             labelled: w.labelled_holders.subscribe(),
             pods: w.pods.subscribe(),
+            budgets: w.budgets.subscribe(),
         }
     }
 
@@ -914,6 +944,7 @@ impl Changes {
         self.holders.mark_unchanged();
         self.labelled.mark_unchanged();
         self.pods.mark_unchanged();
+        self.budgets.mark_unchanged();
     }
 }
 
@@ -932,6 +963,7 @@ async fn wait_for_change(
         holders: gone,
         labelled,
         pods,
+        budgets,
     } = c;
     let sleep = async {
         match deadline {
@@ -947,6 +979,7 @@ async fn wait_for_change(
         _ = gone.changed() => true,
         _ = labelled.changed() => true,
         _ = pods.changed() => true,
+        _ = budgets.changed() => true,
         _ = sentinel.changed() => true,
         _ = sleep => true,
     }
@@ -1187,6 +1220,19 @@ pub async fn run(
                         timeout,
                         unhealthy: health::unhealthy(view.ready, pods.as_deref()),
                     });
+                // The budgets the drain touched, as healthy as before the drain (a watch of the
+                // budgets, again only while the gate holds).
+                if let Some(gate) = obs.health_gate.as_mut()
+                    && rule.as_ref().is_some_and(|r| r.health_budgets)
+                    && !view.recorded.drained_budgets.is_empty()
+                {
+                    agent.watch_budgets(&mut w);
+                    let budgets = w.budgets.borrow().clone();
+                    gate.unhealthy.extend(health::budgets_unhealthy(
+                        &view.recorded.drained_budgets,
+                        budgets.as_deref(),
+                    ));
+                }
                 // The rule's gate query, once the node and its DaemonSet pods are Ready: asked
                 // again after --blocker-check-interval (the wait below wakes for it), a
                 // recent answer reused when something else woke the loop.
@@ -1722,7 +1768,12 @@ pub async fn run(
                         Err(e) => Err(node_write_error(e)),
                     }
                 }
-                Action::Drain => run_drain(&agent, &w, &view, &shutdown).await,
+                Action::Drain => {
+                    let budgets = policy
+                        .as_ref()
+                        .is_some_and(|p| p.rule_for(&view.labels).health_budgets);
+                    run_drain(&agent, &w, &view, budgets, &shutdown).await
+                }
                 Action::Reboot => run_reboot(&agent, &w, &view, policy.as_ref(), &shutdown).await,
                 Action::Complete => {
                     // With a health gate the node is uncordoned but keeps its slot (phase
@@ -1941,6 +1992,49 @@ async fn gate_query(agent: &Agent, query: &str) -> Option<String> {
     verdict
 }
 
+/// Lists and watches `api` (narrowed by `cfg`) and publishes the whole collection on `tx`:
+/// once listed, then on every change (never a half-done relist). Runs until aborted; watch
+/// errors are retried with back-off.
+async fn publish_list<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    tx: watch::Sender<Option<Vec<K>>>,
+    what: &'static str,
+) where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default,
+{
+    let stream = watcher(api, cfg).default_backoff();
+    futures::pin_mut!(stream);
+    let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
+    let mut items: BTreeMap<(String, String), K> = BTreeMap::new();
+    let mut listing = BTreeMap::new();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => {
+                listing.clear();
+                continue;
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                listing.insert(key(&o), o);
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => items = std::mem::take(&mut listing),
+            Ok(watcher::Event::Apply(o)) => {
+                items.insert(key(&o), o);
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                items.remove(&key(&o));
+            }
+            Err(e) => {
+                warn!(error = %e, "watch of {what} failed; retrying with back-off");
+                continue;
+            }
+        }
+        tx.send_replace(Some(items.values().cloned().collect()));
+    }
+}
+
 fn all_slots(slots: &[String], leases: &BTreeMap<String, Lease>) -> Vec<String> {
     let mut all: BTreeSet<String> = slots.iter().cloned().collect();
     all.extend(leases.keys().cloned());
@@ -2083,9 +2177,23 @@ async fn run_drain(
     agent: &Agent,
     w: &Watches,
     view: &node::NodeView,
+    budgets: bool,
     shutdown: &CancellationToken,
 ) -> Result<(), StepError> {
     let me = &agent.cfg.node_name;
+    if budgets {
+        // Before the first eviction, so that whatever happens next (a crash, the reboot) the
+        // gate after the reboot knows which budgets to wait for.
+        let touched = tokio::select! {
+            _ = shutdown.cancelled() => return Err(StepError::Shutdown),
+            t = agent.budgets_to_touch() => t.map_err(|e| StepError::Api(format!("listing the node's pods: {e}")))?,
+        };
+        if let Some(patch) = node::drained_budgets_patch(view, &touched) {
+            let n = agent.patch_node(&patch).await.map_err(node_write_error)?;
+            info!(node = %me, budgets = %health::encode_budgets(&touched), "recorded the disruption budgets the drain touches");
+            w.set_node(n);
+        }
+    }
     agent.metrics.set_state("draining");
     agent.events.node(Reason::Draining, "evicting pods");
     agent

@@ -58,6 +58,12 @@ pub const ANN_HEALTH_GATE_FAILED: &str = "kreboot.io/health-gate-failed";
 /// on) reports it in `kreboot_drain_duration_seconds` and `kreboot_evictions_total`, and the
 /// cycle's end removes it.
 pub const ANN_DRAINED: &str = "kreboot.io/drained";
+/// The PodDisruptionBudgets that selected a pod this cycle's drain evicted, each with its
+/// `currentHealthy` before the drain (`ns/name=3,…`, or
+/// `ns/*` and `*` when bounded, see [`crate::health::encode_budgets`]), written before the
+/// evictions when the node's rule has a health gate with `disruptionBudgets`. The gate after the
+/// reboot runs in a new process: it learns from this which budgets to wait for.
+pub const ANN_DRAINED_BUDGETS: &str = "kreboot.io/drained-budgets";
 /// Since when the node waits for a lock slot (RFC 3339 with microseconds): the queue order.
 pub const ANN_WAITING_SINCE: &str = "kreboot.io/waiting-since";
 /// An operator asked for a reboot (`kreboot reboot`), `{"by", "at"}` as JSON. Treated exactly
@@ -168,6 +174,8 @@ pub struct Recorded {
     pub health_gate_failed: Option<DateTime<Utc>>,
     /// The drain before this cycle's reboot ([`ANN_DRAINED`]).
     pub drained: Option<DrainRecord>,
+    /// The budgets this cycle's drain touched ([`ANN_DRAINED_BUDGETS`]).
+    pub drained_budgets: crate::health::Touched,
     /// Annotations that could not be understood.
     pub problems: Vec<String>,
 }
@@ -342,6 +350,19 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
             None
         }
     });
+    if let Some(v) = get(ANN_DRAINED_BUDGETS) {
+        let (mut refs, bad) = crate::health::parse_budgets(v);
+        if !bad.is_empty() {
+            // Which budgets those meant is unknown: the gate waits for every budget rather
+            // than for none of them (a check that cannot be narrowed is widened).
+            problems.push(format!(
+                "{ANN_DRAINED_BUDGETS} has entries that are not PodDisruptionBudgets ({}); the health gate waits for every budget",
+                quote(&bad.join(","))
+            ));
+            refs.insert(crate::health::BudgetRef::All, None);
+        }
+        r.drained_budgets = refs;
+    }
     r.problems = problems;
     r
 }
@@ -724,6 +745,7 @@ pub fn end_cycle_patch(node: &NodeView, outcome: CycleEnd<'_>, now: DateTime<Utc
         ANN_PRE_REBOOT_KERNEL_BOOT_ID,
         ANN_WAITING_SINCE,
         ANN_DRAINED,
+        ANN_DRAINED_BUDGETS,
     ] {
         annotations.insert(key.to_owned(), Value::Null);
     }
@@ -762,6 +784,10 @@ pub fn verifying_patch(node: &NodeView, lock: &str, now: DateTime<Utc>) -> Value
     a[ANN_LOCK] = json!(lock);
     a[ANN_VERIFYING_SINCE] = json!(format_time(now));
     a[ANN_HEALTH_GATE_FAILED] = Value::Null;
+    // The gate waits for the budgets the drain touched: kept until it passes.
+    if let Some(a) = a.as_object_mut() {
+        a.remove(ANN_DRAINED_BUDGETS);
+    }
     // Still a holder in a cycle: waiters keep watching it, and never take its slot over.
     patch["metadata"]["labels"][LABEL_HOLDER] = json!("true");
     patch
@@ -773,12 +799,30 @@ pub fn verified_patch(node: &NodeView) -> Value {
         json!({ "metadata": {
             "annotations": {
                 ANN_PHASE: null, ANN_LOCK: null, ANN_VERIFYING_SINCE: null,
-                ANN_HEALTH_GATE_FAILED: null, ANN_BLOCKED_BY: null,
+                ANN_HEALTH_GATE_FAILED: null, ANN_BLOCKED_BY: null, ANN_DRAINED_BUDGETS: null,
             },
             "labels": { LABEL_HOLDER: null },
         }}),
         node,
     )
+}
+
+/// The patch that records the budgets the drain is about to touch ([`ANN_DRAINED_BUDGETS`]),
+/// added to those already recorded in this cycle (a drain resumed after a crash evicts fewer
+/// pods than the first attempt did). None when there is nothing new to record.
+pub fn drained_budgets_patch(node: &NodeView, touched: &crate::health::Touched) -> Option<Value> {
+    let recorded = &node.recorded.drained_budgets;
+    if touched.keys().all(|k| recorded.contains_key(k)) {
+        return None;
+    }
+    // A budget already recorded keeps its count: the first attempt saw its health before the
+    // drain.
+    let mut all = touched.clone();
+    all.extend(recorded.iter().map(|(k, v)| (k.clone(), *v)));
+    Some(with_resource_version(
+        json!({ "metadata": { "annotations": { ANN_DRAINED_BUDGETS: crate::health::encode_budgets(&all) } } }),
+        node,
+    ))
 }
 
 /// The patch that records the health gate's timeout.
@@ -934,6 +978,63 @@ mod tests {
                 .unwrap()
                 .contains_key(ANN_DRAINED)
         );
+    }
+
+    /// The budgets the drain touched: added to (never replacing) what the cycle recorded, kept
+    /// through the reboot into the gate, removed when the gate passes or the cycle ends.
+    #[test]
+    fn the_touched_budgets_survive_the_reboot_and_end_with_the_gate() {
+        use crate::health::BudgetRef;
+        let web = BudgetRef::One("apps".into(), "web".into());
+        let db = BudgetRef::One("apps".into(), "db".into());
+        let mut view = NodeView::default();
+        let patch =
+            drained_budgets_patch(&view, &[(web.clone(), Some(2))].into()).expect("something to record");
+        let text = patch["metadata"]["annotations"][ANN_DRAINED_BUDGETS]
+            .as_str()
+            .unwrap();
+        assert_eq!(text, "apps/web=2");
+        view.recorded = parse_recorded(&BTreeMap::from([(
+            ANN_DRAINED_BUDGETS.to_owned(),
+            text.to_owned(),
+        )]));
+        assert_eq!(view.recorded.drained_budgets, [(web.clone(), Some(2))].into());
+        assert!(
+            drained_budgets_patch(&view, &[(web.clone(), Some(1))].into()).is_none(),
+            "nothing new: a resumed drain sees the budget lower, the first count stands"
+        );
+        assert!(drained_budgets_patch(&view, &Default::default()).is_none());
+        let more = drained_budgets_patch(&view, &[(db, None), (web.clone(), Some(1))].into()).unwrap();
+        assert_eq!(
+            more["metadata"]["annotations"][ANN_DRAINED_BUDGETS],
+            "apps/db,apps/web=2"
+        );
+        let verifying = verifying_patch(&view, "kreboot-lock", Utc::now());
+        assert!(
+            !verifying["metadata"]["annotations"]
+                .as_object()
+                .unwrap()
+                .contains_key(ANN_DRAINED_BUDGETS),
+            "the gate needs them"
+        );
+        for end in [
+            verified_patch(&view),
+            end_cycle_patch(&view, CycleEnd::Rebooted, Utc::now()),
+            end_cycle_patch(&view, CycleEnd::Failed("x"), Utc::now()),
+        ] {
+            let a = end["metadata"]["annotations"].as_object().unwrap();
+            assert!(a.get(ANN_DRAINED_BUDGETS).is_some_and(Value::is_null), "{end}");
+        }
+        let r = parse_recorded(&BTreeMap::from([(
+            ANN_DRAINED_BUDGETS.to_owned(),
+            "apps/web,BAD".to_owned(),
+        )]));
+        assert_eq!(
+            r.drained_budgets,
+            [(web, None), (BudgetRef::All, None)].into(),
+            "garbage widens the check"
+        );
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
     }
 
     fn t(s: &str) -> DateTime<Utc> {

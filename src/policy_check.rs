@@ -60,6 +60,9 @@ pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Re
                 humantime::format_duration(timeout)
             );
         }
+        if rule.health_budgets {
+            out += "health gate budgets: the slot is also kept until every PodDisruptionBudget that selected a pod the drain evicted is as healthy as before the drain (and at least desiredHealthy)\n";
+        }
         if let Some(q) = &rule.health_query {
             out += &format!(
                 "health gate query: the slot is kept while `{q}` returns any series (asked of the agents' --prometheus-url; an agent without it rejects this policy)\n"

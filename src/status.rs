@@ -612,7 +612,8 @@ pub fn render_table(s: &ClusterStatus) -> String {
                         (true, since) => age(since, now),
                     },
                     cell(n.reason.as_deref(), 28),
-                    cell(n.blocked_by.as_deref(), 32),
+                    // Wide enough for a health gate's reason (`health_gate: pdb apps/web 1/2 healthy`).
+                    cell(n.blocked_by.as_deref(), 48),
                     relative(n.last_reboot, now),
                     failure_cell(n, now),
                     cell(n.rule.as_deref(), 20),

@@ -2,7 +2,8 @@
 //! `--blocking-pod-selector`, and a firing alert in a real Prometheus (Debian's package, started
 //! here on 127.0.0.1 with a rule that fires while a gate metric says so); an alert the filter
 //! excludes never blocks; with a real Alertmanager beside it, an alert silenced there does not
-//! block and one that is not silenced does. Also the pre/post-reboot labels and the PreferNoSchedule taint while
+//! block and one that is not silenced does (on the simulated cluster with in-process agents, and
+//! again on the real control plane with the kreboot binary). Also the pre/post-reboot labels and the PreferNoSchedule taint while
 //! a node waits for the lock. And a rule's `healthGate.query`, asked of the real Prometheus:
 //! the rebooted node keeps its lock slot while the query returns a series.
 
@@ -360,6 +361,71 @@ async fn an_alert_silenced_in_real_alertmanager_does_not_block_an_unsilenced_one
         kreboot::blockers::alert_reason(&blocker(None)).await.as_deref(),
         Some("alerts: Quiet"),
         "Quiet was still firing in Prometheus when n0 rebooted"
+    );
+
+    // The same on the real control plane (kube-apiserver, etcd, KWOK), with the kreboot binary
+    // and its flags: Loud fires again, is held back, stops; Quiet, silenced, fires throughout.
+    closed.store(true, Ordering::SeqCst);
+    wait_async(LIMIT, "Loud fires again and reaches Alertmanager", || {
+        let (http, am_url) = (http.clone(), am_url.clone());
+        async move {
+            kreboot::blockers::query_alertmanager(&http, &am_url)
+                .await
+                .is_ok_and(|alerts| {
+                    alerts.iter().any(|a| {
+                        a.labels.get("alertname").map(String::as_str) == Some("Loud")
+                            && a.status.state == "active"
+                    })
+                })
+        }
+    })
+    .await;
+    let b = backend::Backend::start(backend::Kind::Real).await;
+    b.add_node("n0", &[]).await;
+    b.add_pod("apps", "n0-app-0", "n0", &[("app", "web")]).await;
+    b.wait_pods_ready("apps").await;
+    let mut m = backend::Machine::new(
+        "n0",
+        &b.kubeconfig(),
+        &[
+            "--prometheus-url",
+            &url,
+            "--alertmanager-url",
+            &am_url,
+            "--alert-firing-only",
+            "--blocker-check-interval",
+            "1s",
+        ],
+    );
+    m.require_reboot();
+    m.start();
+    wait_async(LIMIT, "real: blocked by the unsilenced alert only", || async {
+        b.annotation("n0", ANN_BLOCKED_BY).await.as_deref() == Some("alerts: Loud")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !b.unschedulable("n0").await && b.holders().await.is_empty() && m.reboots == 0,
+        "real: nothing happens while the unsilenced alert fires"
+    );
+    closed.store(false, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !(b.annotation("n0", ANN_LAST_REBOOT).await.is_some()
+        && b.annotation("n0", ANN_PHASE).await.is_none())
+    {
+        m.supervise(&b).await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "real: n0 reboots with only the silenced alert firing\n{}",
+            m.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(m.reboots, 1, "real: rebooted once");
+    assert_eq!(
+        kreboot::blockers::alert_reason(&blocker(None)).await.as_deref(),
+        Some("alerts: Quiet"),
+        "real: Quiet was still firing in Prometheus when n0 rebooted"
     );
 }
 

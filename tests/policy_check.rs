@@ -208,6 +208,16 @@ fn budgets_and_soak_are_summarised() {
         out.contains("health gate: after its reboot the node keeps its slot until it and its DaemonSet pods are Ready; after 15m the rollout stops\n"),
         "{out}"
     );
+    assert!(
+        out.contains("health gate budgets: the slot is also kept until every PodDisruptionBudget that selected a pod the drain evicted is as healthy as before the drain (and at least desiredHealthy)\n"),
+        "the budget check is on by default with a gate: {out}"
+    );
+    let (code, out, _) = check(
+        "rules: [{name: g, nodeSelector: {}, healthGate: {disruptionBudgets: false}}]",
+        &["--count", "1"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("health gate budgets"), "switched off: {out}");
     let (code, out, _) = check(
         "rules: [{name: g, nodeSelector: {}, healthGate: {query: 'up == 0'}}]",
         &["--count", "1"],

@@ -2,7 +2,7 @@
 //!
 //! A rolling reboot of three nodes on the simulated cluster, with a live policy ConfigMap (valid,
 //! then invalid) and pods to evict, records every distinct (verb, group, resource, namespace)
-//! the agents call; each must be granted by the manifests' ClusterRole/Role, and every grant must
+//! the agents call (a health gate on, with its PodDisruptionBudget check); each must be granted by the manifests' ClusterRole/Role, and every grant must
 //! have been used (a grant nobody uses is a permission to remove).
 
 mod common;
@@ -35,10 +35,33 @@ fn manifest_objects() -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifests_grant_exactly_the_calls_the_agents_make() {
     let (sim, fleet) = cluster(3, |c| c.concurrency = 1).await;
+    // A health gate with its budget check (the default): the drain lists the budgets, the gate
+    // watches them. The simulator has no disruption controller: the status is written here.
+    sim.add_pdb(
+        "apps",
+        "web",
+        BTreeMap::from([("app".to_string(), "web".to_string())]),
+        None,
+        Some(6),
+    );
+    sim.store()
+        .update(kreboot_testkit::sim::store::Kind::Pdb, "apps", "web", |old| {
+            let mut b = old.clone();
+            b["status"] = serde_json::json!({
+                "currentHealthy": 6, "desiredHealthy": 0, "disruptionsAllowed": 6,
+                "expectedPods": 6, "observedGeneration": 1,
+            });
+            Ok(b)
+        })
+        .expect("budget status written");
     sim.configmap_put(
         "kube-system",
         "kreboot-config",
-        BTreeMap::from([("config.yaml".to_string(), "timezone: UTC\n".to_string())]),
+        BTreeMap::from([(
+            "config.yaml".to_string(),
+            "timezone: UTC\nrules:\n  - {name: all, nodeSelector: {}, healthGate: {timeout: 1m}}\n"
+                .to_string(),
+        )]),
     );
     fleet.start_all();
     for n in names(3) {

@@ -416,6 +416,19 @@ async fn agents_as_the_charts_service_account() {
             .expect("admin removes the annotation");
     }
 
+    // A health gate with its budget check (on by default), so the rollout makes every call the
+    // chart grants for it: the drain lists the PodDisruptionBudgets, the gate watches them.
+    b.add_pdb("apps", "web", &[("app", "web")], 0).await;
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(admin.clone(), NS)
+        .patch(
+            "kreboot-config",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"config.yaml":
+                "timezone: UTC\nrules:\n  - {name: all, nodeSelector: {}, healthGate: {timeout: 1m}}\n"}})),
+        )
+        .await
+        .expect("policy with a health gate");
+
     // (a) A whole rollout with the agents on those tokens.
     let mut machines: Vec<Machine> = nodes
         .iter()

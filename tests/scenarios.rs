@@ -49,8 +49,10 @@ on_both!(
     concurrency_two_never_three,
     percent_budget_two_of_eight,
     max_concurrent_across_groups,
+    max_concurrent_percent_across_groups,
     soak_between_nodes,
     health_gate_holds_the_lock,
+    health_gate_waits_for_disruption_budgets,
     drain_waits_for_pdb,
     ghost_lock_is_freed,
     crash_after_lock_resumes,
@@ -270,34 +272,49 @@ async fn percent_budget_two_of_eight(kind: Kind) {
 /// Three pools of two nodes, one slot per pool (`lockGroup`), `maxConcurrent: 2` over them: two
 /// nodes out at once, never three, and every node rebooted.
 async fn max_concurrent_across_groups(kind: Kind) {
+    capped_pools(kind, 3, "2", 2).await;
+}
+
+/// Four pools of two nodes, one slot per pool, `maxConcurrent: "25%"` of the rule's eight
+/// nodes: two out at once (not the four the pools alone would allow), never three.
+async fn max_concurrent_percent_across_groups(kind: Kind) {
+    capped_pools(kind, 4, "\"25%\"", 2).await;
+}
+
+/// `pools` pools of two nodes, `concurrency: 1` per pool and `maxConcurrent: <cap>` over them:
+/// exactly `expected` nodes out at once at the most, and every node rebooted.
+async fn capped_pools(kind: Kind, pools: usize, cap: &str, expected: usize) {
     let b = Backend::start(kind).await;
     let mut machines = Vec::new();
-    for i in 0..6 {
+    let names = ["a", "b", "c", "d"];
+    let count = pools * 2;
+    for i in 0..count {
         let name = format!("n{i}");
-        b.add_node(&name, &[("pool", ["a", "b", "c"][i % 3])]).await;
+        b.add_node(&name, &[("pool", names[i % pools])]).await;
         b.add_pod("apps", &format!("{name}-app-0"), &name, &[("app", "web")])
             .await;
         machines.push(Machine::new(&name, &b.kubeconfig(), &[]));
     }
     b.wait_pods_ready("apps").await;
-    b.set_policy(
-        "rules:\n  - name: pools\n    nodeSelector: {}\n    concurrency: 1\n    lockGroup: {byLabel: pool, maxConcurrent: 2}\n",
-    )
+    b.set_policy(&format!(
+        "rules:\n  - name: pools\n    nodeSelector: {{}}\n    concurrency: 1\n    lockGroup: {{byLabel: pool, maxConcurrent: {cap}}}\n"
+    ))
     .await;
     let monitor = OutMonitor::watch(b.client());
     for m in machines.iter_mut() {
         m.require_reboot();
         m.start();
     }
-    let nodes = ["n0", "n1", "n2", "n3", "n4", "n5"];
+    let nodes: Vec<String> = (0..count).map(|i| format!("n{i}")).collect();
+    let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
     run_until(&b, &mut machines, LIMIT, "every node rebooted", || {
         all_completed(&b, &nodes)
     })
     .await;
     assert_eq!(
         monitor.max(),
-        2,
-        "two of the three pools out at once, never three"
+        expected,
+        "{pools} pools, maxConcurrent {cap}: {expected} out at once, never more"
     );
 }
 
@@ -419,7 +436,8 @@ async fn set_pod_ready(b: &Backend, ns: &str, name: &str, ready: bool) {
 /// A rule `healthGate: {timeout: 4s}`: after its reboot the first node is uncordoned but keeps
 /// its slot while its DaemonSet pod is not Ready; past the timeout the cycle fails (Event
 /// `HealthGateFailed`, `kreboot_health_gate_failed 1`) and the slot is still kept, so the second
-/// node does not start; once the pod is Ready the slot goes on and the rollout finishes.
+/// node does not start; once the pod is Ready the slot goes on, the second node cordons within
+/// a second, and the rollout finishes.
 async fn health_gate_holds_the_lock(kind: Kind) {
     let (b, mut machines) = cluster(kind, 2, &[]).await;
     for n in ["n0", "n1"] {
@@ -495,8 +513,23 @@ async fn health_gate_holds_the_lock(kind: Kind) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Healthy: the slot goes on; the second node passes its gate as soon as its pod is Ready.
+    // Healthy: the slot goes on at once (the second node cordons within a second); the second
+    // node passes its gate as soon as its pod is Ready.
     set_pod_ready(&b, "apps", &format!("{first}-ds"), true).await;
+    let ready_at = Instant::now();
+    while !b.unschedulable(second).await {
+        assert!(
+            ready_at.elapsed() < LIMIT,
+            "timed out: {second} cordons after {first}'s pod is Ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gap = ready_at.elapsed();
+    eprintln!("{second} cordoned {gap:?} after {first}'s DaemonSet pod turned Ready");
+    assert!(
+        gap < Duration::from_millis(1500),
+        "{second} cordoned {gap:?} after {first} was healthy"
+    );
     set_pod_ready(&b, "apps", &format!("{second}-ds"), true).await;
     run_until(&b, &mut machines, LIMIT, "both nodes through their gates", || {
         all_completed(&b, &["n0", "n1"])
@@ -514,6 +547,294 @@ async fn health_gate_holds_the_lock(kind: Kind) {
             .contains(&format!("kreboot_health_gate_failed{{node=\"{first}\"}} 0"))
     })
     .await;
+}
+
+/// The application of the budget scenario: pods `app=web` in namespace `apps`.
+const WEB: (&str, &str) = ("app", "web");
+
+/// What the disruption controller does on the real control plane, for the simulator (which has
+/// none): the budget `apps/web`'s status from its pods (`minAvailable` integer), written only
+/// on change. Nothing on the real backend.
+async fn sync_sim_budget(b: &Backend) {
+    let Backend::Sim(s, _) = b else {
+        return;
+    };
+    let pods = b.pods("apps").await;
+    let matching: Vec<_> = pods
+        .iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(WEB.0))
+                    .map(String::as_str)
+                    == Some(WEB.1)
+        })
+        .collect();
+    let healthy = matching.iter().filter(|p| common::backend::pod_ready(p)).count() as i64;
+    let expected = matching.len() as i64;
+    let _ = s
+        .store()
+        .update(kreboot_testkit::sim::store::Kind::Pdb, "apps", "web", |old| {
+            let min = old
+                .pointer("/spec/minAvailable")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            let status = json!({
+                "currentHealthy": healthy, "desiredHealthy": min, "expectedPods": expected,
+                "disruptionsAllowed": (healthy - min).max(0), "observedGeneration": 1,
+            });
+            if old.get("status") == Some(&status) {
+                // No change: no write, no watch event.
+                return Err(kreboot_testkit::sim::store::StoreError {
+                    code: 409,
+                    reason: "Conflict",
+                    message: "unchanged".into(),
+                });
+            }
+            let mut new = old.clone();
+            new["status"] = status;
+            Ok(new)
+        });
+}
+
+/// Plays the application's controller: for every `app=web` pod gone (evicted), a replacement
+/// on node `spare` (no Node object: no kubelet plays it, so it stays unready until the test
+/// says otherwise), Ready at once when `ready`. Returns the replacements created.
+async fn replace_evicted(b: &Backend, want: usize, ready: bool, next: &mut usize) -> Vec<String> {
+    let live = b
+        .pods("apps")
+        .await
+        .into_iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(WEB.0))
+                    .map(String::as_str)
+                    == Some(WEB.1)
+        })
+        .count();
+    let mut created = Vec::new();
+    for _ in live..want {
+        let name = format!("web-r{next}");
+        *next += 1;
+        match b {
+            Backend::Sim(s, _) => s.add_pod(
+                kreboot_testkit::sim::pod("apps", &name, "spare")
+                    .labels([WEB])
+                    .phase("Pending")
+                    .build(),
+            ),
+            Backend::Real(_) => {
+                let pod = json!({
+                    "metadata": { "name": name, "labels": { WEB.0: WEB.1 } },
+                    "spec": {
+                        "nodeName": "spare",
+                        "automountServiceAccountToken": false,
+                        "containers": [{ "name": "app", "image": "registry.invalid/app:1" }],
+                    },
+                });
+                kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(b.client(), "apps")
+                    .create(&Default::default(), &serde_json::from_value(pod).unwrap())
+                    .await
+                    .unwrap_or_else(|e| panic!("create replacement {name}: {e}"));
+            }
+        }
+        if ready {
+            set_replacement_ready(b, &name).await;
+        }
+        created.push(name);
+    }
+    created
+}
+
+/// A replacement pod starts: Running and Ready, as its kubelet would report.
+async fn set_replacement_ready(b: &Backend, name: &str) {
+    kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(b.client(), "apps")
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"status": {
+                "phase": "Running",
+                "conditions": [{ "type": "Ready", "status": "True" }],
+            }})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("set {name} Ready: {e}"));
+}
+
+/// The health gate's budget check (`healthGate` with `disruptionBudgets` on by default): two
+/// nodes, one `app=web` pod each, a PDB `minAvailable: 1`. The first node's drain evicts its
+/// pod (the budget allows it) and records the budget; the replacement (played by the test) is
+/// not Ready, so after the reboot the first node keeps the slot (`health_gate: pdb apps/web
+/// 1/2 healthy` on the Node and in `kreboot status`), the gate times out with
+/// `HealthGateFailed` naming the budget, and the second node does not cordon; once the
+/// replacement is Ready (and on the real control plane the disruption controller says so) the
+/// second node cordons within a second or so, and the rollout finishes.
+async fn health_gate_waits_for_disruption_budgets(kind: Kind) {
+    let b = Backend::start(kind).await;
+    let mut machines = Vec::new();
+    for (i, n) in ["n0", "n1"].into_iter().enumerate() {
+        b.add_node(n, &[]).await;
+        b.add_pod("apps", &format!("web-{i}"), n, &[WEB]).await;
+        machines.push(Machine::new(n, &b.kubeconfig(), &[]));
+    }
+    b.wait_pods_ready("apps").await;
+    b.add_pdb("apps", "web", &[WEB], 1).await;
+    let pdbs: kube::Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
+        kube::Api::namespaced(b.client(), "apps");
+    let b_ref = &b;
+    wait_until(LIMIT, "the budget counts both pods healthy", || {
+        let pdbs = pdbs.clone();
+        async move {
+            let b = b_ref;
+            sync_sim_budget(b).await;
+            pdbs.get("web")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .is_some_and(|s| s.current_healthy == 2 && s.disruptions_allowed == 1)
+        }
+    })
+    .await;
+    b.set_policy(
+        "rules:\n  - name: all\n    nodeSelector: {}\n    concurrency: 1\n    healthGate: {timeout: 5s}\n",
+    )
+    .await;
+    let monitor = OutMonitor::watch(b.client());
+    for m in machines.iter_mut() {
+        m.require_reboot();
+        m.start();
+    }
+    let mut next = 0;
+    let mut replacements = Vec::new();
+    // Phase 1: the first node reboots; its evicted pod's replacement stays unready.
+    let deadline = Instant::now() + LIMIT;
+    let first = loop {
+        for m in machines.iter_mut() {
+            m.supervise(&b).await;
+        }
+        replacements.extend(replace_evicted(&b, 2, false, &mut next).await);
+        sync_sim_budget(&b).await;
+        let mut found = None;
+        for n in ["n0", "n1"] {
+            if b.annotation(n, ANN_PHASE).await.as_deref() == Some("verifying") {
+                found = Some(n);
+            }
+        }
+        if let Some(n) = found {
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out: a node rebooted and in its health gate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let second = if first == "n0" { "n1" } else { "n0" };
+    assert_eq!(
+        replacements.len(),
+        1,
+        "one pod evicted, one replacement: {replacements:?}"
+    );
+    assert_eq!(
+        b.annotation(first, "kreboot.io/drained-budgets").await.as_deref(),
+        Some("apps/web=2"),
+        "the drain recorded the budget and its health before"
+    );
+    wait_until(LIMIT, "the gate names the budget", || async {
+        sync_sim_budget(&b).await;
+        b.annotation(first, ANN_BLOCKED_BY).await.as_deref() == Some("health_gate: pdb apps/web 1/2 healthy")
+    })
+    .await;
+    let out = kreboot_cmd(&b, &["status", "--namespace", NS]).await;
+    let table = text(&out.stdout);
+    assert!(
+        table.lines().any(|l| l.starts_with(first)
+            && l.contains("verifying")
+            && l.contains("pdb apps/web 1/2 healthy")),
+        "status shows the budget holding {first}:\n{table}"
+    );
+    // Past the 5 s timeout: reported, naming the budget, and the slot still kept.
+    run_until(&b, &mut machines, LIMIT, "the health gate fails", || async {
+        event_count(&b.node_events().await, first, "HealthGateFailed") == 1
+    })
+    .await;
+    let events = b.node_events().await;
+    let note = events
+        .iter()
+        .find(|e| e["regarding"]["name"] == first && e["reason"] == "HealthGateFailed")
+        .and_then(|e| e["note"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        note.contains("pdb apps/web 1/2 healthy"),
+        "the Event names the budget: {note}"
+    );
+    for _ in 0..20 {
+        for m in machines.iter_mut() {
+            m.supervise(&b).await;
+        }
+        sync_sim_budget(&b).await;
+        assert_eq!(b.holders().await, [first], "the gate keeps the slot");
+        assert!(!b.unschedulable(second).await, "{second} does not cordon");
+        assert!(
+            b.annotation(second, ANN_PHASE).await.is_none(),
+            "{second} does not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Phase 2: the replacement is Ready; the budget is back; the second node starts.
+    set_replacement_ready(&b, &replacements[0]).await;
+    let ready_at = Instant::now();
+    let deadline = ready_at + LIMIT;
+    loop {
+        sync_sim_budget(&b).await;
+        if b.unschedulable(second).await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "timed out: {second} cordons");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gap = ready_at.elapsed();
+    eprintln!("{second} cordoned {gap:?} after the replacement pod turned Ready");
+    assert!(
+        gap < Duration::from_millis(1500),
+        "{second} cordoned {gap:?} after the budget was healthy again"
+    );
+    // The rest of the rollout: the second node's pod is replaced at once.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        for m in machines.iter_mut() {
+            m.supervise(&b).await;
+        }
+        replace_evicted(&b, 2, true, &mut next).await;
+        sync_sim_budget(&b).await;
+        if all_completed(&b, &["n0", "n1"]).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out: both nodes through their gates"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(monitor.max(), 1, "one node out at once");
+    assert_eq!(
+        event_count(&b.node_events().await, second, "HealthGateFailed"),
+        0,
+        "{second}'s budget was back at once"
+    );
+    for n in ["n0", "n1"] {
+        assert_eq!(
+            b.annotation(n, "kreboot.io/drained-budgets").await,
+            None,
+            "{n}: the record ends with the cycle"
+        );
+    }
 }
 
 /// A PDB with `minAvailable` equal to the Ready pods refuses the eviction (429 from the real

@@ -398,8 +398,9 @@ async fn status_with_an_invalid_policy() {
     );
     let run = status(&kc, &["--namespace", NS], &[]).await;
     assert!(
-        run.stdout
-            .contains("is INVALID: ConfigMap kreboot/kreboot-config has no key config.yaml"),
+        run.stdout.contains(
+            "is INVALID: ConfigMap kreboot/kreboot-config has no key \"config.yaml\" (keys found: \"other\")"
+        ),
         "{}",
         run.stdout
     );

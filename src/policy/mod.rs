@@ -40,7 +40,9 @@
 //!   the Leases (`kreboot.io/released-at`).
 //! - A rule's `healthGate: {timeout}` keeps a rebooted node's slot until the node is Ready and
 //!   its DaemonSet pods are Ready; past the timeout the cycle fails and the slot is kept. With
-//!   `query` (PromQL), the slot is also kept while the query returns any series.
+//!   `query` (PromQL), the slot is also kept while the query returns any series. With
+//!   `disruptionBudgets` (on by default with a gate) it is also kept until every
+//!   PodDisruptionBudget that selected a pod the drain evicted is as healthy as before the drain.
 //! - Unknown keys are rejected: a typo must not silently widen a window.
 
 mod parse;
@@ -209,6 +211,9 @@ struct Rule {
     health_gate: Option<chrono::Duration>,
     /// `healthGate.query`: PromQL that must return no series before the slot goes on.
     health_query: Option<String>,
+    /// `healthGate.disruptionBudgets` (default true with a gate): the slot is also kept until
+    /// every PodDisruptionBudget the drain touched is as healthy as before the drain.
+    health_budgets: bool,
 }
 
 /// A rule's `concurrency`: how many nodes sharing its slots may be out at once, as a number, or
@@ -354,6 +359,10 @@ pub struct RuleView {
     /// The rule's `healthGate.query`: after the checks above pass, the node keeps its slot while
     /// this PromQL returns any series (evaluated against the agent's `--prometheus-url`).
     pub health_query: Option<String>,
+    /// The rule's `healthGate.disruptionBudgets`: the node also keeps its slot until every
+    /// PodDisruptionBudget that selected a pod its drain evicted is as healthy as before the
+    /// drain (and at least `desiredHealthy`). False without a gate.
+    pub health_budgets: bool,
 }
 
 /// A rule's `lockGroup` as seen by one node.
@@ -735,6 +744,7 @@ impl Policy {
                 soak: None,
                 health_gate: None,
                 health_query: None,
+                health_budgets: false,
             },
             Some((i, r)) => RuleView {
                 name: Some(r.name.clone()),
@@ -749,6 +759,7 @@ impl Policy {
                 soak: r.soak,
                 health_gate: r.health_gate,
                 health_query: r.health_query.clone(),
+                health_budgets: r.health_gate.is_some() && r.health_budgets,
             },
         }
     }

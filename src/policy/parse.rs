@@ -136,10 +136,11 @@ struct RawRule {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawHealthGate {
     timeout: Option<Scalar>,
     query: Option<Scalar>,
+    disruption_budgets: Option<Scalar>,
 }
 
 /// The longest `healthGate.query` accepted: a gate expression is a condition, not a program,
@@ -602,11 +603,13 @@ fn raw_policy(yaml: &str) -> Result<RawPolicy, PolicyError> {
         serde_saphyr::from_str(yaml).map_err(|e| err("config.yaml", e.to_string()))?;
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        // The document itself (a list, a number) has the path ".".
-        let path = if path == "." {
-            "config.yaml".to_owned()
-        } else {
-            path
+        // The document itself (a list, a number) has the path "."; an empty key has an empty
+        // last segment, which is shown as `""` so that the path still says where.
+        let path = match path.as_str() {
+            "." => "config.yaml".to_owned(),
+            "" => "\"\"".to_owned(),
+            p if p.ends_with('.') => format!("{p}\"\""),
+            _ => path,
         };
         err(path, e.into_inner().to_string())
     })
@@ -698,6 +701,21 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
             None => None,
             Some(q) => Some(gate_query(&q.0, &format!("{p}.healthGate.query"))?),
         };
+        // On unless switched off: an operator expects the rollout to wait while a budget the
+        // drain touched is still below its desired health (see `Rule::health_budgets`).
+        let health_budgets = match r.health_gate.as_ref().and_then(|g| g.disruption_budgets.as_ref()) {
+            None => health_gate.is_some(),
+            Some(b) => match b.0.trim() {
+                "true" => true,
+                "false" => false,
+                other => {
+                    return Err(err(
+                        format!("{p}.healthGate.disruptionBudgets"),
+                        format!("{other:?} is not true or false"),
+                    ));
+                }
+            },
+        };
         rules.push(Rule {
             name,
             selector,
@@ -707,6 +725,7 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
             soak,
             health_gate,
             health_query,
+            health_budgets,
         });
     }
     Ok(Policy { default, rules })

@@ -1242,3 +1242,41 @@ fn health_gate_query_is_kept_per_rule_and_listed() {
     let e = Policy::parse(&long).unwrap_err();
     assert_eq!(e.path, "rules[0].healthGate.query");
 }
+
+/// `healthGate.disruptionBudgets`: on by default with a gate (the safe choice), off when asked,
+/// never without a gate; anything but true or false is an error naming the key.
+#[test]
+fn health_gate_disruption_budgets_default_on_with_a_gate() {
+    let p = policy(
+        "rules:\n  - {name: a, nodeSelector: {matchLabels: {role: db}}, healthGate: {}}\n  - {name: b, nodeSelector: {matchLabels: {role: web}}, healthGate: {disruptionBudgets: false}}\n  - {name: c, nodeSelector: {matchLabels: {role: x}}, healthGate: {timeout: 1m, disruptionBudgets: true}}\n  - {name: d, nodeSelector: {}}\n",
+    );
+    assert!(p.rule_for(&labels(&[("role", "db")])).health_budgets);
+    assert!(!p.rule_for(&labels(&[("role", "web")])).health_budgets);
+    assert!(p.rule_for(&labels(&[("role", "x")])).health_budgets);
+    assert!(!p.rule_for(NONE).health_budgets, "no gate, no budget check");
+    assert!(!Policy::default().rule_for(NONE).health_budgets);
+    for bad in ["yes please", "1", "\"\""] {
+        let e = Policy::parse(&format!(
+            "rules: [{{name: a, nodeSelector: {{}}, healthGate: {{disruptionBudgets: {bad}}}}}]"
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "rules[0].healthGate.disruptionBudgets", "{bad}");
+        assert!(e.message.contains("is not true or false"), "{bad}: {}", e.message);
+    }
+    let e = Policy::parse("rules: [{name: a, nodeSelector: {}, healthGate: {disruptionBudget: true}}]")
+        .unwrap_err();
+    assert!(
+        e.path.starts_with("rules[0].healthGate"),
+        "a typo is rejected: {e:?}"
+    );
+}
+
+/// An empty key (`"": 1`, which the fuzzer finds now and then) is named, not an empty path.
+#[test]
+fn an_empty_key_is_named() {
+    let e = Policy::parse("\"\": 1").unwrap_err();
+    assert_eq!(e.path, "\"\"");
+    assert!(e.message.contains("unknown field"), "{}", e.message);
+    let e = Policy::parse("rules: [{\"\": 1}]").unwrap_err();
+    assert_eq!(e.path, "rules[0].\"\"");
+}
