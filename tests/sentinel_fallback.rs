@@ -502,9 +502,9 @@ async fn inotify_watches_used_up_enospc() {
 /// CI once failed this when the sentinel was `/proc/<pid>`: every `ps` opens `/proc`, and the
 /// watch then took that opening for a possible change, re-read the file and saw the change
 /// without polling. The watch now ignores openings and reads (`sentinel::may_change`), and the
-/// sentinel is a thread of this test process (`/proc/<pid>/task/<tid>`), whose directory hardly
-/// anything else touches. Should an event still explain the change, the attempt is repeated
-/// with a new thread: the fall-back must show in one of three attempts.
+/// sentinel is an open file's entry in this test process's `/proc/<pid>/fd`, which hardly
+/// anything else touches. Should an event still explain the change, the attempt is repeated:
+/// the fall-back must show in one of three attempts.
 #[tokio::test]
 async fn a_filesystem_without_events_is_polled() {
     let _serial = SERIAL.lock().await;
@@ -521,18 +521,23 @@ async fn a_filesystem_without_events_is_polled() {
     panic!("never fell back to polling: {seen:#?}");
 }
 
-/// One watch of a thread that then ends. `Err` when something other than the audit saw the
-/// change (an event: some process opened the task directory meanwhile; or a watch thread so late
-/// that its first look came after the end); panics on what no outside reader can cause.
+/// One watch of an open file's entry in `/proc/<pid>/fd`, which then is closed. `Err` when
+/// something other than the audit saw the change (an event; or a watch thread so late that its
+/// first look came after the close); panics on what no outside reader can cause.
+///
+/// The entry is a symlink to a regular file, so it is a reboot request while it exists (a
+/// directory, such as a thread's `/proc/<pid>/task/<tid>`, the sentinel of an earlier version
+/// of this test, is not: see `sentinel::examine`). A high descriptor number, so that nothing
+/// else this process opens meanwhile takes the number again after the close.
 async fn no_event_attempt() -> Result<(), String> {
-    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        tid_tx.send(nix::unistd::gettid().as_raw()).expect("send tid");
-        let _ = stop_rx.recv();
-    });
-    let tid = tid_rx.recv().expect("tid");
-    let path = PathBuf::from(format!("/proc/{}/task/{tid}", std::process::id()));
+    use std::os::fd::AsRawFd;
+    const HIGH_FD: i32 = 777;
+    let file = tempfile::tempfile().expect("a temporary file");
+    // SAFETY: dup2 onto a number this process does not use (far above what the test opens);
+    // the descriptor is closed below, and `file` keeps its own.
+    let fd = unsafe { libc::dup2(file.as_raw_fd(), HIGH_FD) };
+    assert_eq!(fd, HIGH_FD, "dup2: {}", std::io::Error::last_os_error());
+    let path = PathBuf::from(format!("/proc/{}/fd/{HIGH_FD}", std::process::id()));
     let opts = WatchOptions {
         poll_interval: Duration::from_secs(1),
         inotify_retry: Duration::from_secs(1),
@@ -540,13 +545,13 @@ async fn no_event_attempt() -> Result<(), String> {
     let w = SentinelWatch::start_with(path, opts).expect("watch");
     let mut rx = w.receiver();
     let mode = w.mode();
-    assert!(rx.borrow().required, "the thread exists");
+    assert!(rx.borrow().required, "the open file's entry is a request");
     assert_eq!(mode.borrow().mode, WatchMode::Inotify, "/proc takes the watch");
     // The watch's thread takes a first look when it starts (for a change between the first
-    // read and the watch); the thread must end after that look, or the look sees it.
+    // read and the watch); the entry must go after that look, or the look sees it.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop_tx.send(()).expect("stop");
-    thread.join().expect("join");
+    // SAFETY: HIGH_FD is the duplicate made above, closed once.
+    assert_eq!(unsafe { libc::close(HIGH_FD) }, 0, "close");
     let t = Instant::now();
     let r = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| !s.required)).await;
     assert!(matches!(r, Ok(Ok(_))), "the change was never noticed");
