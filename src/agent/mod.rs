@@ -1161,6 +1161,35 @@ pub async fn run(
                                 _ = lease_rx.changed() => continue,
                                 _ = tokio::time::sleep(jitter) => {}
                             }
+                            // Taking over another node's slot (expired, or its Node gone):
+                            // the watches said its holder is idle or gone, but a watch can lag
+                            // (a slow or restarted API server, etcd stopped): read the holder's
+                            // Node afresh, and take the slot only if it really records no cycle.
+                            // Found by the chaos run on the real control plane: a waiter took an
+                            // expired slot whose holder had cordoned itself 13 ms after taking it,
+                            // a cordon its watch had not yet delivered: three nodes out of two.
+                            if let Some(holder) = leases
+                                .get(&slot)
+                                .and_then(lock::holder)
+                                .filter(|h| *h != me.as_str())
+                            {
+                                match agent.node_api().get_opt(holder).await {
+                                    Ok(Some(n)) if watches::holder_state(&n) != lock::HolderNode::Idle => {
+                                        info!(node = %me, lease = %slot, %holder, "the expired slot's holder is still in its cycle; not taking it");
+                                        if wait_briefly(&w, &shutdown).await.is_err() {
+                                            return Ok(Outcome::Shutdown);
+                                        }
+                                        continue;
+                                    }
+                                    Ok(_) => {}
+                                    Err(e) => {
+                                        warn!(node = %me, %holder, error = %e, "cannot read the expired slot's holder");
+                                        tokio::time::sleep(backoff(attempt)).await;
+                                        attempt += 1;
+                                        continue;
+                                    }
+                                }
+                            }
                             match agent.lease_lock().acquire(&slot, leases.get(&slot), now).await {
                                 Ok(lease) => {
                                     info!(node = %me, lease = %slot, "lock acquired");
