@@ -52,7 +52,7 @@ use super::{
 /// The agents' users: this prefix and the node name (one static token per agent).
 pub const AGENT_USER_PREFIX: &str = "kreboot-bench-agent:";
 
-fn agent_token(node: &str) -> String {
+pub fn agent_token(node: &str) -> String {
     format!("kreboot-bench-agent-{node}-token")
 }
 
