@@ -714,7 +714,7 @@ async fn safety_invariant_under_real_control_plane_chaos() {
     let nodes: usize = env_or("KREBOOT_CHAOS_REAL_NODES", 6);
     // Heavy faults of each class at least this often (more in a long run: one per interval).
     let heavy_min: u64 = env_or("KREBOOT_CHAOS_REAL_HEAVY", 2);
-    let limit = Duration::from_secs(env_or("KREBOOT_CHAOS_REAL_SECONDS", 180 * target.div_ceil(1000)));
+    let limit = Duration::from_secs(env_or("KREBOOT_CHAOS_REAL_SECONDS", 240 * target.div_ceil(1000)));
     eprintln!(
         "chaos_real: seed {seed}, {nodes} nodes, concurrency {CONCURRENCY}, at least {target} faults \
          (replay: KREBOOT_CHAOS_REAL_SEED={seed} cargo test --test chaos_real -- --nocapture)"
