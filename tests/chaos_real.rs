@@ -542,7 +542,32 @@ fn check(s: &mut Seen, admin: &str, why: &str) {
         .collect();
     s.max_out = s.max_out.max(out.len());
     if out.len() > CONCURRENCY {
-        let v = format!("{} nodes out at once after {why}: {out:?}", out.len());
+        // Why each one is out, and who holds the slots, so that a failure can be diagnosed
+        // from the message (the audit log has no bodies).
+        let detail: Vec<String> = out
+            .iter()
+            .map(|name| {
+                let n = &s.nodes[*name];
+                let v = kreboot::node::view(n);
+                let kreboot_ann: BTreeMap<&String, &String> = n
+                    .annotations()
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("kreboot.io/"))
+                    .collect();
+                format!(
+                    "{name} (rv {}): ready {}, unschedulable {}, {kreboot_ann:?}",
+                    n.resource_version().unwrap_or_default(),
+                    v.ready,
+                    v.unschedulable
+                )
+            })
+            .collect();
+        let v = format!(
+            "{} nodes out at once after {why}: {out:?}\n    {}\n    slots: {:?}",
+            out.len(),
+            detail.join("\n    "),
+            s.holders
+        );
         s.violations.push(v);
     }
     if let Some(n) = s.nodes.get(admin)
