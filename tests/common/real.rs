@@ -90,6 +90,8 @@ pub struct Options {
     pub tokens: Vec<(String, String, String, String)>,
     /// Extra IP addresses of the serving certificate (a VM reaches the server through one).
     pub extra_ips: Vec<String>,
+    /// Extra kube-apiserver flags, after the defaults (e.g. `--watch-cache-sizes=…`).
+    pub apiserver_flags: Vec<String>,
 }
 
 impl Default for Options {
@@ -98,6 +100,7 @@ impl Default for Options {
             kwok: true,
             tokens: Vec::new(),
             extra_ips: Vec::new(),
+            apiserver_flags: Vec::new(),
         }
     }
 }
@@ -110,8 +113,13 @@ pub struct ControlPlane {
     pub dir: PathBuf,
     /// The CA that signed the serving certificate (PEM), for kubeconfigs.
     pub ca_pem: String,
+    /// etcd's client URL (`http://127.0.0.1:PORT`; its gRPC gateway answers `/v3/...` there).
+    pub etcd_url: String,
     etcd_dir: PathBuf,
     children: Vec<(&'static str, Child)>,
+    /// How each component was started (binary, arguments), so that [`ControlPlane::restart`]
+    /// starts it again exactly so.
+    specs: Vec<(&'static str, PathBuf, Vec<String>)>,
 }
 
 fn run_ok(cmd: &mut Command) {
@@ -125,7 +133,11 @@ fn run_ok(cmd: &mut Command) {
 
 /// Spawns a component with its output in `log`; it gets SIGKILL if the test process dies.
 fn spawn(bin: &Path, args: &[String], log: &Path) -> Child {
-    let out = std::fs::File::create(log).expect("component log file");
+    spawn_logging(bin, args, std::fs::File::create(log).expect("component log file"))
+}
+
+/// [`spawn`] with its output appended to `out`.
+fn spawn_logging(bin: &Path, args: &[String], out: std::fs::File) -> Child {
     let err = out.try_clone().expect("log file handle");
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
@@ -167,8 +179,10 @@ impl ControlPlane {
             url: String::new(),
             dir: dir.clone(),
             ca_pem: String::new(),
+            etcd_url: String::new(),
             etcd_dir: etcd_dir.clone(),
             children: Vec::new(),
+            specs: Vec::new(),
         };
 
         // A CA and a serving certificate for 127.0.0.1; one key for ServiceAccount tokens.
@@ -284,8 +298,8 @@ impl ControlPlane {
             "--unsafe-no-fsync".into(),
             "--log-level=warn".into(),
         ];
-        let child = spawn(&bin.join("etcd"), &etcd_args, &dir.join("etcd.log"));
-        cp.children.push(("etcd", child));
+        cp.etcd_url = etcd_url.clone();
+        cp.launch("etcd", bin.join("etcd"), etcd_args);
 
         // kube-apiserver.
         let port = free_port();
@@ -314,12 +328,8 @@ impl ControlPlane {
             "--audit-log-mode=blocking".into(),
             "--v=1".into(),
         ];
-        let child = spawn(
-            &bin.join("kube-apiserver"),
-            &api_args,
-            &dir.join("kube-apiserver.log"),
-        );
-        cp.children.push(("kube-apiserver", child));
+        let api_args = [api_args, opts.apiserver_flags.clone()].concat();
+        cp.launch("kube-apiserver", bin.join("kube-apiserver"), api_args);
         cp.wait_ready().await;
 
         let admin = cp.write_kubeconfig("admin", ADMIN_TOKEN);
@@ -330,12 +340,11 @@ impl ControlPlane {
             "--secure-port=0".into(),
             "--v=1".into(),
         ];
-        let child = spawn(
-            &bin.join("kube-controller-manager"),
-            &kcm_args,
-            &dir.join("kube-controller-manager.log"),
+        cp.launch(
+            "kube-controller-manager",
+            bin.join("kube-controller-manager"),
+            kcm_args,
         );
-        cp.children.push(("kube-controller-manager", child));
         if opts.kwok {
             let kwok_args = vec![
                 format!("--kubeconfig={}", admin.display()),
@@ -344,10 +353,57 @@ impl ControlPlane {
                 "--node-lease-duration-seconds=0".into(),
                 format!("--server-address=127.0.0.1:{}", free_port()),
             ];
-            let child = spawn(&bin.join("kwok"), &kwok_args, &dir.join("kwok.log"));
-            cp.children.push(("kwok", child));
+            cp.launch("kwok", bin.join("kwok"), kwok_args);
         }
         cp
+    }
+
+    /// Starts component `name` with its log in `dir/NAME.log`, and remembers how.
+    fn launch(&mut self, name: &'static str, bin: PathBuf, args: Vec<String>) {
+        let child = spawn(&bin, &args, &self.dir.join(format!("{name}.log")));
+        self.children.push((name, child));
+        self.specs.push((name, bin, args));
+    }
+
+    /// Kills component `name` (SIGKILL, as a crash or an OOM kill would) and starts it again
+    /// with the same binary, flags, ports and certificates, its log appended to the old one; for
+    /// kube-apiserver, waits until `/readyz` answers again. Returns how long it was down.
+    ///
+    /// # Panics
+    /// When `name` is not a component of this control plane, or does not come back.
+    pub async fn restart(&mut self, name: &str) -> Duration {
+        let started = Instant::now();
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("no component {name}"));
+        let (_, child) = &mut self.children[i];
+        let _ = child.kill();
+        let _ = child.wait();
+        let (n, bin, args) = self
+            .specs
+            .iter()
+            .find(|(n, ..)| *n == name)
+            .cloned()
+            .expect("a component's start is remembered");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.dir.join(format!("{n}.log")))
+            .expect("component log file");
+        self.children[i] = (n, spawn_logging(&bin, &args, log));
+        if n == "kube-apiserver" {
+            self.wait_ready().await;
+        }
+        started.elapsed()
+    }
+
+    /// Sends `signal` to component `name` (e.g. SIGSTOP, then SIGCONT).
+    pub fn signal(&self, name: &str, signal: nix::sys::signal::Signal) {
+        let pid = self.pid(name).unwrap_or_else(|| panic!("no component {name}"));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+            .unwrap_or_else(|e| panic!("signal {signal} to {name}: {e}"));
     }
 
     async fn wait_ready(&mut self) {

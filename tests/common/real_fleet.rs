@@ -52,7 +52,7 @@ use super::{
 /// The agents' users: this prefix and the node name (one static token per agent).
 pub const AGENT_USER_PREFIX: &str = "kreboot-bench-agent:";
 
-fn agent_token(node: &str) -> String {
+pub fn agent_token(node: &str) -> String {
     format!("kreboot-bench-agent-{node}-token")
 }
 
@@ -259,6 +259,19 @@ impl RealFleet {
         reboot: Duration,
         tweak: impl Fn(&mut AgentConfig),
     ) -> RealFleet {
+        RealFleet::via(cp, &cp.url, names, reboot, tweak)
+    }
+
+    /// As [`RealFleet::new`], but the agents reach kube-apiserver at `url` (e.g. a proxy that
+    /// presents the control plane's serving certificate); the kubelets talk to it directly.
+    pub fn via(
+        cp: &ControlPlane,
+        url: &str,
+        names: &[String],
+        reboot: Duration,
+        tweak: impl Fn(&mut AgentConfig),
+    ) -> RealFleet {
+        let url: http::Uri = url.parse().expect("agents' server URL");
         let members = names
             .iter()
             .map(|name| {
@@ -281,7 +294,8 @@ impl RealFleet {
         RealFleet {
             inner: Arc::new(Inner {
                 config: {
-                    let base = cp.config(KUBELET_TOKEN);
+                    let mut base = cp.config(KUBELET_TOKEN);
+                    base.cluster_url = url;
                     Box::new(move |token: &str| {
                         let mut c = base.clone();
                         c.auth_info.token = Some(token.to_string().into());
@@ -320,6 +334,58 @@ impl RealFleet {
             });
         }
         started.elapsed()
+    }
+
+    /// Kills `node`'s agent where it is (its task aborted at whatever await it was in: no
+    /// clean-up runs, as with SIGKILL); returns whether it was running.
+    pub fn kill(&self, node: &str) -> bool {
+        let mut ms = self.members();
+        let Some(m) = ms.get_mut(node) else { return false };
+        match m.task.take() {
+            Some((t, _)) => {
+                let running = !t.is_finished();
+                t.abort();
+                running
+            }
+            None => false,
+        }
+    }
+
+    /// Starts `node`'s agent (again), as the DaemonSet would.
+    pub fn start(&self, node: &str) {
+        let mut ms = self.members();
+        if let Some(m) = ms.get_mut(node) {
+            start_member(&self.inner, m);
+        }
+    }
+
+    /// Whether `node`'s agent runs now.
+    pub fn is_running(&self, node: &str) -> bool {
+        self.members()
+            .get(node)
+            .is_some_and(|m| m.task.as_ref().is_some_and(|(t, _)| !t.is_finished()))
+    }
+
+    /// Creates `node`'s sentinel.
+    pub fn require_reboot(&self, node: &str) {
+        if let Some(m) = self.members().get(node) {
+            m.sentinel.send_replace(SentinelState {
+                required: true,
+                packages: vec!["linux-image-generic".into()],
+            });
+        }
+    }
+
+    /// Whether `node`'s sentinel is there.
+    pub fn reboot_required(&self, node: &str) -> bool {
+        self.members()
+            .get(node)
+            .is_some_and(|m| m.sentinel.borrow().required)
+    }
+
+    /// Machine reboots of `node` so far.
+    pub fn reboots_of(&self, node: &str) -> u32 {
+        self.members().get(node).map_or(0, |m| m.reboots)
     }
 
     /// How many agents report `kreboot_state` = `state`.
