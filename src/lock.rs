@@ -61,6 +61,16 @@ pub const LOCK_LABEL: &str = "kreboot.io/lock";
 /// Leases they already watch: no new request, no polling.
 pub const ANN_RELEASED_AT: &str = "kreboot.io/released-at";
 
+/// Annotation on a slot's Lease: the holder that started its cycle (cordon, drain, reboot) on
+/// this slot, written by that holder in a conditional Lease write *before* its cordon. It fences
+/// a take-over: a waiter never takes over an expired slot whose Lease says its holder started a
+/// cycle (the holder may be out of service, or its cordon may still be on its way to the API
+/// server), and a take-over's own conditional write makes a holder's late mark fail with 409, so
+/// that holder never cordons. The holder's Node is another object, written later and watched
+/// with a lag: it cannot fence. Cleared by every write that starts a new tenure (take, hand-off,
+/// release).
+pub const ANN_CYCLE_OF: &str = "kreboot.io/cycle-of";
+
 /// Lease duration of a slot handed to a waiter: the waiter claims it with the full `--lock-ttl`
 /// as soon as it sees it. If the waiter is gone, the slot frees itself after this long, instead
 /// of after a whole TTL.
@@ -220,6 +230,25 @@ pub fn holder(lease: &Lease) -> Option<&str> {
         .filter(|h| !h.is_empty())
 }
 
+/// The holder that started its cycle on `lease`, when that is its current holder (a mark left
+/// by an earlier tenure does not count).
+pub fn cycle_started(lease: &Lease) -> bool {
+    let marked = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANN_CYCLE_OF))
+        .map(String::as_str);
+    marked.is_some() && marked == holder(lease)
+}
+
+/// `lease` without the cycle mark: a new tenure starts with no cycle.
+fn clear_cycle_mark(lease: &mut Lease) {
+    if let Some(a) = lease.metadata.annotations.as_mut() {
+        a.remove(ANN_CYCLE_OF);
+    }
+}
+
 /// The status of slot `lease` at `now`.
 ///
 /// `seen_for` is how long ago this agent first saw the Lease's current version, on its own
@@ -295,6 +324,14 @@ pub fn pick_slot(
     for name in slots {
         let rank = match slot_status(leases.get(name), Some(seen_for(seen, name, mono)), now) {
             SlotStatus::Missing | SlotStatus::Free => 0,
+            // Its holder started a cycle on it (the Lease says so, in the Lease's own
+            // version): it may be out of service, or its cordon still on its way, whatever its
+            // Node looks like from here. Not taken (see `ANN_CYCLE_OF`), unless its Node is gone.
+            SlotStatus::Expired { ref holder }
+                if leases.get(name).is_some_and(cycle_started) && holder_node(holder) != HolderNode::Gone =>
+            {
+                continue;
+            }
             SlotStatus::Expired { holder } => match holder_node(&holder) {
                 HolderNode::Idle | HolderNode::Gone => 1,
                 // Its holder is out (draining or rebooting) but stopped renewing: it did not
@@ -488,6 +525,7 @@ impl LeaseLock {
             Some(lease) => {
                 let mut lease = lease.clone();
                 lease.spec = Some(spec);
+                clear_cycle_mark(&mut lease);
                 return self.replace_versioned(name, &lease).await;
             }
             None => {
@@ -527,6 +565,30 @@ impl LeaseLock {
         lease.spec.as_ref().and_then(|s| s.lease_duration_seconds) != Some(self.duration_seconds())
     }
 
+    /// Records on slot `lease`, which this node holds, that it starts its cycle (see
+    /// [`ANN_CYCLE_OF`]), with the full TTL (so it also claims a handed-over slot). Conditional
+    /// on the version held: a take-over that came first makes it fail, and the node then does
+    /// not cordon.
+    ///
+    /// # Errors
+    /// [`LockError::Conflict`] when the Lease changed under us.
+    pub async fn start_cycle(&self, lease: &Lease, now: DateTime<Utc>) -> Result<Lease, LockError> {
+        let name = lease.name_any();
+        let mut lease = lease.clone();
+        let acquire = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.acquire_time.as_ref())
+            .and_then(|t| from_jiff(&t.0));
+        lease.spec = Some(self.spec(Some(&self.identity), acquire.or(Some(now)), now));
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(ANN_CYCLE_OF.to_owned(), self.identity.clone());
+        self.replace_versioned(&name, &lease).await
+    }
+
     /// Hands slot `lease`, held by this node, straight to `successor` (one write instead of a
     /// release followed by a race of every waiter).
     ///
@@ -544,6 +606,7 @@ impl LeaseLock {
         spec.lease_duration_seconds = Some(HANDOFF_SECONDS);
         lease.spec = Some(spec);
         mark_released(&mut lease, now);
+        clear_cycle_mark(&mut lease);
         self.replace_versioned(&name, &lease).await
     }
 
@@ -559,6 +622,7 @@ impl LeaseLock {
         let mut lease = lease.clone();
         lease.spec = Some(self.spec(None, None, now));
         mark_released(&mut lease, now);
+        clear_cycle_mark(&mut lease);
         self.replace_versioned(&name, &lease).await.map(Some)
     }
 }
@@ -872,6 +936,42 @@ mod tests {
         assert_eq!(
             pick_slot(&slots, &leases, &seen, now, mono, |_| HolderNode::Unknown),
             None
+        );
+        // An expired slot whose Lease says its holder started a cycle is not taken, however
+        // idle its Node looks from here (the watch may lag behind the holder's cordon)...
+        let mut marked = lease("l-1", Some("n2"), "2026-11-24T09:00:00Z", 60);
+        marked
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(ANN_CYCLE_OF.into(), "n2".into());
+        assert!(cycle_started(&marked));
+        leases.insert("l-1".into(), marked.clone());
+        assert_eq!(
+            pick_slot(&slots, &leases, &seen, now, mono, |_| HolderNode::Idle),
+            None
+        );
+        // ...unless its Node is gone;
+        assert_eq!(
+            pick_slot(&slots, &leases, &seen, now, mono, |h| if h == "n2" {
+                HolderNode::Gone
+            } else {
+                HolderNode::Idle
+            })
+            .as_deref(),
+            Some("l-1")
+        );
+        // and a mark left by another holder (an earlier tenure) does not count.
+        marked
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(ANN_CYCLE_OF.into(), "n7".into());
+        assert!(!cycle_started(&marked));
+        leases.insert("l-1".into(), marked);
+        assert_eq!(
+            pick_slot(&slots, &leases, &seen, now, mono, |_| HolderNode::Idle).as_deref(),
+            Some("l-1")
         );
         assert_eq!(held_slot(&slots, &leases, "n2").as_deref(), Some("l-1"));
         assert_eq!(held_slot(&slots, &leases, "n3"), None);

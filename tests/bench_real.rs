@@ -17,6 +17,10 @@
 //! It measures and prints; nothing is asserted about the figures. The results replace the
 //! section "Lock hand-over on the real kube-apiserver" of BENCHMARKS.md (unless
 //! `KREBOOT_BENCH_WRITE=0`).
+//!
+//! The second benchmark, `kured_like_poller_on_the_real_kube_apiserver`, is the baseline on the
+//! same server: N kured-like pollers (each its own client) reading the lock once per period;
+//! it writes the section "kured-like poller on the real kube-apiserver".
 
 mod common;
 
@@ -1178,7 +1182,7 @@ fn poller_markdown(rows: &[PollerRow], samples: usize) -> String {
     let (cpu, cores) = machine();
     let _ = writeln!(
         md,
-        "{POLLER_SECTION} (the baseline)\n\nMeasured by `cargo test --release --test bench_real kured_like -- --ignored --nocapture` (`KREBOOT_BENCH_POLLER_NODES`, default `100,1000`; `KREBOOT_BENCH_POLLER_PERIOD_SECS`, default 10) on {cpu} ({cores} cores), {}; {}.\n",
+        "{POLLER_SECTION} (the baseline)\n\nMeasured by `cargo test --test bench_real kured_like -- --ignored --nocapture` (a debug build: a poller's own work is one GET a period; kube-apiserver is the same compiled binary either way) (`KREBOOT_BENCH_POLLER_NODES`, default `100,1000`; `KREBOOT_BENCH_POLLER_PERIOD_SECS`, default 10) on {cpu} ({cores} cores), {}; {}.\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         first_line("kube-apiserver").replace("Kubernetes ", "kube-apiserver "),
     );

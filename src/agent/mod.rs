@@ -1251,24 +1251,43 @@ pub async fn run(
                 Action::Cordon => {
                     let slot = held.clone().unwrap_or_default();
                     let lock = agent.lease_lock();
-                    let to_claim = [Some(&slot), held_cap.as_ref()]
+                    // Each slot held is first claimed with our full TTL (when handed to us by the
+                    // previous holder) and marked as the slot of our cycle (`lock::ANN_CYCLE_OF`),
+                    // before the cordon: the conditional Lease write is the fence that keeps a
+                    // waiter from taking the slot over while our cordon is on its way. With a
+                    // soak the claim comes first and the mark after the soak (a soaking node is
+                    // not out); without one, both in one write.
+                    let soaks = policy
+                        .as_ref()
+                        .is_some_and(|p| p.rule_for(&view.labels).soak.is_some());
+                    let to_write = [Some(&slot), held_cap.as_ref()]
                         .into_iter()
                         .flatten()
                         .find_map(|s| {
                             leases
                                 .get(s)
-                                .filter(|l| lock.needs_claim(l))
+                                .filter(|l| lock.needs_claim(l) || !lock::cycle_started(l))
                                 .map(|l| (s.clone(), l))
                         });
-                    if let Some((claim, lease)) = to_claim {
-                        // Handed to us by the previous holder: claim it with our full TTL first.
-                        match lock.acquire(&claim, Some(lease), now).await {
+                    if let Some((claim, lease)) = to_write {
+                        let handed_over = lock.needs_claim(lease);
+                        let written = if handed_over && soaks {
+                            lock.acquire(&claim, Some(lease), now).await
+                        } else {
+                            lock.start_cycle(lease, now).await
+                        };
+                        match written {
                             Ok(l) => {
-                                info!(node = %me, lease = %claim, "lock handed over and claimed");
+                                if handed_over {
+                                    info!(node = %me, lease = %claim, "lock handed over and claimed");
+                                    agent.events.node(
+                                        Reason::LockAcquired,
+                                        format!("reboot lock {claim} handed over"),
+                                    );
+                                } else {
+                                    debug!(node = %me, lease = %claim, "cycle recorded on the lock");
+                                }
                                 w.set_lease(l, Instant::now());
-                                agent
-                                    .events
-                                    .node(Reason::LockAcquired, format!("reboot lock {claim} handed over"));
                                 continue;
                             }
                             Err(lock::LockError::Conflict { .. }) => {
