@@ -738,6 +738,8 @@ fn step_of(o: &Observer, fleet: &RealFleet, node: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn safety_invariant_under_real_control_plane_chaos() {
+    // Only a passing run leaves a summary.
+    let _ = std::fs::remove_file(SUMMARY_FILE);
     let seed: u64 = env_or("KREBOOT_CHAOS_REAL_SEED", rand::random::<u64>() % 1_000_000);
     let target: u64 = env_or("KREBOOT_CHAOS_REAL_FAULTS", 1000);
     let nodes: usize = env_or("KREBOOT_CHAOS_REAL_NODES", 6);
@@ -1038,7 +1040,7 @@ async fn safety_invariant_under_real_control_plane_chaos() {
     let (events, checks, errors, gaps, relists, seen_gone, max_out) =
         observer.with(|s| (s.events, s.checks, s.errors, s.gaps, s.relists, s.gone, s.max_out));
     let proxy_gone = proxy.gone.load(Ordering::SeqCst);
-    eprintln!(
+    let summary = format!(
         "chaos_real: seed {seed}: {} faults in {:.0}s of chaos ({:.0}s in all): {snapshot:?}\n  \
          agent kills by step: {kill_steps:?}\n  heavy: {heavy_log:#?}\n  \
          {} reboots for {} requests; at most {max_out} out at once (limit {CONCURRENCY})\n  \
@@ -1053,6 +1055,7 @@ async fn safety_invariant_under_real_control_plane_chaos() {
         proxy.requests.load(Ordering::Relaxed),
         proxy.upstream_errors.load(Ordering::Relaxed),
     );
+    eprintln!("{summary}");
     for c in PROXY_CLASSES.iter().chain(&HEAVY_CLASSES).chain(&["agent-kill"]) {
         assert!(
             counts.get(c) > 0,
@@ -1084,4 +1087,10 @@ async fn safety_invariant_under_real_control_plane_chaos() {
     );
     drop(fleet);
     drop(observer);
+    // A passing run leaves its seed and counts where scripts/test prints them (cargo test shows
+    // a passing test's output to nobody).
+    let _ = std::fs::write(SUMMARY_FILE, summary + "\n");
 }
+
+/// Where a passing run writes its seed and fault counts, for scripts/test to print.
+const SUMMARY_FILE: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/chaos_real-summary.txt");
