@@ -573,20 +573,14 @@ impl LeaseLock {
     /// # Errors
     /// [`LockError::Conflict`] when the Lease changed under us.
     pub async fn start_cycle(&self, lease: &Lease, now: DateTime<Utc>) -> Result<Lease, LockError> {
-        let name = lease.name_any();
-        let mut lease = lease.clone();
-        let acquire = lease
-            .spec
-            .as_ref()
-            .and_then(|s| s.acquire_time.as_ref())
-            .and_then(|t| from_jiff(&t.0));
-        lease.spec = Some(self.spec(Some(&self.identity), acquire.or(Some(now)), now));
-        lease
+        let mut marked = lease.clone();
+        marked
             .metadata
             .annotations
             .get_or_insert_with(BTreeMap::new)
             .insert(ANN_CYCLE_OF.to_owned(), self.identity.clone());
-        self.replace_versioned(&name, &lease).await
+        // A renewal (full TTL, same acquire time) that carries the mark in the same write.
+        self.renew(&marked, now).await
     }
 
     /// Hands slot `lease`, held by this node, straight to `successor` (one write instead of a

@@ -1558,6 +1558,29 @@ fn all_slots(slots: &[String], leases: &BTreeMap<String, Lease>) -> Vec<String> 
 }
 
 /// Hands `lease` (held by this node) to the longest waiter, or releases it if nobody waits.
+/// The size of the pool a percentage budget is a share of, counted for a hand-over (the rule's
+/// nodes over all its groups when `whole_rule`, for a cap slot). None when it cannot be counted:
+/// the hand-over then knows of slot 0 only, the cautious answer.
+async fn pool_for_hand_over(
+    agent: &Agent,
+    policy: &Policy,
+    labels: &crate::policy::Labels,
+    whole_rule: bool,
+) -> Option<usize> {
+    match agent.count_pool(policy, labels, whole_rule).await {
+        Ok(n) => Some(n),
+        Err(e) => {
+            let (what, slot) = if whole_rule {
+                ("the rule's nodes", "cap slot 0")
+            } else {
+                ("the rule's pool", "slot 0")
+            };
+            warn!(error = %e, "cannot count {what}; handing over {slot} only");
+            None
+        }
+    }
+}
+
 async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepError> {
     let lock = agent.lease_lock();
     let lock_name = &agent.cfg.lock_name;
@@ -1589,13 +1612,7 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
     // (the pool shrank) is handed to nobody (no waiter's set contains it) and is released.
     let pool = match policy.as_ref() {
         Some(p) if Agent::needs_pool(Some(p), &my_labels) => {
-            match agent.count_pool(p, &my_labels, false).await {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    warn!(error = %e, "cannot count the rule's pool; handing over slot 0 only");
-                    None
-                }
-            }
+            pool_for_hand_over(agent, p, &my_labels, false).await
         }
         _ => None,
     };
@@ -1616,13 +1633,7 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
                 // rule having shrunk, is handed to nobody and released).
                 let rule_pool = match policy.as_ref() {
                     Some(p) if Agent::needs_rule_pool(Some(p), &my_labels) => {
-                        match agent.count_pool(p, &my_labels, true).await {
-                            Ok(n) => Some(n),
-                            Err(e) => {
-                                warn!(error = %e, "cannot count the rule's nodes; handing over cap slot 0 only");
-                                None
-                            }
-                        }
+                        pool_for_hand_over(agent, p, &my_labels, true).await
                     }
                     _ => None,
                 };
