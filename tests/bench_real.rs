@@ -38,7 +38,10 @@ use common::{
     },
 };
 use k8s_openapi::api::core::v1::Namespace;
-use kreboot_testkit::procfs::{cpu_seconds, open_fds, status_kib};
+use kreboot_testkit::{
+    kured_like,
+    procfs::{cpu_seconds, open_fds, status_kib},
+};
 use kube::{Api, api::PostParams};
 
 const NS: &str = "kube-system";
@@ -1077,7 +1080,7 @@ async fn poller_size(waiters: usize, period: Duration, samples: usize) -> Poller
         .await;
     let api: Api<Lease> = Api::namespaced(admin.clone(), NS);
     let lease: Lease = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "kured-lock"},
+        "metadata": {"name": kured_like::LOCK},
         "spec": {"holderIdentity": "bench"}
     }))
     .unwrap();
@@ -1092,34 +1095,14 @@ async fn poller_size(waiters: usize, period: Duration, samples: usize) -> Poller
         let api: Api<Lease> = Api::namespaced(cp.admin_client(), NS);
         let phase = period.mul_f64(rng.random::<f64>());
         let taken = taken.clone();
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep(phase).await;
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tick.tick().await;
-                let Ok(mut l) = api.get("kured-lock").await else {
-                    continue;
-                };
-                let free = l
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.holder_identity.as_deref())
-                    .is_none_or(str::is_empty);
-                if free {
-                    if let Some(s) = l.spec.as_mut() {
-                        s.holder_identity = Some(format!("waiter-{i}"));
-                    }
-                    // A read-modify-write on the resourceVersion read: a second taker gets 409.
-                    if api
-                        .replace("kured-lock", &PostParams::default(), &l)
-                        .await
-                        .is_ok()
-                    {
-                        taken.notify_one();
-                    }
-                }
-            }
-        }));
+        // The read-modify-write on the version read: a second taker gets 409.
+        tasks.push(tokio::spawn(kured_like::poll_lock(
+            api,
+            format!("waiter-{i}"),
+            phase,
+            period,
+            taken,
+        )));
     }
     // Every poller past its first phase; then one whole period with nobody else asking: the
     // pollers' steady read rate.
@@ -1132,11 +1115,11 @@ async fn poller_size(waiters: usize, period: Duration, samples: usize) -> Poller
     let before = Scrape::take(&admin).await;
     let mut latencies = Vec::new();
     for _ in 0..samples {
-        let mut l = api.get("kured-lock").await.expect("read the lock");
+        let mut l = api.get(kured_like::LOCK).await.expect("read the lock");
         if let Some(s) = l.spec.as_mut() {
             s.holder_identity = None;
         }
-        api.replace("kured-lock", &PostParams::default(), &l)
+        api.replace(kured_like::LOCK, &PostParams::default(), &l)
             .await
             .expect("free the lock");
         let t = Instant::now();

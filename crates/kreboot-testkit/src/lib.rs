@@ -7,5 +7,6 @@
 #![deny(unsafe_code)]
 
 pub mod kubelet_sim;
+pub mod kured_like;
 pub mod procfs;
 pub mod sim;

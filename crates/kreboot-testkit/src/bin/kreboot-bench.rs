@@ -21,6 +21,7 @@ use kreboot::{
     sentinel::SentinelWatch,
 };
 use kreboot_testkit::{
+    kured_like,
     procfs::{cpu_seconds, status_kib},
     sim::{self, SimCluster, SimConfig, fleet::Fleet},
 };
@@ -235,7 +236,7 @@ async fn baseline_handover(waiters: usize, samples: usize, period: Duration) -> 
     let sim = SimCluster::start(SimConfig::default()).await.expect("sim");
     let api: Api<Lease> = Api::namespaced(sim.client().await, "kube-system");
     let mut free: Lease = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "kured-lock", "labels": {LOCK_LABEL: "kured"}},
+        "metadata": {"name": kured_like::LOCK, "labels": {LOCK_LABEL: "kured"}},
         "spec": {"holderIdentity": "bench", "leaseDurationSeconds": 3600}
     }))
     .expect("lease");
@@ -247,39 +248,22 @@ async fn baseline_handover(waiters: usize, samples: usize, period: Duration) -> 
         let api = api.clone();
         let phase = period.mul_f64(rng.random::<f64>());
         let acquired = acquired.clone();
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep(phase).await;
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tick.tick().await;
-                if let Ok(mut l) = api.get("kured-lock").await
-                    && l.spec
-                        .as_ref()
-                        .and_then(|s| s.holder_identity.as_deref())
-                        .is_none_or(str::is_empty)
-                {
-                    if let Some(s) = l.spec.as_mut() {
-                        s.holder_identity = Some(format!("waiter-{i}"));
-                    }
-                    if api
-                        .replace("kured-lock", &PostParams::default(), &l)
-                        .await
-                        .is_ok()
-                    {
-                        acquired.notify_one();
-                    }
-                }
-            }
-        }));
+        tasks.push(tokio::spawn(kured_like::poll_lock(
+            api,
+            format!("waiter-{i}"),
+            phase,
+            period,
+            acquired,
+        )));
     }
     let mut out = Vec::new();
     for _ in 0..samples {
-        let mut l = api.get("kured-lock").await.expect("get");
+        let mut l = api.get(kured_like::LOCK).await.expect("get");
         if let Some(s) = l.spec.as_mut() {
             s.holder_identity = None;
         }
         free = api
-            .replace("kured-lock", &PostParams::default(), &l)
+            .replace(kured_like::LOCK, &PostParams::default(), &l)
             .await
             .expect("release");
         let t = Instant::now();
