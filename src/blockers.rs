@@ -288,14 +288,7 @@ pub async fn query_series(
     base: &str,
     query: &str,
 ) -> Result<Vec<std::collections::BTreeMap<String, String>>, String> {
-    let url = format!("{}/api/v1/query", base.trim_end_matches('/'));
-    let resp = http
-        .get(&url)
-        .query(&[("query", query)])
-        .timeout(PROMETHEUS_TIMEOUT)
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
+    let (url, resp) = get(http, base, "/api/v1/query", &[("query", query)]).await?;
     let status = resp.status();
     // Prometheus answers a bad query with 400 and a JSON error: read the body either way.
     let body: QueryResponse = resp
@@ -326,13 +319,7 @@ pub async fn query_series(
 /// # Errors
 /// A transport error, a non-success status or an answer that is not Alertmanager's.
 pub async fn query_alertmanager(http: &reqwest::Client, base: &str) -> Result<Vec<AmAlert>, String> {
-    let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
-    let resp = http
-        .get(&url)
-        .timeout(PROMETHEUS_TIMEOUT)
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
+    let (url, resp) = get(http, base, "/api/v2/alerts", &[]).await?;
     let status = resp.status();
     if !status.is_success() {
         return Err(format!("{url}: HTTP {status}"));
@@ -342,18 +329,31 @@ pub async fn query_alertmanager(http: &reqwest::Client, base: &str) -> Result<Ve
         .map_err(|e| format!("{url}: HTTP {status}, not an Alertmanager answer: {e}"))
 }
 
+/// GETs `path` (with the query `params`) of the server at `base`, within [`PROMETHEUS_TIMEOUT`]:
+/// the URL asked (for messages) and the response, or a transport error naming the URL.
+async fn get(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    params: &[(&str, &str)],
+) -> Result<(String, reqwest::Response), String> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let resp = http
+        .get(&url)
+        .query(params)
+        .timeout(PROMETHEUS_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    Ok((url, resp))
+}
+
 /// Reads `/api/v1/alerts`.
 ///
 /// # Errors
 /// A transport error, a non-success status or an answer that is not Prometheus's.
 pub async fn query_alerts(http: &reqwest::Client, base: &str) -> Result<Vec<Alert>, String> {
-    let url = format!("{}/api/v1/alerts", base.trim_end_matches('/'));
-    let resp = http
-        .get(&url)
-        .timeout(PROMETHEUS_TIMEOUT)
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
+    let (url, resp) = get(http, base, "/api/v1/alerts", &[]).await?;
     let status = resp.status();
     let body: AlertsResponse = resp
         .json()
