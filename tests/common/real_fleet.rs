@@ -223,7 +223,8 @@ fn start_member(inner: &Arc<Inner>, m: &mut Member) {
     }
     // Its own client: its own connection pool, as a separate process would have.
     let node = m.cfg.node_name.clone();
-    let client = Client::try_from((inner.config)(&agent_token(&node))).expect("agent client");
+    // The product's client (HTTP/2 to kube-apiserver), as the agent binary builds it.
+    let client = kreboot::connect::client((inner.config)(&agent_token(&node))).expect("agent client");
     let agent = Agent {
         events: Events::start(client.clone(), &node, None),
         notifier: Notifier::disabled(),
