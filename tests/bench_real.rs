@@ -6,13 +6,17 @@
 //!
 //! Per size N (`KREBOOT_BENCH_NODES`, default `100,1000`): a fresh control plane
 //! (`tests/common/real.rs`), N Ready KWOK Nodes, N kreboot agents in this process, each with
-//! its own kube client (`tests/common/real_fleet.rs`), concurrency 1. First the idle cost: the
+//! its own kube client (`tests/common/real_fleet.rs`), concurrency `KREBOOT_BENCH_CONCURRENCY`
+//! (default 1; `auto`: N/50). First the idle cost: the
 //! agents start with no sentinel, and the requests they make over `KREBOOT_BENCH_IDLE_SECS`
 //! (default 60) are counted. Then every sentinel is set at once and the rollout runs until every
 //! node rebooted (each machine reboots in `KREBOOT_BENCH_REBOOT_MS`, default 200) or
 //! `KREBOOT_BENCH_LIMIT_SECS` (default 600) passed. Before each size it waits (at most
 //! `KREBOOT_BENCH_LOAD_WAIT_SECS`, default 300) for the load average to drop to
-//! `KREBOOT_BENCH_MAX_LOAD` (default 3); the load it started at is reported.
+//! `KREBOOT_BENCH_MAX_LOAD` (default 3); the load it started at is reported. The burst is the
+//! first `BURST_SECS` after the sentinels; the rollout's time series (every hand-over, kube-
+//! apiserver's requests per second from its audit log) is written to
+//! `target/bench/rollout-N-*.csv`, which `scripts/plot_rollout.py` draws.
 //!
 //! It measures and prints; nothing is asserted about the figures. The results replace the
 //! section "Lock hand-over on the real kube-apiserver" of BENCHMARKS.md (unless
@@ -46,6 +50,72 @@ use kube::{Api, api::PostParams};
 
 const NS: &str = "kube-system";
 const SECTION: &str = "## Lock hand-over on the real kube-apiserver";
+
+/// The burst: the seconds right after every sentinel was set at once.
+const BURST_SECS: u64 = 30;
+
+/// The lock's concurrency for `n` nodes: `KREBOOT_BENCH_CONCURRENCY` (a number, or `auto` for
+/// n/50 as a pool's share), 1 by default.
+fn concurrency_for(n: usize) -> usize {
+    match std::env::var("KREBOOT_BENCH_CONCURRENCY").as_deref() {
+        Ok("auto") => (n / 50).max(1),
+        Ok(v) => v.parse().unwrap_or(1),
+        Err(_) => 1,
+    }
+}
+
+/// Requests per second of the rollout from the audit log, by kube-apiserver's clock, from
+/// `from`: (second, all clients, the agents).
+fn per_second(entries: &[Audited], from: chrono::DateTime<chrono::Utc>) -> Vec<(u64, u64, u64)> {
+    let mut by: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for e in entries.iter().filter(|e| !e.resource.is_empty()) {
+        let Some(at) = e.at else { continue };
+        let Ok(second) = u64::try_from((at - from).num_seconds()) else {
+            continue;
+        };
+        let slot = by.entry(second).or_default();
+        slot.0 += 1;
+        if agent_node(&e.user).is_some() {
+            slot.1 += 1;
+        }
+    }
+    let last = by.keys().next_back().copied().unwrap_or(0);
+    (0..=last)
+        .map(|s| {
+            let (all, agents) = by.get(&s).copied().unwrap_or_default();
+            (s, all, agents)
+        })
+        .collect()
+}
+
+/// Writes the rollout's time series for the plot: every hand-over (seconds since the
+/// sentinels, latency, nodes waiting) and the requests per second.
+fn write_series(r: &Row, t0: Instant) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let mut h = String::from("seconds,handover_ms,waiting\n");
+    for x in &r.hand_overs {
+        let _ = writeln!(
+            h,
+            "{:.3},{:.1},{}",
+            x.at.saturating_duration_since(t0).as_secs_f64(),
+            x.write_to_cordon * 1000.0,
+            x.waiting
+        );
+    }
+    let mut q = String::from("second,requests_all,requests_agents\n");
+    for (s, all, agents) in &r.requests_per_second {
+        let _ = writeln!(q, "{s},{all},{agents}");
+    }
+    let n = r.nodes;
+    for (name, text) in [("handovers", h), ("requests", q)] {
+        let path = dir.join(format!("rollout-{n}-{name}.csv"));
+        match std::fs::write(&path, text) {
+            Ok(()) => eprintln!("  time series: {}", path.display()),
+            Err(e) => eprintln!("  cannot write {}: {e}", path.display()),
+        }
+    }
+}
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key)
@@ -344,6 +414,13 @@ impl Latency {
 #[derive(Debug, Default)]
 struct Row {
     nodes: usize,
+    concurrency: usize,
+    /// Server latency p99 over the first [`BURST_SECS`] after the sentinels.
+    lat_burst: Latency,
+    /// Requests per second over the rollout (audit log): (second, all clients, agents).
+    requests_per_second: Vec<(u64, u64, u64)>,
+    /// The most nodes in a cycle at once.
+    max_in_cycle: usize,
     load: String,
     completed: usize,
     finished: bool,
@@ -420,6 +497,7 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
     .await;
     let mut row = Row {
         nodes: n,
+        concurrency: concurrency_for(n),
         load: load_average(),
         idle_secs,
         ..Row::default()
@@ -459,7 +537,8 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
     );
 
     // Idle: N agents, no sentinel.
-    let fleet = RealFleet::new(&cp, &names, reboot, |_| {});
+    let concurrency = row.concurrency as u32;
+    let fleet = RealFleet::new(&cp, &names, reboot, |c| c.concurrency = concurrency);
     let mut audit = AuditReader::at_end(&cp);
     let t = Instant::now();
     fleet.start_all();
@@ -545,7 +624,9 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
     row.test_process = ProcFigures::start(me);
     let kwok_cpu = kwok_pid.and_then(cpu_seconds).unwrap_or(0.0);
     let t0 = Instant::now();
+    let t0_wall = chrono::Utc::now();
     row.sentinel_spread = fleet.require_reboot_all();
+    let mut burst_measured = false;
     let mut steady: Option<(Scrape, usize)> = None;
     let mut agents_ramp = Vec::new();
     let mut last_scrape = Instant::now();
@@ -577,6 +658,11 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
                 t0.elapsed().as_secs_f64()
             );
             steady = Some((s, passes_now));
+        }
+        if !burst_measured && t0.elapsed() >= Duration::from_secs(BURST_SECS) {
+            burst_measured = true;
+            let s = Scrape::take(&admin).await;
+            row.lat_burst = Latency::between(&start, &s);
         }
         if last_scrape.elapsed() >= Duration::from_secs(10) {
             last_scrape = Instant::now();
@@ -615,6 +701,7 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
     let agents_steady = audit.read();
     let timeline = observer.timeline.lock().unwrap_or_else(|e| e.into_inner());
     row.completed = timeline.completed.len();
+    row.max_in_cycle = timeline.max_in_cycle;
     row.hand_overs = timeline.hand_overs();
     drop(timeline);
     row.metrics_whole = metric_counts(&end, &start);
@@ -622,6 +709,8 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
     let mut all_agents = agents_ramp;
     all_agents.extend(agents_steady.iter().cloned());
     row.agents_whole = audit_counts(&all_agents);
+    row.requests_per_second = per_second(&all_agents, t0_wall);
+    write_series(&row, t0);
     if let Some((s, passes)) = &steady {
         row.steady_from_pass = *passes;
         row.metrics_steady = metric_counts(&end, s);
@@ -744,6 +833,12 @@ fn print_row(r: &Row) {
         format!("p50 {} p99 {}", ms(pct(&v, 0.5)), ms(pct(&v, 0.99)))
     };
     eprintln!(
+        "  concurrency {}, at most {} nodes in a cycle at once; {}",
+        r.concurrency,
+        r.max_in_cycle,
+        burst_summary(r)
+    );
+    eprintln!(
         "  phases: holder's uncordon → hand-off write {}; hand-off write → claim {}",
         phase(&|h| h.end_to_write),
         phase(&|h| h.write_to_claim),
@@ -807,6 +902,23 @@ fn print_row(r: &Row) {
         r.apiserver.fds_peak,
         r.test_process.fds_peak,
     );
+}
+
+/// The burst in words: the peak requests per second in the first [`BURST_SECS`] after the
+/// sentinels (all clients, and the agents' at that second) and the p99 latency over them.
+fn burst_summary(r: &Row) -> String {
+    let peak = r
+        .requests_per_second
+        .iter()
+        .take(BURST_SECS as usize)
+        .max_by_key(|(_, all, _)| *all);
+    let [lease, patch, list, all] = r.lat_burst.show(false);
+    match peak {
+        Some((s, all_req, agents)) => format!(
+            "burst (first {BURST_SECS} s): peak {all_req} requests/s ({agents} of them the agents') in second {s}; p99 update leases {lease}, patch nodes {patch}, list nodes {list}, all but watches {all}"
+        ),
+        None => format!("burst: no audited request in the first {BURST_SECS} s"),
+    }
 }
 
 /// The CPU model and the number of cores, for a benchmark's header.
@@ -914,8 +1026,12 @@ fn markdown(rows: &[Row], reboot: Duration, nofile: u64) -> String {
         };
         let _ = writeln!(
             md,
-            "- {} nodes: the agents' Node lists and watches per hand-over, by purpose: {reads}. Failed requests over the rollout (409 aside): {failed}. kube-apiserver's log: {}.",
-            r.nodes, r.apiserver_log
+            "- {} nodes: concurrency {}, at most {} nodes in a cycle at once; {}. The agents' Node lists and watches per hand-over, by purpose: {reads}. Failed requests over the rollout (409 aside): {failed}. kube-apiserver's log: {}.",
+            r.nodes,
+            r.concurrency,
+            r.max_in_cycle,
+            burst_summary(r),
+            r.apiserver_log
         );
     }
     let _ = writeln!(

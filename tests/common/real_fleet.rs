@@ -477,6 +477,12 @@ pub struct Timeline {
     pub waiting: usize,
     /// Nodes in a cycle now.
     pub in_cycle: usize,
+    /// The most nodes in a cycle at once, over every Node event seen.
+    pub max_in_cycle: usize,
+    /// Nodes cordoned (`spec.unschedulable`) now, whoever cordoned them.
+    pub cordoned: usize,
+    /// The most nodes cordoned at once, over every Node event seen.
+    pub max_cordoned: usize,
     /// Current holder of each lock Lease.
     pub holders: BTreeMap<String, String>,
     /// Watch errors (re-established by back-off).
@@ -496,6 +502,7 @@ pub struct Observer {
 struct NodeSeen {
     phase: bool,
     waiting: bool,
+    cordoned: bool,
 }
 
 impl Observer {
@@ -624,6 +631,11 @@ async fn observe(config: kube::Config, ns: String, tl: Arc<Mutex<Timeline>>) {
                 let name = node.name_any();
                 let phase = node.annotations().contains_key(ANN_PHASE);
                 let waiting = node.labels().contains_key(LABEL_WAITING);
+                let cordoned = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.unschedulable)
+                    .unwrap_or(false);
                 let seen = node_state.entry(name.clone()).or_insert_with(|| {
                     t.nodes += 1;
                     NodeSeen::default()
@@ -631,6 +643,7 @@ async fn observe(config: kube::Config, ns: String, tl: Arc<Mutex<Timeline>>) {
                 if phase && !seen.phase {
                     t.cordons.push((at, name.clone()));
                     t.in_cycle += 1;
+                    t.max_in_cycle = t.max_in_cycle.max(t.in_cycle);
                 } else if !phase && seen.phase {
                     t.ends.push((at, name.clone()));
                     t.in_cycle -= 1;
@@ -645,8 +658,17 @@ async fn observe(config: kube::Config, ns: String, tl: Arc<Mutex<Timeline>>) {
                         t.waiting -= 1;
                     }
                 }
+                if cordoned != seen.cordoned {
+                    if cordoned {
+                        t.cordoned += 1;
+                        t.max_cordoned = t.max_cordoned.max(t.cordoned);
+                    } else {
+                        t.cordoned -= 1;
+                    }
+                }
                 seen.phase = phase;
                 seen.waiting = waiting;
+                seen.cordoned = cordoned;
             }
         }
     }
@@ -656,6 +678,8 @@ async fn observe(config: kube::Config, ns: String, tl: Arc<Mutex<Timeline>>) {
 /// or release) → the next node's cordon.
 #[derive(Debug, Clone)]
 pub struct HandOver {
+    /// When the hand-off or release write arrived.
+    pub at: Instant,
     /// Nodes waiting when the Lease was written.
     pub waiting: usize,
     /// Previous holder's cycle end (uncordon) → its hand-off/release write, seconds.
@@ -713,6 +737,7 @@ impl Timeline {
                 .find(|(t, n)| *t <= at && n == from)
                 .map(|(t, _)| *t);
             out.push(HandOver {
+                at,
                 waiting,
                 end_to_write: end.map(|e| (at - e).as_secs_f64()),
                 write_to_claim: claim.map(|c| c.saturating_duration_since(at).as_secs_f64()),
@@ -921,6 +946,8 @@ pub struct Audited {
     pub uri: String,
     /// The response's message, for a failed request.
     pub message: String,
+    /// kube-apiserver's time of the counted stage (`stageTimestamp`).
+    pub at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Reads kube-apiserver's audit log from where it was last read.
@@ -986,6 +1013,10 @@ impl AuditReader {
                 code: v["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
                 uri: v["requestURI"].as_str().unwrap_or("").to_owned(),
                 message: v["responseStatus"]["message"].as_str().unwrap_or("").to_owned(),
+                at: v["stageTimestamp"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc)),
             });
         }
         out
