@@ -598,81 +598,17 @@ impl AgentArgs {
     /// A message listing each invalid setting.
     pub fn validate(&self) -> Result<AgentConfig, String> {
         let mut problems = Vec::new();
-        let node_name = self.node_name.clone().or_else(|| env("NODE_NAME"));
-        if node_name.is_none() {
-            problems.push(
-                "no node name: pass --node-name, or set NODE_NAME (in a DaemonSet, from the downward API \
-                 fieldRef spec.nodeName)"
-                    .to_owned(),
-            );
-        }
+        let node_name = self.node_name_or_env(&mut problems);
         let namespace = self
             .namespace
             .clone()
             .or_else(|| env("POD_NAMESPACE"))
             .unwrap_or_else(|| "kube-system".to_owned());
-        let reboot_command = match shlex::split(&self.reboot_command) {
-            Some(argv) if !argv.is_empty() => argv,
-            _ => {
-                problems.push(format!(
-                    "--reboot-command {:?} is empty or badly quoted",
-                    self.reboot_command
-                ));
-                Vec::new()
-            }
-        };
-        let sentinel_command = match self.sentinel_command.as_deref().map(shlex::split) {
-            None => None,
-            Some(Some(argv)) if !argv.is_empty() => Some(argv),
-            Some(_) => {
-                problems.push(format!(
-                    "--sentinel-command {:?} is empty or badly quoted",
-                    self.sentinel_command
-                ));
-                None
-            }
-        };
-        if self.check_interval < Duration::from_secs(1) {
-            problems.push("--check-interval must be at least 1s".to_owned());
-        }
-        if self.sentinel_poll_interval < Duration::from_secs(1) {
-            problems.push("--sentinel-poll-interval must be at least 1s".to_owned());
-        }
-        if self.sentinel_inotify_retry < Duration::from_secs(1) {
-            problems.push("--sentinel-inotify-retry must be at least 1s".to_owned());
-        }
-        let metrics_addr = if self.metrics_addr == "off" {
-            None
-        } else {
-            match self.metrics_addr.parse() {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    problems.push(format!(
-                        "--metrics-addr {:?}: {e} (e.g. 0.0.0.0:8080, or off)",
-                        self.metrics_addr
-                    ));
-                    None
-                }
-            }
-        };
-        if self.lock_ttl < Duration::from_secs(10) {
-            problems.push(format!(
-                "--lock-ttl {} is too short: the lease must survive a reboot (at least 10s)",
-                humantime::format_duration(self.lock_ttl)
-            ));
-        }
-        if self.drain_timeout.is_zero() {
-            problems.push("--drain-timeout must be more than 0".to_owned());
-        }
-        if self.drain_grace_period < -1 {
-            problems.push(format!(
-                "--drain-grace-period {} must be -1 or more",
-                self.drain_grace_period
-            ));
-        }
-        if self.host_pid < 1 {
-            problems.push(format!("--host-pid {} is not a process id", self.host_pid));
-        }
+        let reboot_command = self.reboot_argv(&mut problems);
+        let sentinel_command = self.sentinel_argv(&mut problems);
+        self.check_intervals(&mut problems);
+        let metrics_addr = self.metrics_socket(&mut problems);
+        self.check_lock_and_drain(&mut problems);
         let notify = NotifyConfig::from_flags(
             &self.notify_url,
             &self.message_template_drain,
@@ -680,76 +616,18 @@ impl AgentArgs {
             &self.message_template_uncordon,
             &mut problems,
         );
-        let mut blockers = crate::blockers::BlockerConfig {
-            pod_selectors: self
-                .blocking_pod_selector
-                .iter()
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect(),
-            prometheus: None,
-            interval: self.blocker_check_interval,
-        };
-        if self.blocker_check_interval < Duration::from_secs(1) {
-            problems.push("--blocker-check-interval must be at least 1s".to_owned());
-        }
-        let filter = match self.alert_filter_regexp.as_deref().filter(|r| !r.is_empty()) {
-            None => None,
-            Some(r) => match regex::Regex::new(r) {
-                Ok(re) => Some(re),
-                Err(e) => {
-                    problems.push(format!("--alert-filter-regexp {r:?}: {e}"));
-                    None
-                }
-            },
-        };
-        if self.alert_filter_match_only && filter.is_none() {
-            problems.push("--alert-filter-match-only needs --alert-filter-regexp".to_owned());
-        }
-        let http_url = |u: &str| u.starts_with("http://") || u.starts_with("https://");
-        let alertmanager = match self.alertmanager_url.as_deref().filter(|u| !u.is_empty()) {
-            Some(url) if http_url(url) => Some(url.to_owned()),
-            Some(url) => {
-                problems.push(format!("--alertmanager-url {url:?} is not an http(s) URL"));
-                None
-            }
-            None => None,
-        };
-        match self.prometheus_url.as_deref().filter(|u| !u.is_empty()) {
-            Some(url) if http_url(url) => {
-                blockers.prometheus = Some(crate::blockers::AlertBlocker {
-                    url: url.to_owned(),
-                    filter,
-                    match_only: self.alert_filter_match_only,
-                    firing_only: self.alert_firing_only,
-                    alertmanager,
-                });
-            }
-            Some(url) => problems.push(format!("--prometheus-url {url:?} is not an http(s) URL")),
-            // Alertmanager only ever lifts a block that Prometheus's alerts set: alone it would
-            // silently do nothing.
-            None if alertmanager.is_some() => {
-                problems.push("--alertmanager-url needs --prometheus-url".to_owned());
-            }
-            None => {}
-        }
-        let pre_reboot_labels = parse_label_list(&self.pre_reboot_node_labels, "--pre-reboot-node-labels")
-            .unwrap_or_else(|e| {
-                problems.push(e);
-                Default::default()
-            });
-        let post_reboot_labels = parse_label_list(&self.post_reboot_node_labels, "--post-reboot-node-labels")
-            .unwrap_or_else(|e| {
-                problems.push(e);
-                Default::default()
-            });
-        let taint = self.prefer_no_schedule_taint.trim();
-        if !taint.is_empty() && parse_label_list(&format!("{taint}=x"), "--prefer-no-schedule-taint").is_err()
-        {
-            problems.push(format!(
-                "--prefer-no-schedule-taint {taint:?} is not a valid taint key"
-            ));
-        }
+        let blockers = self.blocker_config(&mut problems);
+        let pre_reboot_labels = labels_or_problem(
+            &self.pre_reboot_node_labels,
+            "--pre-reboot-node-labels",
+            &mut problems,
+        );
+        let post_reboot_labels = labels_or_problem(
+            &self.post_reboot_node_labels,
+            "--post-reboot-node-labels",
+            &mut problems,
+        );
+        let prefer_no_schedule_taint = self.taint_key(&mut problems);
         match (problems.is_empty(), node_name) {
             (true, Some(node_name)) => Ok(AgentConfig {
                 node_name,
@@ -780,11 +658,199 @@ impl AgentArgs {
                 blockers,
                 pre_reboot_labels,
                 post_reboot_labels,
-                prefer_no_schedule_taint: (!taint.is_empty()).then(|| taint.to_owned()),
+                prefer_no_schedule_taint,
             }),
             _ => Err(problems.join("\n")),
         }
     }
+
+    /// `--node-name`, else `NODE_NAME`.
+    fn node_name_or_env(&self, problems: &mut Vec<String>) -> Option<String> {
+        let node_name = self.node_name.clone().or_else(|| env("NODE_NAME"));
+        if node_name.is_none() {
+            problems.push(
+                "no node name: pass --node-name, or set NODE_NAME (in a DaemonSet, from the downward API \
+                 fieldRef spec.nodeName)"
+                    .to_owned(),
+            );
+        }
+        node_name
+    }
+
+    /// `--reboot-command` split into its argv.
+    fn reboot_argv(&self, problems: &mut Vec<String>) -> Vec<String> {
+        match shlex::split(&self.reboot_command) {
+            Some(argv) if !argv.is_empty() => argv,
+            _ => {
+                problems.push(format!(
+                    "--reboot-command {:?} is empty or badly quoted",
+                    self.reboot_command
+                ));
+                Vec::new()
+            }
+        }
+    }
+
+    /// `--sentinel-command`, if given, split into its argv.
+    fn sentinel_argv(&self, problems: &mut Vec<String>) -> Option<Vec<String>> {
+        match self.sentinel_command.as_deref().map(shlex::split) {
+            None => None,
+            Some(Some(argv)) if !argv.is_empty() => Some(argv),
+            Some(_) => {
+                problems.push(format!(
+                    "--sentinel-command {:?} is empty or badly quoted",
+                    self.sentinel_command
+                ));
+                None
+            }
+        }
+    }
+
+    /// The sentinel's polling periods.
+    fn check_intervals(&self, problems: &mut Vec<String>) {
+        if self.check_interval < Duration::from_secs(1) {
+            problems.push("--check-interval must be at least 1s".to_owned());
+        }
+        if self.sentinel_poll_interval < Duration::from_secs(1) {
+            problems.push("--sentinel-poll-interval must be at least 1s".to_owned());
+        }
+        if self.sentinel_inotify_retry < Duration::from_secs(1) {
+            problems.push("--sentinel-inotify-retry must be at least 1s".to_owned());
+        }
+    }
+
+    /// `--metrics-addr`: a socket address, or `off`.
+    fn metrics_socket(&self, problems: &mut Vec<String>) -> Option<SocketAddr> {
+        if self.metrics_addr == "off" {
+            return None;
+        }
+        match self.metrics_addr.parse() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                problems.push(format!(
+                    "--metrics-addr {:?}: {e} (e.g. 0.0.0.0:8080, or off)",
+                    self.metrics_addr
+                ));
+                None
+            }
+        }
+    }
+
+    /// The lease's TTL, the drain's bounds and the host's pid.
+    fn check_lock_and_drain(&self, problems: &mut Vec<String>) {
+        if self.lock_ttl < Duration::from_secs(10) {
+            problems.push(format!(
+                "--lock-ttl {} is too short: the lease must survive a reboot (at least 10s)",
+                humantime::format_duration(self.lock_ttl)
+            ));
+        }
+        if self.drain_timeout.is_zero() {
+            problems.push("--drain-timeout must be more than 0".to_owned());
+        }
+        if self.drain_grace_period < -1 {
+            problems.push(format!(
+                "--drain-grace-period {} must be -1 or more",
+                self.drain_grace_period
+            ));
+        }
+        if self.host_pid < 1 {
+            problems.push(format!("--host-pid {} is not a process id", self.host_pid));
+        }
+    }
+
+    /// What holds a reboot back: blocking pods and, through Prometheus, firing alerts.
+    fn blocker_config(&self, problems: &mut Vec<String>) -> crate::blockers::BlockerConfig {
+        let pod_selectors = self
+            .blocking_pod_selector
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if self.blocker_check_interval < Duration::from_secs(1) {
+            problems.push("--blocker-check-interval must be at least 1s".to_owned());
+        }
+        crate::blockers::BlockerConfig {
+            pod_selectors,
+            prometheus: self.alert_blocker(problems),
+            interval: self.blocker_check_interval,
+        }
+    }
+
+    /// `--alert-filter-regexp`, compiled.
+    fn alert_filter(&self, problems: &mut Vec<String>) -> Option<regex::Regex> {
+        let filter = match self.alert_filter_regexp.as_deref().filter(|r| !r.is_empty()) {
+            None => None,
+            Some(r) => match regex::Regex::new(r) {
+                Ok(re) => Some(re),
+                Err(e) => {
+                    problems.push(format!("--alert-filter-regexp {r:?}: {e}"));
+                    None
+                }
+            },
+        };
+        if self.alert_filter_match_only && filter.is_none() {
+            problems.push("--alert-filter-match-only needs --alert-filter-regexp".to_owned());
+        }
+        filter
+    }
+
+    /// The alert blocker, when `--prometheus-url` is set.
+    fn alert_blocker(&self, problems: &mut Vec<String>) -> Option<crate::blockers::AlertBlocker> {
+        let filter = self.alert_filter(problems);
+        let http_url = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        let alertmanager = match self.alertmanager_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) if http_url(url) => Some(url.to_owned()),
+            Some(url) => {
+                problems.push(format!("--alertmanager-url {url:?} is not an http(s) URL"));
+                None
+            }
+            None => None,
+        };
+        match self.prometheus_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) if http_url(url) => Some(crate::blockers::AlertBlocker {
+                url: url.to_owned(),
+                filter,
+                match_only: self.alert_filter_match_only,
+                firing_only: self.alert_firing_only,
+                alertmanager,
+            }),
+            Some(url) => {
+                problems.push(format!("--prometheus-url {url:?} is not an http(s) URL"));
+                None
+            }
+            // Alertmanager only ever lifts a block that Prometheus's alerts set: alone it would
+            // silently do nothing.
+            None if alertmanager.is_some() => {
+                problems.push("--alertmanager-url needs --prometheus-url".to_owned());
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// `--prefer-no-schedule-taint`, trimmed; `None` when empty.
+    fn taint_key(&self, problems: &mut Vec<String>) -> Option<String> {
+        let taint = self.prefer_no_schedule_taint.trim();
+        if !taint.is_empty() && parse_label_list(&format!("{taint}=x"), "--prefer-no-schedule-taint").is_err()
+        {
+            problems.push(format!(
+                "--prefer-no-schedule-taint {taint:?} is not a valid taint key"
+            ));
+        }
+        (!taint.is_empty()).then(|| taint.to_owned())
+    }
+}
+
+/// A label-list flag parsed, or its problem recorded and no labels.
+fn labels_or_problem(
+    s: &str,
+    what: &str,
+    problems: &mut Vec<String>,
+) -> std::collections::BTreeMap<String, String> {
+    parse_label_list(s, what).unwrap_or_else(|e| {
+        problems.push(e);
+        Default::default()
+    })
 }
 
 #[cfg(test)]

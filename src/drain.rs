@@ -327,71 +327,131 @@ pub async fn drain_with_progress(
     on_retry: &(dyn Fn() + Sync),
     progress: Option<&UnboundedSender<DrainProgress>>,
 ) -> Result<DrainReport, DrainError> {
-    let report = |p: DrainProgress| {
-        if let Some(tx) = progress {
+    let run = DrainRun::new(client, node, cfg, on_retry, progress);
+    let pods = run.list_pods().await?;
+    let (to_evict, wait_for) = plan(&pods);
+    // By name and uid: see `pod_instance`.
+    let mut remaining: BTreeSet<(String, String)> = wait_for.iter().map(|p| pod_instance(p)).collect();
+    info!(node, evict = to_evict.len(), wait = remaining.len(), "draining");
+    run.report(DrainProgress::Started {
+        node: node.to_owned(),
+        evict: to_evict.len(),
+        wait: remaining.len(),
+        skipped: pods.len() - remaining.len(),
+    });
+    run.evict_all(&to_evict, remaining.len()).await?;
+    // Whether the watch finished or the deadline cut it short, what is left decides.
+    let _ = tokio::time::timeout_at(run.deadline, run.wait_until_gone(&mut remaining)).await;
+    if remaining.is_empty() {
+        Ok(DrainReport {
+            evicted: to_evict.len(),
+            retries: run.retries.into_inner(),
+        })
+    } else {
+        Err(run.timed_out(remaining.len()))
+    }
+}
+
+/// One drain under way: its settings, its deadline, and what its evictions share.
+struct DrainRun<'a> {
+    client: &'a Client,
+    node: &'a str,
+    cfg: &'a DrainConfig,
+    on_retry: &'a (dyn Fn() + Sync),
+    progress: Option<&'a UnboundedSender<DrainProgress>>,
+    deadline: Instant,
+    /// Pods in every namespace, narrowed to the node by `selector`.
+    all: Api<Pod>,
+    selector: String,
+    /// The last refused eviction, `namespace/name: message`, for the timeout's reason.
+    last_refusal: std::sync::Mutex<String>,
+    retries: std::sync::atomic::AtomicUsize,
+}
+
+impl<'a> DrainRun<'a> {
+    fn new(
+        client: &'a Client,
+        node: &'a str,
+        cfg: &'a DrainConfig,
+        on_retry: &'a (dyn Fn() + Sync),
+        progress: Option<&'a UnboundedSender<DrainProgress>>,
+    ) -> Self {
+        let deadline = Instant::now() + cfg.timeout;
+        DrainRun {
+            client,
+            node,
+            cfg,
+            on_retry,
+            progress,
+            deadline,
+            all: Api::all(client.clone()),
+            selector: format!("spec.nodeName={node}"),
+            last_refusal: std::sync::Mutex::new(String::new()),
+            retries: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn report(&self, p: DrainProgress) {
+        if let Some(tx) = self.progress {
             let _ = tx.send(p);
         }
-    };
-    let deadline = Instant::now() + cfg.timeout;
-    let all: Api<Pod> = Api::all(client.clone());
-    let selector = format!("spec.nodeName={node}");
-    let list = tokio::time::timeout_at(deadline, all.list(&ListParams::default().fields(&selector)))
+    }
+
+    /// The pods on the node, listed within the deadline.
+    async fn list_pods(&self) -> Result<Vec<Pod>, DrainError> {
+        let list = tokio::time::timeout_at(
+            self.deadline,
+            self.all.list(&ListParams::default().fields(&self.selector)),
+        )
         .await
         .map_err(|_| DrainError::Timeout {
-            timeout: cfg.timeout,
+            timeout: self.cfg.timeout,
             remaining: 0,
             blocked: "listing pods did not finish".into(),
         })?
         .map_err(|source| DrainError::List {
-            node: node.into(),
+            node: self.node.into(),
             source,
         })?;
-    let (to_evict, wait_for) = plan(&list.items);
-    // By name and uid: see `pod_instance`.
-    let mut remaining: BTreeSet<(String, String)> = wait_for.iter().map(|p| pod_instance(p)).collect();
-    info!(node, evict = to_evict.len(), wait = remaining.len(), "draining");
-    report(DrainProgress::Started {
-        node: node.to_owned(),
-        evict: to_evict.len(),
-        wait: remaining.len(),
-        skipped: list.items.len() - remaining.len(),
-    });
-    let last_refusal = std::sync::Mutex::new(String::new());
-    let retries = std::sync::atomic::AtomicUsize::new(0);
-
-    // Owned pods: a closure over `&Pod` makes the drain future not `Send` (a known
-    // higher-ranked-lifetime limitation of async closures in streams).
-    let owned: Vec<Pod> = to_evict.iter().map(|p| (*p).clone()).collect();
-    let evictions = stream::iter(owned)
-        .map(|pod| evict_until_done(client, pod, cfg, on_retry, &last_refusal, &retries, progress))
-        .buffer_unordered(EVICTION_CONCURRENCY)
-        .try_collect::<Vec<()>>();
-
-    let blocked = || {
-        let msg = last_refusal.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if msg.is_empty() {
-            "waiting for pods to terminate".to_owned()
-        } else {
-            msg
-        }
-    };
-    match tokio::time::timeout_at(deadline, evictions).await {
-        Err(_) => {
-            return Err(DrainError::Timeout {
-                timeout: cfg.timeout,
-                remaining: remaining.len(),
-                blocked: blocked(),
-            });
-        }
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(_)) => {}
+        Ok(list.items)
     }
 
-    // Wait for the pods to be gone, through a watch (no polling): the watcher's initial list
-    // tells which of them still exist (the same name with another uid is another pod), and
-    // Delete events strike them off.
-    let wait = async {
-        let stream = watcher(all.clone(), watcher::Config::default().fields(&selector)).default_backoff();
+    /// Evicts `to_evict` concurrently, each until accepted, within the deadline; `remaining`
+    /// is what a timeout reports as left.
+    async fn evict_all(&self, to_evict: &[&Pod], remaining: usize) -> Result<(), DrainError> {
+        // Owned pods: a closure over `&Pod` makes the drain future not `Send` (a known
+        // higher-ranked-lifetime limitation of async closures in streams).
+        let owned: Vec<Pod> = to_evict.iter().map(|p| (*p).clone()).collect();
+        let evictions = stream::iter(owned)
+            .map(|pod| {
+                evict_until_done(
+                    self.client,
+                    pod,
+                    self.cfg,
+                    self.on_retry,
+                    &self.last_refusal,
+                    &self.retries,
+                    self.progress,
+                )
+            })
+            .buffer_unordered(EVICTION_CONCURRENCY)
+            .try_collect::<Vec<()>>();
+        match tokio::time::timeout_at(self.deadline, evictions).await {
+            Err(_) => Err(self.timed_out(remaining)),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// Waits for the pods to be gone, through a watch (no polling): the watcher's initial list
+    /// tells which of them still exist (the same name with another uid is another pod), and
+    /// Delete events strike them off.
+    async fn wait_until_gone(&self, remaining: &mut BTreeSet<(String, String)>) {
+        let stream = watcher(
+            self.all.clone(),
+            watcher::Config::default().fields(&self.selector),
+        )
+        .default_backoff();
         futures::pin_mut!(stream);
         let mut listing: Option<BTreeSet<(String, String)>> = None;
         while !remaining.is_empty() {
@@ -404,42 +464,52 @@ pub async fn drain_with_progress(
                 }
                 Some(Ok(watcher::Event::InitDone)) => {
                     if let Some(l) = listing.take() {
-                        remaining.retain(|instance| {
-                            let there = l.contains(instance);
-                            if !there {
-                                report(DrainProgress::Gone {
-                                    pod: instance.0.clone(),
-                                });
-                            }
-                            there
-                        });
+                        self.keep_listed(remaining, &l);
                     }
                 }
                 Some(Ok(watcher::Event::Delete(p))) => {
                     let instance = pod_instance(&p);
                     if remaining.remove(&instance) {
-                        report(DrainProgress::Gone { pod: instance.0 });
+                        self.report(DrainProgress::Gone { pod: instance.0 });
                     }
                 }
                 Some(Ok(watcher::Event::Apply(_))) => {}
-                Some(Err(e)) => warn!(node, error = %e, "pod watch failed, retrying"),
+                Some(Err(e)) => warn!(node = self.node, error = %e, "pod watch failed, retrying"),
                 None => break,
             }
         }
-    };
-    // Whether the watch finished or the deadline cut it short, what is left decides.
-    let _ = tokio::time::timeout_at(deadline, wait).await;
-    if remaining.is_empty() {
-        Ok(DrainReport {
-            evicted: to_evict.len(),
-            retries: retries.into_inner(),
-        })
-    } else {
-        Err(DrainError::Timeout {
-            timeout: cfg.timeout,
-            remaining: remaining.len(),
-            blocked: blocked(),
-        })
+    }
+
+    /// Strikes off the pods a fresh listing no longer has.
+    fn keep_listed(&self, remaining: &mut BTreeSet<(String, String)>, listing: &BTreeSet<(String, String)>) {
+        remaining.retain(|instance| {
+            let there = listing.contains(instance);
+            if !there {
+                self.report(DrainProgress::Gone {
+                    pod: instance.0.clone(),
+                });
+            }
+            there
+        });
+    }
+
+    /// The timeout, with the last refusal as its reason.
+    fn timed_out(&self, remaining: usize) -> DrainError {
+        let msg = self
+            .last_refusal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let blocked = if msg.is_empty() {
+            "waiting for pods to terminate".to_owned()
+        } else {
+            msg
+        };
+        DrainError::Timeout {
+            timeout: self.cfg.timeout,
+            remaining,
+            blocked,
+        }
     }
 }
 

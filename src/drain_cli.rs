@@ -383,25 +383,49 @@ pub async fn run_drain(args: &DrainArgs) -> ExitCode {
     }
     let names: Vec<String> = nodes.iter().map(ResourceExt::name_any).collect();
     let started = Instant::now();
-    let now = Utc::now();
-    for name in &names {
-        if let Err(e) = patch_node(&api, name, |n| Ok(cordon_patch(n, now))).await {
-            eprintln!("error: {e}");
-            eprintln!(
-                "nothing was drained; nodes cordoned so far stay cordoned (kreboot uncordon NODE undoes it)"
-            );
-            return ExitCode::from(EXIT_FAILED);
-        }
-        eprintln!("cordoned {name}");
+    if !cordon_all(&api, &names).await {
+        return ExitCode::from(EXIT_FAILED);
     }
     let cfg = DrainConfig {
         timeout: args.timeout,
         grace_period: (args.grace_period >= 0).then_some(args.grace_period),
         eviction_retry: args.eviction_retry,
     };
+    let (results, failed) = drain_in_turn(&client, &names, &cfg).await;
+    print_drain_summary(&results, failed, names.len(), started);
+    match args.output {
+        OutputFormat::Json => print_json(&json!({ "nodes": results, "drained": !failed })),
+        OutputFormat::Text => {}
+    }
+    if failed {
+        ExitCode::from(EXIT_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Cordons every node before any is drained; false (said on stderr) at the first failure.
+async fn cordon_all(api: &Api<Node>, names: &[String]) -> bool {
+    let now = Utc::now();
+    for name in names {
+        if let Err(e) = patch_node(api, name, |n| Ok(cordon_patch(n, now))).await {
+            eprintln!("error: {e}");
+            eprintln!(
+                "nothing was drained; nodes cordoned so far stay cordoned (kreboot uncordon NODE undoes it)"
+            );
+            return false;
+        }
+        eprintln!("cordoned {name}");
+    }
+    true
+}
+
+/// Drains the nodes one after the other, stopping at the first that fails: those after it are
+/// reported `cordoned`. Also says whether one failed.
+async fn drain_in_turn(client: &Client, names: &[String], cfg: &DrainConfig) -> (Vec<NodeResult>, bool) {
     let mut results = Vec::new();
     let mut failed = false;
-    for name in &names {
+    for name in names {
         if failed {
             results.push(NodeResult {
                 node: name.clone(),
@@ -415,10 +439,15 @@ pub async fn run_drain(args: &DrainArgs) -> ExitCode {
             });
             continue;
         }
-        let result = drain_one(&client, name, &cfg).await;
+        let result = drain_one(client, name, cfg).await;
         failed = result.status != "drained";
         results.push(result);
     }
+    (results, failed)
+}
+
+/// The closing lines on stderr: the nodes left undrained, and the totals.
+fn print_drain_summary(results: &[NodeResult], failed: bool, nodes: usize, started: Instant) {
     let evicted: usize = results.iter().map(|r| r.evicted).sum();
     let skipped: usize = results.iter().map(|r| r.skipped).sum();
     let drained = results.iter().filter(|r| r.status == "drained").count();
@@ -435,8 +464,7 @@ pub async fn run_drain(args: &DrainArgs) -> ExitCode {
             );
         }
         eprintln!(
-            "FAILED: drained {drained} of {} node(s): evicted {evicted}, skipped {skipped}, took {}",
-            names.len(),
+            "FAILED: drained {drained} of {nodes} node(s): evicted {evicted}, skipped {skipped}, took {}",
             secs(started.elapsed())
         );
     } else {
@@ -444,15 +472,6 @@ pub async fn run_drain(args: &DrainArgs) -> ExitCode {
             "done: drained {drained} node(s): evicted {evicted}, skipped {skipped}, took {}",
             secs(started.elapsed())
         );
-    }
-    match args.output {
-        OutputFormat::Json => print_json(&json!({ "nodes": results, "drained": !failed })),
-        OutputFormat::Text => {}
-    }
-    if failed {
-        ExitCode::from(EXIT_FAILED)
-    } else {
-        ExitCode::SUCCESS
     }
 }
 

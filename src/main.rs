@@ -5,7 +5,7 @@ use std::{io::IsTerminal, process::ExitCode, sync::Arc};
 use clap::{CommandFactory, FromArgMatches};
 use kreboot::{
     agent::{self, Agent, Clock},
-    cli::{self, AgentArgs, Cli, Command, CompletionShell, HostExecArgs, LogFormat},
+    cli::{self, AgentArgs, AgentConfig, Cli, Command, CompletionShell, HostExecArgs, LogFormat},
     events::Events,
     host::{self, HostExec},
     metrics::{self, Metrics},
@@ -71,22 +71,8 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
         }
     };
     init_logging(args.log_format, "info");
-    let mut kube_cfg = match kube::Config::infer().await {
-        Ok(c) => c,
-        Err(e) => {
-            error!(error = %e, "no Kubernetes configuration (in-cluster or KUBECONFIG)");
-            return ExitCode::FAILURE;
-        }
-    };
-    // kreboot owns its retries: the client's own retry of 429 would make --drain-timeout
-    // meaningless (a PDB-blocked eviction could hang inside the client for minutes).
-    kube_cfg.default_retry = false;
-    let client = match kreboot::connect::client(kube_cfg) {
-        Ok(c) => c,
-        Err(e) => {
-            error!(error = %e, "cannot build the Kubernetes client");
-            return ExitCode::FAILURE;
-        }
+    let Some(client) = kube_client().await else {
+        return ExitCode::FAILURE;
     };
     let exec = HostExec {
         host_namespaces: cfg.host_namespaces,
@@ -95,36 +81,12 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
     let os = host::read_os_release(&exec.host_root());
     let kernel = host::running_kernel();
     info!(os = %os.id, version = %os.version_id, family = ?os.family, %kernel, "host");
-    // Never stops the agent for want of inotify: it polls instead (see `sentinel`).
-    let watch_options = sentinel::WatchOptions {
-        poll_interval: args.sentinel_poll_interval,
-        inotify_retry: args.sentinel_inotify_retry,
-    };
-    let sentinel = match SentinelWatch::start_with(cfg.sentinel_file.clone(), watch_options) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot start the sentinel watch thread");
-            return ExitCode::FAILURE;
-        }
+    let Some(sentinel) = start_sentinel(&args, &cfg) else {
+        return ExitCode::FAILURE;
     };
     let shutdown = CancellationToken::new();
     shutdown_on_signal(shutdown.clone());
-    let metrics = Metrics::new(&cfg.node_name);
-    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
-    if let Some(addr) = cfg.metrics_addr {
-        metrics::serve_or_retry(
-            addr,
-            metrics.clone(),
-            ready_rx,
-            shutdown.clone(),
-            metrics::SERVE_RETRY,
-        )
-        .await;
-    }
-    metrics
-        .node_info
-        .with_label_values(&[cfg.node_name.as_str(), &os.id, &os.version_id, &kernel])
-        .set(1);
+    let (metrics, ready_tx) = start_metrics(&cfg, &os, &kernel, &shutdown).await;
     let sentinel_rx = sentinel::combine(
         sentinel.receiver(),
         sentinel::ExtraChecks {
@@ -135,14 +97,7 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
             interval: cfg.check_interval,
         },
     );
-    let notifier = Notifier::start(&cfg.notify, &cfg.node_name, metrics.clone()).unwrap_or_else(|e| {
-        error!(error = %e, "cannot set up notifications; working on without them");
-        Notifier::disabled()
-    });
-    if notifier.enabled() {
-        let targets: Vec<String> = cfg.notify.targets.iter().map(|t| t.redacted()).collect();
-        info!(?targets, "sending notifications");
-    }
+    let notifier = start_notifier(&cfg, &metrics);
     let events = Events::start(client.clone(), &cfg.node_name, std::env::var("POD_NAME").ok());
     let exit_events = events.clone();
     let _sentinel_mode = sentinel::spawn_mode_reporter(sentinel.mode(), metrics.clone(), events.clone());
@@ -168,15 +123,102 @@ async fn run_agent(args: AgentArgs) -> ExitCode {
     ));
     info!(node = %agent.cfg.node_name, namespace = %agent.cfg.namespace, "kreboot agent started");
     let result = agent::run(agent, sentinel_rx, shutdown).await;
+    flush_on_exit(&notifier, &exit_events).await;
+    agent_exit_code(result)
+}
+
+/// The Kubernetes client (in-cluster or KUBECONFIG); `None` once the failure is logged.
+async fn kube_client() -> Option<kube::Client> {
+    let mut kube_cfg = match kube::Config::infer().await {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "no Kubernetes configuration (in-cluster or KUBECONFIG)");
+            return None;
+        }
+    };
+    // kreboot owns its retries: the client's own retry of 429 would make --drain-timeout
+    // meaningless (a PDB-blocked eviction could hang inside the client for minutes).
+    kube_cfg.default_retry = false;
+    match kreboot::connect::client(kube_cfg) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            error!(error = %e, "cannot build the Kubernetes client");
+            None
+        }
+    }
+}
+
+/// The sentinel file's watch thread; `None` once the failure is logged.
+fn start_sentinel(args: &AgentArgs, cfg: &AgentConfig) -> Option<SentinelWatch> {
+    // Never stops the agent for want of inotify: it polls instead (see `sentinel`).
+    let watch_options = sentinel::WatchOptions {
+        poll_interval: args.sentinel_poll_interval,
+        inotify_retry: args.sentinel_inotify_retry,
+    };
+    match SentinelWatch::start_with(cfg.sentinel_file.clone(), watch_options) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            error!(error = %e, "cannot start the sentinel watch thread");
+            None
+        }
+    }
+}
+
+/// The metrics, served on `--metrics-addr` (if any) and carrying this host's facts; the
+/// sender flips the readiness the endpoint reports.
+async fn start_metrics(
+    cfg: &AgentConfig,
+    os: &host::OsInfo,
+    kernel: &str,
+    shutdown: &CancellationToken,
+) -> (Metrics, tokio::sync::watch::Sender<bool>) {
+    let metrics = Metrics::new(&cfg.node_name);
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = cfg.metrics_addr {
+        metrics::serve_or_retry(
+            addr,
+            metrics.clone(),
+            ready_rx,
+            shutdown.clone(),
+            metrics::SERVE_RETRY,
+        )
+        .await;
+    }
+    metrics
+        .node_info
+        .with_label_values(&[cfg.node_name.as_str(), &os.id, &os.version_id, kernel])
+        .set(1);
+    (metrics, ready_tx)
+}
+
+/// The notifier, or a disabled one if it cannot be set up.
+fn start_notifier(cfg: &AgentConfig, metrics: &Metrics) -> Notifier {
+    let notifier = Notifier::start(&cfg.notify, &cfg.node_name, metrics.clone()).unwrap_or_else(|e| {
+        error!(error = %e, "cannot set up notifications; working on without them");
+        Notifier::disabled()
+    });
+    if notifier.enabled() {
+        let targets: Vec<String> = cfg.notify.targets.iter().map(|t| t.redacted()).collect();
+        info!(?targets, "sending notifications");
+    }
+    notifier
+}
+
+/// Sends what is still queued when the agent stops.
+async fn flush_on_exit(notifier: &Notifier, events: &Events) {
     // Give queued notifications (e.g. "rebooting", sent just before the host went down) a
     // moment to leave.
     if !notifier.flush(NOTIFY_FLUSH).await {
         warn!("notifications still queued at exit were not sent");
     }
     // And the last Events (e.g. `Rebooting`), so the Node's story is complete.
-    if !exit_events.flush(EVENTS_FLUSH).await {
+    if !events.flush(EVENTS_FLUSH).await {
         warn!("Events still queued at exit were not sent");
     }
+}
+
+/// Logs how the agent ended and maps it to the exit code.
+fn agent_exit_code(result: anyhow::Result<agent::Outcome>) -> ExitCode {
     match result {
         Ok(outcome) => {
             info!(?outcome, "kreboot agent stopped");

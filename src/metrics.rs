@@ -83,196 +83,265 @@ pub struct Metrics {
     pub health_gate_failed: IntGaugeVec,
 }
 
-fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+/// A metric's name, help text and label names.
+struct Def {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+}
+
+/// Every metric but the drain histogram, in the order [`Metrics::new`] registers them.
+mod def {
+    use super::Def;
+
+    const NODE: &[&str] = &["node"];
+
+    pub(super) const REBOOT_REQUIRED: Def = Def {
+        name: "kreboot_reboot_required",
+        help: "1 when the node needs a reboot.",
+        labels: NODE,
+    };
+
+    pub(super) const REBOOT_REQUIRED_SINCE: Def = Def {
+        name: "kreboot_reboot_required_since_timestamp_seconds",
+        help: "Unix time at which the node started needing a reboot (0 when it does not).",
+        labels: NODE,
+    };
+
+    pub(super) const STATE: Def = Def {
+        name: "kreboot_state",
+        help: "1 for the node's current lifecycle state.",
+        labels: &["node", "state"],
+    };
+
+    pub(super) const WINDOW_OPEN: Def = Def {
+        name: "kreboot_window_open",
+        help: "1 while a maintenance window is open for the node.",
+        labels: NODE,
+    };
+
+    pub(super) const BLOCKED: Def = Def {
+        name: "kreboot_reboot_blocked",
+        help: "1 while a reboot is held back, by reason.",
+        labels: &["node", "reason"],
+    };
+
+    pub(super) const LOCK_HELD: Def = Def {
+        name: "kreboot_lock_held",
+        help: "1 while the node holds a reboot lock slot.",
+        labels: NODE,
+    };
+
+    pub(super) const CORDONED: Def = Def {
+        name: "kreboot_node_cordoned",
+        help: "1 while the node is cordoned by kreboot (not by an administrator).",
+        labels: NODE,
+    };
+
+    pub(super) const CONFIG_VALID: Def = Def {
+        name: "kreboot_config_valid",
+        help: "1 when the last policy ConfigMap was valid.",
+        labels: NODE,
+    };
+
+    pub(super) const CONFIG_LAST_RELOAD: Def = Def {
+        name: "kreboot_config_last_reload_timestamp_seconds",
+        help: "Unix time of the last successful policy load.",
+        labels: NODE,
+    };
+
+    pub(super) const REBOOT_LOOP_BACKOFF: Def = Def {
+        name: "kreboot_reboot_loop_backoff",
+        help: "1 while a reboot is held back because the node rebooted recently and still needs one.",
+        labels: NODE,
+    };
+
+    pub(super) const EVICTIONS: Def = Def {
+        name: "kreboot_evictions_total",
+        help: "Pods evicted.",
+        labels: NODE,
+    };
+
+    pub(super) const EVICTION_RETRIES: Def = Def {
+        name: "kreboot_eviction_retries_total",
+        help: "Evictions refused and retried.",
+        labels: NODE,
+    };
+
+    pub(super) const REBOOTS: Def = Def {
+        name: "kreboot_reboots_total",
+        help: "Reboots requested.",
+        labels: NODE,
+    };
+
+    pub(super) const REBOOTS_COMPLETED: Def = Def {
+        name: "kreboot_reboots_completed_total",
+        help: "Reboots completed (the node came back with a new boot id and the cycle ended).",
+        labels: NODE,
+    };
+
+    pub(super) const FAILURES: Def = Def {
+        name: "kreboot_failures_total",
+        help: "Failed lifecycle steps.",
+        labels: &["node", "step", "reason"],
+    };
+
+    pub(super) const BUILD_INFO: Def = Def {
+        name: "kreboot_build_info",
+        help: "Build information.",
+        labels: &["version"],
+    };
+
+    pub(super) const REQUIRED_REASON: Def = Def {
+        name: "kreboot_reboot_required_info",
+        help: "1 while a reboot is needed, labelled with the reason (bounded list of packages).",
+        labels: &["node", "reason"],
+    };
+
+    pub(super) const NODE_INFO: Def = Def {
+        name: "kreboot_node_info",
+        help: "The host's operating system and running kernel.",
+        labels: &["node", "os", "os_version", "kernel"],
+    };
+
+    pub(super) const NOTIFICATIONS: Def = Def {
+        name: "kreboot_notifications_total",
+        help: "Operator notifications (--notify-url) by target kind and result (sent, failed, dropped).",
+        labels: &["target_kind", "result"],
+    };
+
+    pub(super) const HEALTH_GATE_FAILED: Def = Def {
+        name: "kreboot_health_gate_failed",
+        help: "1 while the node, rebooted, is past its rule's health gate timeout and keeps its lock slot (the rollout is stopped): the Node or a DaemonSet pod on it is not Ready.",
+        labels: NODE,
+    };
+
+    pub(super) const HOST_ACCESS_OK: Def = Def {
+        name: "kreboot_host_access_ok",
+        help: "1 when the last preflight proved the reboot can reach the host (its namespaces open, PID 1 may be signalled); 0 when refused.",
+        labels: NODE,
+    };
+
+    pub(super) const PAUSED: Def = Def {
+        name: "kreboot_paused",
+        help: "1 while this node needs a reboot and an operator has paused reboots cluster-wide (kreboot pause); 0 otherwise.",
+        labels: NODE,
+    };
+
+    pub(super) const CLOCK_SKEW: Def = Def {
+        name: "kreboot_clock_skew_seconds",
+        help: "This host's clock minus the API server's, from its Date header (whole seconds, so within about 1 s); positive: this host is ahead.",
+        labels: NODE,
+    };
+
+    pub(super) const SENTINEL_WATCH_MODE: Def = Def {
+        name: "kreboot_sentinel_watch_mode",
+        help: "1 for the way the sentinel file is watched: inotify, or poll (inotify unavailable).",
+        labels: &["node", "mode"],
+    };
+}
+
+fn gauge(r: &Registry, def: &Def) -> IntGaugeVec {
+    let name = def.name;
+    let g = IntGaugeVec::new(Opts::new(name, def.help), def.labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
     r.register(Box::new(g.clone()))
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
     g
 }
 
-fn fgauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
-    let g = GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+fn fgauge(r: &Registry, def: &Def) -> GaugeVec {
+    let name = def.name;
+    let g =
+        GaugeVec::new(Opts::new(name, def.help), def.labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
     r.register(Box::new(g.clone()))
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
     g
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c =
-        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+fn counter(r: &Registry, def: &Def) -> IntCounterVec {
+    let name = def.name;
+    let c = IntCounterVec::new(Opts::new(name, def.help), def.labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
     r.register(Box::new(c.clone()))
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
     c
+}
+
+/// `kreboot_drain_duration_seconds`, by outcome.
+fn drain_histogram(r: &Registry) -> HistogramVec {
+    let drain_duration = HistogramVec::new(
+        HistogramOpts::new("kreboot_drain_duration_seconds", "Time taken by drains.")
+            .buckets(vec![1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]),
+        &["node", "outcome"],
+    )
+    .unwrap_or_else(|e| panic!("drain histogram: {e}"));
+    r.register(Box::new(drain_duration.clone()))
+        .unwrap_or_else(|e| panic!("drain histogram: {e}"));
+    drain_duration
 }
 
 impl Metrics {
     /// Registers every metric for `node`.
     ///
     /// # Panics
-    /// Only on a programming error in the metric definitions below (names are constants), which
+    /// Only on a programming error in the metric definitions (names are constants), which
     /// the unit tests exercise.
     pub fn new(node: &str) -> Metrics {
         let r = Registry::new();
-        let n = &["node"];
-        let drain_duration = HistogramVec::new(
-            HistogramOpts::new("kreboot_drain_duration_seconds", "Time taken by drains.")
-                .buckets(vec![1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]),
-            &["node", "outcome"],
-        )
-        .unwrap_or_else(|e| panic!("drain histogram: {e}"));
-        r.register(Box::new(drain_duration.clone()))
-            .unwrap_or_else(|e| panic!("drain histogram: {e}"));
+        let drain_duration = drain_histogram(&r);
         let m = Metrics {
             node: node.to_owned(),
-            reboot_required: gauge(
-                &r,
-                "kreboot_reboot_required",
-                "1 when the node needs a reboot.",
-                n,
-            ),
-            reboot_required_since: fgauge(
-                &r,
-                "kreboot_reboot_required_since_timestamp_seconds",
-                "Unix time at which the node started needing a reboot (0 when it does not).",
-                n,
-            ),
-            state: gauge(
-                &r,
-                "kreboot_state",
-                "1 for the node's current lifecycle state.",
-                &["node", "state"],
-            ),
-            window_open: gauge(
-                &r,
-                "kreboot_window_open",
-                "1 while a maintenance window is open for the node.",
-                n,
-            ),
-            blocked: gauge(
-                &r,
-                "kreboot_reboot_blocked",
-                "1 while a reboot is held back, by reason.",
-                &["node", "reason"],
-            ),
-            lock_held: gauge(
-                &r,
-                "kreboot_lock_held",
-                "1 while the node holds a reboot lock slot.",
-                n,
-            ),
-            cordoned: gauge(
-                &r,
-                "kreboot_node_cordoned",
-                "1 while the node is cordoned by kreboot (not by an administrator).",
-                n,
-            ),
-            config_valid: gauge(
-                &r,
-                "kreboot_config_valid",
-                "1 when the last policy ConfigMap was valid.",
-                n,
-            ),
-            config_last_reload: fgauge(
-                &r,
-                "kreboot_config_last_reload_timestamp_seconds",
-                "Unix time of the last successful policy load.",
-                n,
-            ),
-            reboot_loop_backoff: gauge(
-                &r,
-                "kreboot_reboot_loop_backoff",
-                "1 while a reboot is held back because the node rebooted recently and still needs one.",
-                n,
-            ),
+            reboot_required: gauge(&r, &def::REBOOT_REQUIRED),
+            reboot_required_since: fgauge(&r, &def::REBOOT_REQUIRED_SINCE),
+            state: gauge(&r, &def::STATE),
+            window_open: gauge(&r, &def::WINDOW_OPEN),
+            blocked: gauge(&r, &def::BLOCKED),
+            lock_held: gauge(&r, &def::LOCK_HELD),
+            cordoned: gauge(&r, &def::CORDONED),
+            config_valid: gauge(&r, &def::CONFIG_VALID),
+            config_last_reload: fgauge(&r, &def::CONFIG_LAST_RELOAD),
+            reboot_loop_backoff: gauge(&r, &def::REBOOT_LOOP_BACKOFF),
             drain_duration,
-            evictions: counter(&r, "kreboot_evictions_total", "Pods evicted.", n),
-            eviction_retries: counter(
-                &r,
-                "kreboot_eviction_retries_total",
-                "Evictions refused and retried.",
-                n,
-            ),
-            reboots: counter(&r, "kreboot_reboots_total", "Reboots requested.", n),
-            reboots_completed: counter(
-                &r,
-                "kreboot_reboots_completed_total",
-                "Reboots completed (the node came back with a new boot id and the cycle ended).",
-                n,
-            ),
-            failures: counter(
-                &r,
-                "kreboot_failures_total",
-                "Failed lifecycle steps.",
-                &["node", "step", "reason"],
-            ),
-            build_info: gauge(&r, "kreboot_build_info", "Build information.", &["version"]),
-            required_reason: gauge(
-                &r,
-                "kreboot_reboot_required_info",
-                "1 while a reboot is needed, labelled with the reason (bounded list of packages).",
-                &["node", "reason"],
-            ),
-            node_info: gauge(
-                &r,
-                "kreboot_node_info",
-                "The host's operating system and running kernel.",
-                &["node", "os", "os_version", "kernel"],
-            ),
-            notifications: counter(
-                &r,
-                "kreboot_notifications_total",
-                "Operator notifications (--notify-url) by target kind and result (sent, failed, dropped).",
-                &["target_kind", "result"],
-            ),
-            health_gate_failed: gauge(
-                &r,
-                "kreboot_health_gate_failed",
-                "1 while the node, rebooted, is past its rule's health gate timeout and keeps its lock slot (the rollout is stopped): the Node or a DaemonSet pod on it is not Ready.",
-                n,
-            ),
-            host_access_ok: gauge(
-                &r,
-                "kreboot_host_access_ok",
-                "1 when the last preflight proved the reboot can reach the host (its namespaces open, PID 1 may be signalled); 0 when refused.",
-                n,
-            ),
-            paused: gauge(
-                &r,
-                "kreboot_paused",
-                "1 while this node needs a reboot and an operator has paused reboots cluster-wide (kreboot pause); 0 otherwise.",
-                n,
-            ),
-            clock_skew: fgauge(
-                &r,
-                "kreboot_clock_skew_seconds",
-                "This host's clock minus the API server's, from its Date header (whole seconds, so within about 1 s); positive: this host is ahead.",
-                n,
-            ),
-            sentinel_watch_mode: gauge(
-                &r,
-                "kreboot_sentinel_watch_mode",
-                "1 for the way the sentinel file is watched: inotify, or poll (inotify unavailable).",
-                &["node", "mode"],
-            ),
+            evictions: counter(&r, &def::EVICTIONS),
+            eviction_retries: counter(&r, &def::EVICTION_RETRIES),
+            reboots: counter(&r, &def::REBOOTS),
+            reboots_completed: counter(&r, &def::REBOOTS_COMPLETED),
+            failures: counter(&r, &def::FAILURES),
+            build_info: gauge(&r, &def::BUILD_INFO),
+            required_reason: gauge(&r, &def::REQUIRED_REASON),
+            node_info: gauge(&r, &def::NODE_INFO),
+            notifications: counter(&r, &def::NOTIFICATIONS),
+            health_gate_failed: gauge(&r, &def::HEALTH_GATE_FAILED),
+            host_access_ok: gauge(&r, &def::HOST_ACCESS_OK),
+            paused: gauge(&r, &def::PAUSED),
+            clock_skew: fgauge(&r, &def::CLOCK_SKEW),
+            sentinel_watch_mode: gauge(&r, &def::SENTINEL_WATCH_MODE),
             registry: r,
         };
-        m.build_info
+        m.set_initial_values();
+        m
+    }
+
+    /// The values every series starts from.
+    fn set_initial_values(&self) {
+        let node = self.node.as_str();
+        self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        m.config_valid.with_label_values(&[node]).set(1);
-        m.set_state("idle");
-        m.reboot_required.with_label_values(&[node]).set(0);
-        m.paused.with_label_values(&[node]).set(0);
+        self.config_valid.with_label_values(&[node]).set(1);
+        self.set_state("idle");
+        self.reboot_required.with_label_values(&[node]).set(0);
+        self.paused.with_label_values(&[node]).set(0);
         // Counters from zero at start, not from their first increment: every agent restarts
         // with its node, and a series that appears only with its first event (often in a process
         // the reboot then kills) gives `increase()` nothing to compare, and a dashboard nothing.
-        m.reboots.with_label_values(&[node]).inc_by(0);
-        m.reboots_completed.with_label_values(&[node]).inc_by(0);
-        m.evictions.with_label_values(&[node]).inc_by(0);
+        self.reboots.with_label_values(&[node]).inc_by(0);
+        self.reboots_completed.with_label_values(&[node]).inc_by(0);
+        self.evictions.with_label_values(&[node]).inc_by(0);
         for outcome in ["success", "failure"] {
-            let _ = m.drain_duration.with_label_values(&[node, outcome]);
+            let _ = self.drain_duration.with_label_values(&[node, outcome]);
         }
-        m
     }
 
     /// The node label value.

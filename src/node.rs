@@ -294,35 +294,8 @@ pub fn time_problems(r: &Recorded, now: DateTime<Utc>) -> Vec<String> {
 pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
     let mut r = Recorded::default();
     let get = |k: &str| annotations.get(k).map(String::as_str);
-    r.phase = match get(ANN_PHASE) {
-        None => Phase::Idle,
-        Some("draining") => Phase::Draining,
-        Some("rebooting") => Phase::Rebooting,
-        Some("verifying") => Phase::Verifying,
-        Some(other) => {
-            // An unknown phase (e.g. written by a newer version) is treated as draining: the
-            // safe interpretation, because the drain step is idempotent and ends either in a
-            // reboot or in an uncordon of what kreboot cordoned.
-            r.problems.push(format!(
-                "{ANN_PHASE}={} is not a known phase; resuming as draining",
-                quote(other)
-            ));
-            Phase::Draining
-        }
-    };
-    r.cordoned_by_kreboot = match get(ANN_CORDONED_BY_KREBOOT) {
-        None | Some("false") => false,
-        Some("true") => true,
-        // Anything else: kreboot did not cordon (as far as it can tell), so it never uncordons
-        // the node: an administrator's cordon is never lifted by mistake.
-        Some(other) => {
-            r.problems.push(format!(
-                "{ANN_CORDONED_BY_KREBOOT}={} is neither true nor false; taken as false (kreboot will not uncordon the node)",
-                quote(other)
-            ));
-            false
-        }
-    };
+    r.phase = parse_phase(get(ANN_PHASE), &mut r.problems);
+    r.cordoned_by_kreboot = parse_cordoned_by_kreboot(get(ANN_CORDONED_BY_KREBOOT), &mut r.problems);
     r.lock = get(ANN_LOCK).map(str::to_owned);
     r.pre_reboot_boot_id = get(ANN_PRE_REBOOT_BOOT_ID).map(str::to_owned);
     r.pre_reboot_kernel_boot_id = get(ANN_PRE_REBOOT_KERNEL_BOOT_ID).map(str::to_owned);
@@ -336,7 +309,54 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
         get(ANN_VERIFYING_SINCE).and_then(|v| parse_time(v, ANN_VERIFYING_SINCE, &mut problems));
     r.health_gate_failed =
         get(ANN_HEALTH_GATE_FAILED).and_then(|v| parse_time(v, ANN_HEALTH_GATE_FAILED, &mut problems));
-    r.drained = get(ANN_DRAINED).and_then(|v| match serde_json::from_str::<DrainRecord>(v) {
+    r.drained = get(ANN_DRAINED).and_then(|v| parse_drain_record(v, &mut problems));
+    if let Some(v) = get(ANN_DRAINED_BUDGETS) {
+        r.drained_budgets = parse_drained_budgets(v, &mut problems);
+    }
+    r.problems = problems;
+    r
+}
+
+/// The phase annotation; absent is idle.
+fn parse_phase(value: Option<&str>, problems: &mut Vec<String>) -> Phase {
+    match value {
+        None => Phase::Idle,
+        Some("draining") => Phase::Draining,
+        Some("rebooting") => Phase::Rebooting,
+        Some("verifying") => Phase::Verifying,
+        Some(other) => {
+            // An unknown phase (e.g. written by a newer version) is treated as draining: the
+            // safe interpretation, because the drain step is idempotent and ends either in a
+            // reboot or in an uncordon of what kreboot cordoned.
+            problems.push(format!(
+                "{ANN_PHASE}={} is not a known phase; resuming as draining",
+                quote(other)
+            ));
+            Phase::Draining
+        }
+    }
+}
+
+/// Whether kreboot cordoned the node; absent is false.
+fn parse_cordoned_by_kreboot(value: Option<&str>, problems: &mut Vec<String>) -> bool {
+    match value {
+        None | Some("false") => false,
+        Some("true") => true,
+        // Anything else: kreboot did not cordon (as far as it can tell), so it never uncordons
+        // the node: an administrator's cordon is never lifted by mistake.
+        Some(other) => {
+            problems.push(format!(
+                "{ANN_CORDONED_BY_KREBOOT}={} is neither true nor false; taken as false (kreboot will not uncordon the node)",
+                quote(other)
+            ));
+            false
+        }
+    }
+}
+
+/// The drain record, if it is one and within range.
+fn parse_drain_record(v: &str, problems: &mut Vec<String>) -> Option<DrainRecord> {
+    match serde_json::from_str::<DrainRecord>(v) {
         Ok(d) if d.millis <= MAX_DRAIN_MILLIS && d.evicted <= MAX_DRAIN_EVICTED => Some(d),
         Ok(_) => {
             problems.push(format!("{ANN_DRAINED}={} is out of range; ignored", quote(v)));
@@ -349,22 +369,22 @@ pub fn parse_recorded(annotations: &BTreeMap<String, String>) -> Recorded {
             ));
             None
         }
-    });
-    if let Some(v) = get(ANN_DRAINED_BUDGETS) {
-        let (mut refs, bad) = crate::health::parse_budgets(v);
-        if !bad.is_empty() {
-            // Which budgets those meant is unknown: the gate waits for every budget rather
-            // than for none of them (a check that cannot be narrowed is widened).
-            problems.push(format!(
-                "{ANN_DRAINED_BUDGETS} has entries that are not PodDisruptionBudgets ({}); the health gate waits for every budget",
-                quote(&bad.join(","))
-            ));
-            refs.insert(crate::health::BudgetRef::All, None);
-        }
-        r.drained_budgets = refs;
     }
-    r.problems = problems;
-    r
+}
+
+/// The budgets the drain touched.
+fn parse_drained_budgets(v: &str, problems: &mut Vec<String>) -> crate::health::Touched {
+    let (mut refs, bad) = crate::health::parse_budgets(v);
+    if !bad.is_empty() {
+        // Which budgets those meant is unknown: the gate waits for every budget rather
+        // than for none of them (a check that cannot be narrowed is widened).
+        problems.push(format!(
+            "{ANN_DRAINED_BUDGETS} has entries that are not PodDisruptionBudgets ({}); the health gate waits for every budget",
+            quote(&bad.join(","))
+        ));
+        refs.insert(crate::health::BudgetRef::All, None);
+    }
+    refs
 }
 
 /// What a drain took: recorded on the Node for the agent that completes the cycle.
@@ -582,119 +602,142 @@ fn operator_holds(r: &Recorded) -> bool {
 
 /// Decides the next action from the observations alone.
 pub fn decide(o: &Observations) -> Action {
+    match o.node.recorded.phase {
+        Phase::Verifying => decide_verifying(o),
+        Phase::Rebooting => decide_rebooting(o),
+        Phase::Draining => decide_draining(o),
+        Phase::Idle => decide_idle(o),
+    }
+}
+
+fn wait(reason: WaitReason, until: Option<DateTime<Utc>>) -> Action {
+    Action::Wait { reason, until }
+}
+
+/// Rebooted: the health gate decides when the cycle is over.
+fn decide_verifying(o: &Observations) -> Action {
     let r = &o.node.recorded;
-    let wait = |reason, until| Action::Wait { reason, until };
-    match r.phase {
-        Phase::Verifying => match &o.health_gate {
-            // The gate was removed from the policy, the node is healthy, or the slot is gone
-            // (nothing left to hold back): the cycle is over.
-            None => Action::Verified,
-            Some(g) if g.unhealthy.is_empty() || o.held_lock.is_none() => Action::Verified,
-            Some(g) => {
-                let deadline = r.verifying_since.and_then(|s| s.checked_add_signed(g.timeout));
-                match deadline {
-                    Some(d) if o.now >= d && r.health_gate_failed.is_none() => Action::FailHealthGate,
-                    // Failed already: keep the slot (the rollout stops) until the node is
-                    // healthy; the alert tells the operator.
-                    Some(d) if o.now >= d => wait(WaitReason::HealthGate, None),
-                    Some(d) => wait(WaitReason::HealthGate, Some(d)),
-                    None => wait(WaitReason::HealthGate, None),
-                }
+    match &o.health_gate {
+        // The gate was removed from the policy, the node is healthy, or the slot is gone
+        // (nothing left to hold back): the cycle is over.
+        None => Action::Verified,
+        Some(g) if g.unhealthy.is_empty() || o.held_lock.is_none() => Action::Verified,
+        Some(g) => {
+            let deadline = r.verifying_since.and_then(|s| s.checked_add_signed(g.timeout));
+            match deadline {
+                Some(d) if o.now >= d && r.health_gate_failed.is_none() => Action::FailHealthGate,
+                // Failed already: keep the slot (the rollout stops) until the node is
+                // healthy; the alert tells the operator.
+                Some(d) if o.now >= d => wait(WaitReason::HealthGate, None),
+                Some(d) => wait(WaitReason::HealthGate, Some(d)),
+                None => wait(WaitReason::HealthGate, None),
             }
+        }
+    }
+}
+
+/// The reboot was recorded: has it happened, or must it be issued (again) or abandoned?
+fn decide_rebooting(o: &Observations) -> Action {
+    let r = &o.node.recorded;
+    let node_rebooted = r
+        .pre_reboot_boot_id
+        .as_deref()
+        .is_some_and(|before| !o.node.boot_id.is_empty() && before != o.node.boot_id);
+    let kernel_rebooted = matches!(
+        (&r.pre_reboot_kernel_boot_id, &o.kernel_boot_id),
+        (Some(before), Some(now)) if before != now
+    );
+    if node_rebooted {
+        if o.node.ready {
+            Action::Complete
+        } else {
+            wait(WaitReason::AwaitingReboot, None)
+        }
+    } else if kernel_rebooted || !o.node.ready {
+        // The host has a new boot but the kubelet has not reported it yet, or the node
+        // is going down: never reboot again on the strength of a stale Node status.
+        wait(WaitReason::AwaitingReboot, None)
+    } else if o.held_lock.is_none() {
+        Action::Abort(AbortReason::LockLost)
+    } else if operator_holds(r) {
+        Action::Abort(AbortReason::OperatorDrained)
+    } else if !o.window_open {
+        Action::Abort(AbortReason::WindowClosed)
+    } else if o.blocked_by.is_some() {
+        Action::Abort(AbortReason::Blocked)
+    } else if !o.host_access_ok {
+        Action::Abort(AbortReason::HostAccess)
+    } else {
+        // Recorded but not (yet) rebooted: the agent stopped between recording and the
+        // reboot taking effect. Issue it (again); a second request is harmless.
+        Action::Reboot
+    }
+}
+
+/// Cordoned and draining: go on, or abandon the cycle.
+fn decide_draining(o: &Observations) -> Action {
+    if o.held_lock.is_none() {
+        Action::Abort(AbortReason::LockLost)
+    } else if operator_holds(&o.node.recorded) {
+        // `kreboot drain` took the cordon over mid-cycle: the node is the operator's.
+        Action::Abort(AbortReason::OperatorDrained)
+    } else if !o.reboot_required {
+        Action::Abort(AbortReason::NoLongerRequired)
+    } else if !o.window_open {
+        Action::Abort(AbortReason::WindowClosed)
+    } else if o.blocked_by.is_some() {
+        Action::Abort(AbortReason::Blocked)
+    } else if !o.host_access_ok {
+        // The drain would end in a reboot that cannot happen: give the node back.
+        Action::Abort(AbortReason::HostAccess)
+    } else {
+        Action::Drain
+    }
+}
+
+/// No cycle in progress: wait, give back a slot, or start one.
+fn decide_idle(o: &Observations) -> Action {
+    match (idle_wait(o), &o.held_lock) {
+        (Some(_), Some(_)) => Action::ReleaseLock,
+        (Some(w), None) => w,
+        // The slot is kept through the soak: the next node is this one, whoever asks.
+        (None, Some(_)) => match o.soak_until.filter(|t| *t > o.now) {
+            Some(t) => wait(WaitReason::Soaking, Some(t)),
+            None => Action::Cordon,
         },
-        Phase::Rebooting => {
-            let node_rebooted = r
-                .pre_reboot_boot_id
-                .as_deref()
-                .is_some_and(|before| !o.node.boot_id.is_empty() && before != o.node.boot_id);
-            let kernel_rebooted = matches!(
-                (&r.pre_reboot_kernel_boot_id, &o.kernel_boot_id),
-                (Some(before), Some(now)) if before != now
-            );
-            if node_rebooted {
-                if o.node.ready {
-                    Action::Complete
-                } else {
-                    wait(WaitReason::AwaitingReboot, None)
-                }
-            } else if kernel_rebooted || !o.node.ready {
-                // The host has a new boot but the kubelet has not reported it yet, or the node
-                // is going down: never reboot again on the strength of a stale Node status.
-                wait(WaitReason::AwaitingReboot, None)
-            } else if o.held_lock.is_none() {
-                Action::Abort(AbortReason::LockLost)
-            } else if operator_holds(r) {
-                Action::Abort(AbortReason::OperatorDrained)
-            } else if !o.window_open {
-                Action::Abort(AbortReason::WindowClosed)
-            } else if o.blocked_by.is_some() {
-                Action::Abort(AbortReason::Blocked)
-            } else if !o.host_access_ok {
-                Action::Abort(AbortReason::HostAccess)
-            } else {
-                // Recorded but not (yet) rebooted: the agent stopped between recording and the
-                // reboot taking effect. Issue it (again); a second request is harmless.
-                Action::Reboot
-            }
-        }
-        Phase::Draining => {
-            if o.held_lock.is_none() {
-                Action::Abort(AbortReason::LockLost)
-            } else if operator_holds(r) {
-                // `kreboot drain` took the cordon over mid-cycle: the node is the operator's.
-                Action::Abort(AbortReason::OperatorDrained)
-            } else if !o.reboot_required {
-                Action::Abort(AbortReason::NoLongerRequired)
-            } else if !o.window_open {
-                Action::Abort(AbortReason::WindowClosed)
-            } else if o.blocked_by.is_some() {
-                Action::Abort(AbortReason::Blocked)
-            } else if !o.host_access_ok {
-                // The drain would end in a reboot that cannot happen: give the node back.
-                Action::Abort(AbortReason::HostAccess)
-            } else {
-                Action::Drain
-            }
-        }
-        Phase::Idle => {
-            let blocking_wait = if !o.reboot_required {
-                Some(wait(WaitReason::NotRequired, None))
-            } else if o.paused {
-                // First among the reasons to wait: the operator's word is the news, whatever
-                // the window or the back-offs say. Only a node with no cycle in progress waits:
-                // a slot handed over meanwhile is given back below, unused.
-                Some(wait(WaitReason::Paused, None))
-            } else if operator_holds(r) {
-                Some(wait(WaitReason::OperatorDrained, None))
-            } else if let Some(t) =
-                until(r.last_reboot, o.reboot_loop_backoff, o.now).filter(|_| r.reboot_requested.is_none())
-            {
-                // The loop protection is about a sentinel that comes back by itself; an
-                // operator who asks for a reboot has looked at the node.
-                Some(wait(WaitReason::RebootLoopBackoff, Some(t)))
-            } else if let Some(t) = until(r.last_failure, o.failure_backoff, o.now) {
-                Some(wait(WaitReason::FailureBackoff, Some(t)))
-            } else if !o.host_access_ok {
-                // Before any lock or cordon: a node that cannot be rebooted is not drained.
-                Some(wait(WaitReason::HostAccess, None))
-            } else if !o.window_open {
-                Some(wait(WaitReason::WindowClosed, None))
-            } else if o.blocked_by.is_some() {
-                Some(wait(WaitReason::Blocked, None))
-            } else {
-                None
-            };
-            match (blocking_wait, &o.held_lock) {
-                (Some(_), Some(_)) => Action::ReleaseLock,
-                (Some(w), None) => w,
-                // The slot is kept through the soak: the next node is this one, whoever asks.
-                (None, Some(_)) => match o.soak_until.filter(|t| *t > o.now) {
-                    Some(t) => wait(WaitReason::Soaking, Some(t)),
-                    None => Action::Cordon,
-                },
-                (None, None) => Action::AcquireLock,
-            }
-        }
+        (None, None) => Action::AcquireLock,
+    }
+}
+
+/// Why an idle node must not start a cycle now, if it must not.
+fn idle_wait(o: &Observations) -> Option<Action> {
+    let r = &o.node.recorded;
+    if !o.reboot_required {
+        Some(wait(WaitReason::NotRequired, None))
+    } else if o.paused {
+        // First among the reasons to wait: the operator's word is the news, whatever
+        // the window or the back-offs say. Only a node with no cycle in progress waits:
+        // a slot handed over meanwhile is given back unused (`decide_idle`).
+        Some(wait(WaitReason::Paused, None))
+    } else if operator_holds(r) {
+        Some(wait(WaitReason::OperatorDrained, None))
+    } else if let Some(t) =
+        until(r.last_reboot, o.reboot_loop_backoff, o.now).filter(|_| r.reboot_requested.is_none())
+    {
+        // The loop protection is about a sentinel that comes back by itself; an
+        // operator who asks for a reboot has looked at the node.
+        Some(wait(WaitReason::RebootLoopBackoff, Some(t)))
+    } else if let Some(t) = until(r.last_failure, o.failure_backoff, o.now) {
+        Some(wait(WaitReason::FailureBackoff, Some(t)))
+    } else if !o.host_access_ok {
+        // Before any lock or cordon: a node that cannot be rebooted is not drained.
+        Some(wait(WaitReason::HostAccess, None))
+    } else if !o.window_open {
+        Some(wait(WaitReason::WindowClosed, None))
+    } else if o.blocked_by.is_some() {
+        Some(wait(WaitReason::Blocked, None))
+    } else {
+        None
     }
 }
 

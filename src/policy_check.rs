@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use crate::{
     cli::{PolicyArgs, PolicyCheckArgs, PolicyCommand},
-    policy::{Budget, HORIZON_DAYS, Labels, Policy, PolicyError, Zone},
+    policy::{Budget, HORIZON_DAYS, Labels, LockGroupView, Policy, PolicyError, RuleView, Zone},
 };
 
 /// Exit code of an invalid (or unreadable) policy file: the same as for bad usage.
@@ -36,52 +36,7 @@ pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Re
     }
     out += &format!("time zone: {zone}\n");
     if rule.name.is_some() {
-        match rule.concurrency {
-            Some(b @ Budget::Percent(_)) => {
-                let pool = if rule.lock_group.is_some() {
-                    "the lock group's nodes"
-                } else {
-                    "the rule's nodes"
-                };
-                out += &format!("concurrency: {b} of {pool} (rounded down, at least 1)\n");
-            }
-            Some(n) => out += &format!("concurrency: {n}\n"),
-            None => out += "concurrency: the agent's --concurrency\n",
-        }
-        if let Some(soak) = rule.soak.and_then(|d| d.to_std().ok()) {
-            out += &format!(
-                "soak: {} between a release of one of the rule's slots and the next node's start\n",
-                humantime::format_duration(soak)
-            );
-        }
-        if let Some(timeout) = rule.health_gate.and_then(|d| d.to_std().ok()) {
-            out += &format!(
-                "health gate: after its reboot the node keeps its slot until it and its DaemonSet pods are Ready; after {} the rollout stops\n",
-                humantime::format_duration(timeout)
-            );
-        }
-        if rule.health_budgets {
-            out += "health gate budgets: the slot is also kept until every PodDisruptionBudget that selected a pod the drain evicted is as healthy as before the drain (and at least desiredHealthy)\n";
-        }
-        if let Some(q) = &rule.health_query {
-            out += &format!(
-                "health gate query: the slot is kept while `{q}` returns any series (asked of the agents' --prometheus-url; an agent without it rejects this policy)\n"
-            );
-        }
-        if let Some(g) = &rule.lock_group {
-            let value = g.value.as_deref().unwrap_or("(label absent)");
-            out += &format!("lock group: {}={value}", g.label);
-            match g.max_concurrent {
-                Some(max @ Budget::Percent(_)) => {
-                    out += &format!(
-                        ", at most {max} of the rule's nodes (rounded down, at least 1) at once across the rule's groups"
-                    );
-                }
-                Some(max) => out += &format!(", at most {max} at once across the rule's groups"),
-                None => {}
-            }
-            out += "\n";
-        }
+        out += &rule_settings(&rule);
     }
     let open = policy.is_open(labels, at);
     out += &format!(
@@ -99,8 +54,74 @@ pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Re
         return Ok(out);
     }
     out += &format!("upcoming windows (start -> end, {zone} | UTC):\n");
+    out += &window_lines(zone, at, &windows);
+    Ok(out)
+}
+
+/// The lines of a rule's settings: concurrency, soak, health gate, lock group.
+fn rule_settings(rule: &RuleView) -> String {
+    let mut out = String::new();
+    match rule.concurrency {
+        Some(b @ Budget::Percent(_)) => {
+            let pool = if rule.lock_group.is_some() {
+                "the lock group's nodes"
+            } else {
+                "the rule's nodes"
+            };
+            out += &format!("concurrency: {b} of {pool} (rounded down, at least 1)\n");
+        }
+        Some(n) => out += &format!("concurrency: {n}\n"),
+        None => out += "concurrency: the agent's --concurrency\n",
+    }
+    if let Some(soak) = rule.soak.and_then(|d| d.to_std().ok()) {
+        out += &format!(
+            "soak: {} between a release of one of the rule's slots and the next node's start\n",
+            humantime::format_duration(soak)
+        );
+    }
+    if let Some(timeout) = rule.health_gate.and_then(|d| d.to_std().ok()) {
+        out += &format!(
+            "health gate: after its reboot the node keeps its slot until it and its DaemonSet pods are Ready; after {} the rollout stops\n",
+            humantime::format_duration(timeout)
+        );
+    }
+    if rule.health_budgets {
+        out += "health gate budgets: the slot is also kept until every PodDisruptionBudget that selected a pod the drain evicted is as healthy as before the drain (and at least desiredHealthy)\n";
+    }
+    if let Some(q) = &rule.health_query {
+        out += &format!(
+            "health gate query: the slot is kept while `{q}` returns any series (asked of the agents' --prometheus-url; an agent without it rejects this policy)\n"
+        );
+    }
+    if let Some(g) = &rule.lock_group {
+        out += &lock_group_line(g);
+    }
+    out
+}
+
+/// The `lock group:` line.
+fn lock_group_line(g: &LockGroupView) -> String {
+    let value = g.value.as_deref().unwrap_or("(label absent)");
+    let mut out = format!("lock group: {}={value}", g.label);
+    match g.max_concurrent {
+        Some(max @ Budget::Percent(_)) => {
+            out += &format!(
+                ", at most {max} of the rule's nodes (rounded down, at least 1) at once across the rule's groups"
+            );
+        }
+        Some(max) => out += &format!(", at most {max} at once across the rule's groups"),
+        None => {}
+    }
+    out += "\n";
+    out
+}
+
+/// One line per upcoming window, in the zone and in UTC; a window still open at the horizon
+/// says so instead of an end.
+fn window_lines(zone: Zone, at: DateTime<Utc>, windows: &[(DateTime<Utc>, DateTime<Utc>)]) -> String {
+    let mut out = String::new();
     let horizon = at.checked_add_signed(chrono::Duration::days(HORIZON_DAYS as i64));
-    for (start, end) in windows {
+    for &(start, end) in windows {
         let (local_end, utc_end) = if Some(end) == horizon {
             let open_end = format!("(still open after {HORIZON_DAYS} days)");
             (open_end.clone(), open_end)
@@ -113,7 +134,7 @@ pub fn report(doc: &str, labels: &Labels, at: DateTime<Utc>, count: usize) -> Re
             start.format(UTC),
         );
     }
-    Ok(out)
+    out
 }
 
 /// The policy text of a file given to `policy check`: the file itself, or, when it is a

@@ -580,8 +580,23 @@ fn failure_cell(n: &NodeStatus, now: DateTime<Utc>) -> String {
 /// The report as kubectl-like text: the nodes, then the LOCK, QUEUE and POLICY sections and a
 /// summary line.
 pub fn render_table(s: &ClusterStatus) -> String {
-    let now = s.now;
     let mut out = String::new();
+    render_paused(&mut out, s);
+    render_nodes(&mut out, s);
+    render_warnings(&mut out, s);
+    out.push('\n');
+    render_locks(&mut out, s);
+    out.push('\n');
+    render_queue(&mut out, s);
+    out.push('\n');
+    out.push_str(&policy_line(&s.policy));
+    out.push_str(&summary_line(&s.summary));
+    out
+}
+
+/// The PAUSED banner, when reboots are paused.
+fn render_paused(out: &mut String, s: &ClusterStatus) {
+    let now = s.now;
     if let Some(p) = &s.paused {
         // First: it explains every `paused` below.
         let ago =
@@ -594,6 +609,11 @@ pub fn render_table(s: &ClusterStatus) -> String {
             cell(Some(&p.describe()), 200)
         );
     }
+}
+
+/// The nodes' table.
+fn render_nodes(out: &mut String, s: &ClusterStatus) {
+    let now = s.now;
     if s.nodes.is_empty() {
         out.push_str("No nodes.\n");
     } else {
@@ -638,6 +658,10 @@ pub fn render_table(s: &ClusterStatus) -> String {
             &rows,
         ));
     }
+}
+
+/// The WARNINGS section, when a node has problems.
+fn render_warnings(out: &mut String, s: &ClusterStatus) {
     let problems: Vec<String> = s
         .nodes
         .iter()
@@ -650,8 +674,11 @@ pub fn render_table(s: &ClusterStatus) -> String {
             out.push('\n');
         }
     }
+}
 
-    out.push('\n');
+/// The LOCK section: one row per lock Lease.
+fn render_locks(out: &mut String, s: &ClusterStatus) {
+    let now = s.now;
     if s.locks.is_empty() {
         out.push_str("LOCK: no lock Lease yet (the first node to reboot creates it)\n");
     } else {
@@ -678,8 +705,11 @@ pub fn render_table(s: &ClusterStatus) -> String {
             &rows,
         ));
     }
+}
 
-    out.push('\n');
+/// The QUEUE section: the nodes waiting for a slot.
+fn render_queue(out: &mut String, s: &ClusterStatus) {
+    let now = s.now;
     if s.queue.is_empty() {
         out.push_str("QUEUE: empty\n");
     } else {
@@ -690,11 +720,6 @@ pub fn render_table(s: &ClusterStatus) -> String {
             .collect();
         out.push_str(&columns(&["QUEUE", "NODE", "WAITING"], &rows));
     }
-
-    out.push('\n');
-    out.push_str(&policy_line(&s.policy));
-    out.push_str(&summary_line(&s.summary));
-    out
 }
 
 fn policy_line(p: &PolicyStatus) -> String {

@@ -637,96 +637,125 @@ pub(super) fn parse(yaml: &str) -> Result<Policy, PolicyError> {
     let mut rules = Vec::new();
     let mut names = BTreeSet::new();
     for (i, r) in raw.rules.iter().flatten().enumerate() {
-        let p = format!("rules[{i}]");
-        let name = required(&r.name, &format!("{p}.name"))?.trim().to_owned();
-        if name.is_empty() {
-            return Err(err(format!("{p}.name"), "is empty"));
-        }
-        if !names.insert(name.clone()) {
-            return Err(err(
-                format!("{p}.name"),
-                format!("{name:?} is the name of an earlier rule"),
-            ));
-        }
-        let selector = selector(&r.node_selector, &format!("{p}.nodeSelector"))?;
-        let rule_zone = match &r.timezone {
-            None => zone,
-            Some(z) => parse_zone(&z.0, &format!("{p}.timezone"))?,
-        };
-        let mut schedule = schedule(
-            &format!("{p}."),
-            rule_zone,
-            &r.windows,
-            &r.monthly,
-            &r.cron,
-            &r.blackouts,
-        )?;
-        // Top-level blackouts are a freeze for every node.
-        schedule.blackouts.extend(top_blackouts.iter().copied());
-        let concurrency = match &r.concurrency {
-            None => None,
-            Some(n) => Some(budget(&n.0, &format!("{p}.concurrency"))?),
-        };
-        let lock_group = match &r.lock_group {
-            None => None,
-            Some(g) => {
-                let label = required(&g.by_label, &format!("{p}.lockGroup.byLabel"))?.trim();
-                if label.is_empty() {
-                    return Err(err(format!("{p}.lockGroup.byLabel"), "is empty"));
-                }
-                // A number, or a share of the rule's nodes over all its groups: parsed as
-                // `concurrency` is, with the same bounds.
-                let max_concurrent = match &g.max_concurrent {
-                    None => None,
-                    Some(n) => Some(budget(&n.0, &format!("{p}.lockGroup.maxConcurrent"))?),
-                };
-                Some(LockGroup {
-                    by_label: label.to_owned(),
-                    max_concurrent,
-                })
-            }
-        };
-        let soak = match &r.soak {
-            None => None,
-            Some(d) => Some(bounded_duration(&d.0, &format!("{p}.soak"))?),
-        };
-        let health_gate = match &r.health_gate {
-            None => None,
-            Some(g) => Some(match &g.timeout {
-                None => chrono::Duration::minutes(DEFAULT_HEALTH_GATE_TIMEOUT_MINUTES),
-                Some(t) => bounded_duration(&t.0, &format!("{p}.healthGate.timeout"))?,
-            }),
-        };
-        let health_query = match r.health_gate.as_ref().and_then(|g| g.query.as_ref()) {
-            None => None,
-            Some(q) => Some(gate_query(&q.0, &format!("{p}.healthGate.query"))?),
-        };
-        // On unless switched off: an operator expects the rollout to wait while a budget the
-        // drain touched is still below its desired health (see `Rule::health_budgets`).
-        let health_budgets = match r.health_gate.as_ref().and_then(|g| g.disruption_budgets.as_ref()) {
-            None => health_gate.is_some(),
-            Some(b) => match b.0.trim() {
-                "true" => true,
-                "false" => false,
-                other => {
-                    return Err(err(
-                        format!("{p}.healthGate.disruptionBudgets"),
-                        format!("{other:?} is not true or false"),
-                    ));
-                }
-            },
-        };
-        rules.push(Rule {
-            name,
-            selector,
-            schedule,
-            concurrency,
-            lock_group,
-            soak,
-            health_gate,
-            health_query,
-            health_budgets,
-        });
+        rules.push(rule(&format!("rules[{i}]"), r, zone, &top_blackouts, &mut names)?);
     }
     Ok(Policy { default, rules })
+}
+
+/// One rule, at `p` (`rules[i]`); `names` are the earlier rules' names.
+fn rule(
+    p: &str,
+    r: &RawRule,
+    zone: Zone,
+    top_blackouts: &[(NaiveDate, NaiveDate)],
+    names: &mut BTreeSet<String>,
+) -> Result<Rule, PolicyError> {
+    let name = rule_name(p, r, names)?;
+    let selector = selector(&r.node_selector, &format!("{p}.nodeSelector"))?;
+    let rule_zone = match &r.timezone {
+        None => zone,
+        Some(z) => parse_zone(&z.0, &format!("{p}.timezone"))?,
+    };
+    let mut schedule = schedule(
+        &format!("{p}."),
+        rule_zone,
+        &r.windows,
+        &r.monthly,
+        &r.cron,
+        &r.blackouts,
+    )?;
+    // Top-level blackouts are a freeze for every node.
+    schedule.blackouts.extend(top_blackouts.iter().copied());
+    let concurrency = match &r.concurrency {
+        None => None,
+        Some(n) => Some(budget(&n.0, &format!("{p}.concurrency"))?),
+    };
+    let lock_group = match &r.lock_group {
+        None => None,
+        Some(g) => Some(lock_group(p, g)?),
+    };
+    let soak = match &r.soak {
+        None => None,
+        Some(d) => Some(bounded_duration(&d.0, &format!("{p}.soak"))?),
+    };
+    let (health_gate, health_query, health_budgets) = health_gate(p, r.health_gate.as_ref())?;
+    Ok(Rule {
+        name,
+        selector,
+        schedule,
+        concurrency,
+        lock_group,
+        soak,
+        health_gate,
+        health_query,
+        health_budgets,
+    })
+}
+
+/// The rule's name: given, not empty, and not an earlier rule's.
+fn rule_name(p: &str, r: &RawRule, names: &mut BTreeSet<String>) -> Result<String, PolicyError> {
+    let name = required(&r.name, &format!("{p}.name"))?.trim().to_owned();
+    if name.is_empty() {
+        return Err(err(format!("{p}.name"), "is empty"));
+    }
+    if !names.insert(name.clone()) {
+        return Err(err(
+            format!("{p}.name"),
+            format!("{name:?} is the name of an earlier rule"),
+        ));
+    }
+    Ok(name)
+}
+
+/// The rule's `lockGroup`.
+fn lock_group(p: &str, g: &RawLockGroup) -> Result<LockGroup, PolicyError> {
+    let label = required(&g.by_label, &format!("{p}.lockGroup.byLabel"))?.trim();
+    if label.is_empty() {
+        return Err(err(format!("{p}.lockGroup.byLabel"), "is empty"));
+    }
+    // A number, or a share of the rule's nodes over all its groups: parsed as
+    // `concurrency` is, with the same bounds.
+    let max_concurrent = match &g.max_concurrent {
+        None => None,
+        Some(n) => Some(budget(&n.0, &format!("{p}.lockGroup.maxConcurrent"))?),
+    };
+    Ok(LockGroup {
+        by_label: label.to_owned(),
+        max_concurrent,
+    })
+}
+
+/// The rule's `healthGate`: its timeout, its query, and whether it waits for the budgets the
+/// drain touched.
+fn health_gate(
+    p: &str,
+    g: Option<&RawHealthGate>,
+) -> Result<(Option<chrono::Duration>, Option<String>, bool), PolicyError> {
+    let timeout = match g {
+        None => None,
+        Some(g) => Some(match &g.timeout {
+            None => chrono::Duration::minutes(DEFAULT_HEALTH_GATE_TIMEOUT_MINUTES),
+            Some(t) => bounded_duration(&t.0, &format!("{p}.healthGate.timeout"))?,
+        }),
+    };
+    let query = match g.and_then(|g| g.query.as_ref()) {
+        None => None,
+        Some(q) => Some(gate_query(&q.0, &format!("{p}.healthGate.query"))?),
+    };
+    // On unless switched off: an operator expects the rollout to wait while a budget the
+    // drain touched is still below its desired health (see `Rule::health_budgets`).
+    let budgets = match g.and_then(|g| g.disruption_budgets.as_ref()) {
+        None => timeout.is_some(),
+        Some(b) => match b.0.trim() {
+            "true" => true,
+            "false" => false,
+            other => {
+                return Err(err(
+                    format!("{p}.healthGate.disruptionBudgets"),
+                    format!("{other:?} is not true or false"),
+                ));
+            }
+        },
+    };
+    Ok((timeout, query, budgets))
 }
