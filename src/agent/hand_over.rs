@@ -52,12 +52,9 @@ struct Holders {
     cap: Vec<String>,
 }
 
-/// Hands `lease` (held by this node) to the longest waiter, or releases it if nobody waits.
-async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepError> {
-    let lock = agent.lease_lock();
-    let lock_name = &agent.cfg.lock_name;
-    // Holders of any slot, and of cap slots alone.
-    let holders = {
+impl Holders {
+    /// The holders as the Leases' cache has them.
+    fn of(w: &Watches, lock_name: &str) -> Holders {
         let s = w.leases.borrow();
         let of = |cap: Option<bool>| -> Vec<String> {
             s.leases
@@ -70,7 +67,13 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
             any: of(None),
             cap: of(Some(true)),
         }
-    };
+    }
+}
+
+/// Hands `lease` (held by this node) to the longest waiter, or releases it if nobody waits.
+async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepError> {
+    let lock = agent.lease_lock();
+    let holders = Holders::of(w, &agent.cfg.lock_name);
     let (policy, paused) = {
         let p = w.policy.borrow();
         (p.policy.clone(), p.paused.is_some())

@@ -12,6 +12,11 @@
 //! between two actions leaves a state that [`node::decide`] resumes from. SIGTERM is obeyed only
 //! between writes; a drain in progress is abandoned (it is resumable), the lock and the cordon
 //! are kept (a reboot's shutdown SIGTERMs the agent too, and they must survive it).
+//!
+//! Where each part lives: [`run`] and the idle wait here; one engagement's loop in `cycle`
+//! (a turn: observe, decide, act), what a turn sees in `observe`, the steps of a reboot in
+//! `steps` (wait, cordon, drain, reboot, uncordon...), taking a slot in `slot`, releasing and
+//! handing over in `hand_over`, the caches the observations come from in `watches`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
