@@ -244,118 +244,63 @@ impl Watches {
 }
 
 impl Agent {
+    /// Starts the watches of an engaged agent: the Nodes labelled as lock holders, its own
+    /// Node, the lock Leases, the policy ConfigMap (the pods and the budgets start with a
+    /// health gate, see [`Agent::watch_pods`]).
     pub(super) fn engage(&self) -> Watches {
         let (node_tx, _) = watch::channel(NodeState::default());
         let (lease_tx, _) = watch::channel(LeaseState::default());
         let (policy_tx, _) = watch::channel(PolicyState::default());
-        let mut tasks = Vec::new();
         let (holders_tx, _) = watch::channel(BTreeMap::new());
         let (labelled_tx, _) = watch::channel(BTreeMap::<String, Labelled>::new());
+        let tasks = vec![
+            tokio::spawn(watch_labelled_holders(self.node_api(), labelled_tx.clone())),
+            tokio::spawn(follow_own_node(
+                self.node_api(),
+                self.cfg.node_name.clone(),
+                node_tx.clone(),
+            )),
+            tokio::spawn(watch_leases(
+                Api::namespaced(self.client.clone(), &self.cfg.namespace),
+                format!("{}={}", lock::LOCK_LABEL, self.cfg.lock_name),
+                lease_tx.clone(),
+            )),
+            tokio::spawn(follow_named(
+                Api::<ConfigMap>::namespaced(self.client.clone(), &self.cfg.namespace),
+                self.cfg.config_map.clone(),
+                "policy ConfigMap",
+                self.policy_applier(policy_tx.clone()),
+            )),
+        ];
+        let (pods_tx, _) = watch::channel(None);
+        let (budgets_tx, _) = watch::channel(None);
+        Watches {
+            node: node_tx,
+            leases: lease_tx,
+            policy: policy_tx,
+            holder_nodes: holders_tx,
+            labelled_holders: labelled_tx,
+            unlabelled_since: BTreeMap::new(),
+            holder_tasks: BTreeMap::new(),
+            tasks,
+            pods: pods_tx,
+            pods_watched: false,
+            budgets: budgets_tx,
+            budgets_watched: false,
+        }
+    }
 
-        // Nodes labelled as lock holders: their cycle state while they carry the label.
-        let api = self.node_api();
-        let tx = labelled_tx.clone();
-        tasks.push(tokio::spawn(async move {
-            let selector = format!("{}=true", node::LABEL_HOLDER);
-            let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
-            futures::pin_mut!(stream);
-            let holding = |n: &Node| Labelled::Holding(holder_state(n));
-            let mut listing = BTreeMap::new();
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(watcher::Event::Init) => listing.clear(),
-                    Ok(watcher::Event::InitApply(n)) => {
-                        listing.insert(n.name_any(), holding(&n));
-                    }
-                    Ok(watcher::Event::InitDone) => tx.send_modify(|m| {
-                        // A Node labelled before and missing from the new list left the watch
-                        // while it was down: deleted or unlabelled, as a DELETED event.
-                        let mut fresh = std::mem::take(&mut listing);
-                        for name in m.keys() {
-                            fresh.entry(name.clone()).or_insert(Labelled::Left);
-                        }
-                        *m = fresh;
-                    }),
-                    Ok(watcher::Event::Apply(n)) => {
-                        let st = holding(&n);
-                        tx.send_if_modified(|m| m.insert(n.name_any(), st) != Some(st));
-                    }
-                    Ok(watcher::Event::Delete(n)) => {
-                        // Deleted, or merely no longer labelled: the event cannot tell (it
-                        // carries the last labelled state either way). See `Labelled::Left`.
-                        tx.send_if_modified(|m| {
-                            m.insert(n.name_any(), Labelled::Left) != Some(Labelled::Left)
-                        });
-                    }
-                    Err(e) => debug!(error = %e, "watch of lock holders' Nodes failed; retrying"),
-                }
-            }
-        }));
-
-        // Own Node.
-        let api = self.node_api();
-        let tx = node_tx.clone();
-        let name = self.cfg.node_name.clone();
-        tasks.push(tokio::spawn(follow_named(api, name, "own Node", move |n| {
-            tx.send_modify(|s| {
-                s.synced = true;
-                match n {
-                    Some(n) => {
-                        let current = s
-                            .node
-                            .as_ref()
-                            .and_then(|o| o.metadata.resource_version.as_deref());
-                        if newer(current, n.metadata.resource_version.as_deref()) {
-                            s.node = Some(n);
-                        }
-                    }
-                    None => s.node = None,
-                }
-            })
-        })));
-
-        // Lock Leases.
-        let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.cfg.namespace);
-        let tx = lease_tx.clone();
-        let selector = format!("{}={}", lock::LOCK_LABEL, self.cfg.lock_name);
-        tasks.push(tokio::spawn(async move {
-            let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
-            futures::pin_mut!(stream);
-            let mut listing = BTreeMap::new();
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(watcher::Event::Init) => listing.clear(),
-                    Ok(watcher::Event::InitApply(l)) => {
-                        listing.insert(l.name_any(), l);
-                    }
-                    Ok(watcher::Event::InitDone) => tx.send_modify(|s| {
-                        s.synced = true;
-                        let now = Instant::now();
-                        s.leases.retain(|name, _| listing.contains_key(name));
-                        for l in std::mem::take(&mut listing).into_values() {
-                            s.put(l, now);
-                        }
-                    }),
-                    Ok(watcher::Event::Apply(l)) => tx.send_modify(|s| s.put(l, Instant::now())),
-                    Ok(watcher::Event::Delete(l)) => tx.send_modify(|s| {
-                        s.leases.remove(&l.name_any());
-                    }),
-                    Err(e) => warn!(error = %e, "watch of lock Leases failed; retrying with back-off"),
-                }
-            }
-        }));
-
-        // Policy ConfigMap.
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.cfg.namespace);
-        let tx = policy_tx.clone();
+    /// What the policy ConfigMap's watch does with each version: the pause (read whether or
+    /// not the policy is valid), and the policy if valid; an invalid one is reported (log,
+    /// Event, `config_valid 0`) and the last good policy stays in force.
+    fn policy_applier(&self, tx: watch::Sender<PolicyState>) -> impl FnMut(Option<ConfigMap>) + use<> {
         let cm_name = self.cfg.config_map.clone();
         let metrics = self.metrics.clone();
         let events = self.events.clone();
         let namespace = self.cfg.namespace.clone();
-        let name = cm_name.clone();
         let me = self.cfg.node_name.clone();
         let has_prometheus = self.cfg.blockers.prometheus.is_some();
-        let apply = move |cm: Option<ConfigMap>| {
+        move |cm: Option<ConfigMap>| {
             let cm = cm.as_ref();
             let paused = pause::of_config_map(cm);
             if paused != tx.borrow().paused {
@@ -364,21 +309,7 @@ impl Agent {
                     None => info!(node = %me, "reboots not paused"),
                 }
             }
-            let parsed = match cm {
-                None => Ok(Policy::default()),
-                Some(cm) => crate::policy::document_of(&format!("{namespace}/{cm_name}"), cm)
-                    .and_then(|doc| Policy::parse(doc).map_err(|e| e.to_string())),
-            };
-            // A gate query needs a Prometheus to ask. Without one every rebooted node of the
-            // rule would sit in its gate until the timeout and stop the rollout there: refuse
-            // the policy now, where the operator sees it (Event, config_valid 0).
-            let parsed = parsed.and_then(|p| match p.gate_queries().first() {
-                Some(path) if !has_prometheus => Err(format!(
-                    "invalid policy at {path}: a gate query needs the agent's --prometheus-url, which is not set"
-                )),
-                _ => Ok(p),
-            });
-            match parsed {
+            match read_policy(&namespace, &cm_name, cm, has_prometheus) {
                 Ok(p) => {
                     info!(configmap = %cm_name, present = cm.is_some(), "policy loaded");
                     metrics.set(&metrics.config_valid, 1);
@@ -412,24 +343,6 @@ impl Agent {
                     });
                 }
             }
-        };
-        tasks.push(tokio::spawn(follow_named(api, name, "policy ConfigMap", apply)));
-
-        let (pods_tx, _) = watch::channel(None);
-        let (budgets_tx, _) = watch::channel(None);
-        Watches {
-            node: node_tx,
-            leases: lease_tx,
-            policy: policy_tx,
-            holder_nodes: holders_tx,
-            labelled_holders: labelled_tx,
-            unlabelled_since: BTreeMap::new(),
-            holder_tasks: BTreeMap::new(),
-            tasks,
-            pods: pods_tx,
-            pods_watched: false,
-            budgets: budgets_tx,
-            budgets_watched: false,
         }
     }
 
@@ -462,6 +375,116 @@ impl Agent {
             w.budgets.clone(),
             "PodDisruptionBudgets",
         )));
+    }
+}
+
+/// The policy in the ConfigMap `namespace/cm_name` (the default policy without one), or why
+/// it is refused.
+fn read_policy(
+    namespace: &str,
+    cm_name: &str,
+    cm: Option<&ConfigMap>,
+    has_prometheus: bool,
+) -> Result<Policy, String> {
+    let parsed = match cm {
+        None => Ok(Policy::default()),
+        Some(cm) => crate::policy::document_of(&format!("{namespace}/{cm_name}"), cm)
+            .and_then(|doc| Policy::parse(doc).map_err(|e| e.to_string())),
+    };
+    // A gate query needs a Prometheus to ask. Without one every rebooted node of the
+    // rule would sit in its gate until the timeout and stop the rollout there: refuse
+    // the policy now, where the operator sees it (Event, config_valid 0).
+    parsed.and_then(|p| match p.gate_queries().first() {
+        Some(path) if !has_prometheus => Err(format!(
+            "invalid policy at {path}: a gate query needs the agent's --prometheus-url, which is not set"
+        )),
+        _ => Ok(p),
+    })
+}
+
+/// Nodes labelled as lock holders: their cycle state while they carry the label.
+async fn watch_labelled_holders(api: Api<Node>, tx: watch::Sender<BTreeMap<String, Labelled>>) {
+    let selector = format!("{}=true", node::LABEL_HOLDER);
+    let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
+    futures::pin_mut!(stream);
+    let holding = |n: &Node| Labelled::Holding(holder_state(n));
+    let mut listing = BTreeMap::new();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => listing.clear(),
+            Ok(watcher::Event::InitApply(n)) => {
+                listing.insert(n.name_any(), holding(&n));
+            }
+            Ok(watcher::Event::InitDone) => tx.send_modify(|m| {
+                // A Node labelled before and missing from the new list left the watch
+                // while it was down: deleted or unlabelled, as a DELETED event.
+                let mut fresh = std::mem::take(&mut listing);
+                for name in m.keys() {
+                    fresh.entry(name.clone()).or_insert(Labelled::Left);
+                }
+                *m = fresh;
+            }),
+            Ok(watcher::Event::Apply(n)) => {
+                let st = holding(&n);
+                tx.send_if_modified(|m| m.insert(n.name_any(), st) != Some(st));
+            }
+            Ok(watcher::Event::Delete(n)) => {
+                // Deleted, or merely no longer labelled: the event cannot tell (it
+                // carries the last labelled state either way). See `Labelled::Left`.
+                tx.send_if_modified(|m| m.insert(n.name_any(), Labelled::Left) != Some(Labelled::Left));
+            }
+            Err(e) => debug!(error = %e, "watch of lock holders' Nodes failed; retrying"),
+        }
+    }
+}
+
+/// The agent's own Node (never moved backwards, see [`newer`]).
+async fn follow_own_node(api: Api<Node>, name: String, tx: watch::Sender<NodeState>) {
+    follow_named(api, name, "own Node", move |n| {
+        tx.send_modify(|s| {
+            s.synced = true;
+            match n {
+                Some(n) => {
+                    let current = s
+                        .node
+                        .as_ref()
+                        .and_then(|o| o.metadata.resource_version.as_deref());
+                    if newer(current, n.metadata.resource_version.as_deref()) {
+                        s.node = Some(n);
+                    }
+                }
+                None => s.node = None,
+            }
+        })
+    })
+    .await
+}
+
+/// The lock's Leases (those labelled `selector`), each kept at its newest version.
+async fn watch_leases(api: Api<Lease>, selector: String, tx: watch::Sender<LeaseState>) {
+    let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
+    futures::pin_mut!(stream);
+    let mut listing = BTreeMap::new();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => listing.clear(),
+            Ok(watcher::Event::InitApply(l)) => {
+                listing.insert(l.name_any(), l);
+            }
+            Ok(watcher::Event::InitDone) => tx.send_modify(|s| {
+                s.synced = true;
+                let now = Instant::now();
+                s.leases.retain(|name, _| listing.contains_key(name));
+                for l in std::mem::take(&mut listing).into_values() {
+                    s.put(l, now);
+                }
+            }),
+            Ok(watcher::Event::Apply(l)) => tx.send_modify(|s| s.put(l, Instant::now())),
+            Ok(watcher::Event::Delete(l)) => tx.send_modify(|s| {
+                s.leases.remove(&l.name_any());
+            }),
+            Err(e) => warn!(error = %e, "watch of lock Leases failed; retrying with back-off"),
+        }
     }
 }
 
