@@ -149,7 +149,8 @@ impl Cycle<'_> {
             return Ok(self.claim_handed_over(t, slot, lease).await);
         }
         let (slots, counted_at) = self.slots_to_compete(t).await?;
-        let picked = lock::pick_slot(&slots, &t.leases, &t.seen, t.now, Instant::now(), |h| {
+        let in_my_order = lock::preference_order(&slots, &agent.cfg.node_name);
+        let picked = lock::pick_slot(&in_my_order, &t.leases, &t.seen, t.now, Instant::now(), |h| {
             self.w.holder_node(h)
         });
         if picked.is_some() && counted_at.is_some_and(|at| at.elapsed() > POOL_FRESH) {

@@ -500,19 +500,26 @@ pub(super) fn holder_state(n: &Node) -> lock::HolderNode {
 /// Follows one named object through a watch: `on(Some(object))` for every version seen,
 /// `on(None)` when it does not exist (a list without it, or a deletion). Runs until aborted;
 /// watch errors are retried with back-off.
-pub(super) async fn follow_named<K>(
+pub(super) async fn follow_named<K>(api: Api<K>, name: String, what: &'static str, on: impl FnMut(Option<K>))
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    follow_named_for(api, name, what, None, on).await;
+}
+
+/// [`follow_named`] with the watch renewed every `timeout_secs` (kube-rs' 290 s when None).
+pub(super) async fn follow_named_for<K>(
     api: Api<K>,
     name: String,
     what: &'static str,
+    timeout_secs: Option<u32>,
     mut on: impl FnMut(Option<K>),
 ) where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    let stream = watcher(
-        api,
-        watcher::Config::default().fields(&format!("metadata.name={name}")),
-    )
-    .default_backoff();
+    let mut config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    config.timeout = timeout_secs.or(config.timeout);
+    let stream = watcher(api, config).default_backoff();
     futures::pin_mut!(stream);
     let mut seen = false;
     while let Some(ev) = stream.next().await {

@@ -303,7 +303,8 @@ impl RealFleet {
                         c
                     })
                 },
-                kubelet: cp.client(KUBELET_TOKEN),
+                // HTTP/2 as the agents: thousands of concurrent status writes on one connection.
+                kubelet: kreboot::connect::client(cp.config(KUBELET_TOKEN)).expect("kubelet client"),
                 reboot,
                 members: Mutex::new(members),
             }),
