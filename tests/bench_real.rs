@@ -37,8 +37,8 @@ use std::{
 use common::{
     real::{self, ControlPlane},
     real_fleet::{
-        AuditReader, Audited, HandOver, Observer, RealFleet, Scrape, agent_node, bench_tokens, create_nodes,
-        raise_nofile,
+        AuditReader, Audited, HandOver, Observer, RealFleet, Scrape, agent_node, create_nodes,
+        fleet_control_plane, raise_nofile,
     },
 };
 use k8s_openapi::api::core::v1::Namespace;
@@ -504,21 +504,8 @@ async fn run_size(n: usize, reboot: Duration, idle_secs: u64, limit: Duration) -
     };
     eprintln!("\n=== {n} nodes (load average {}) ===", row.load);
     let names: Vec<String> = (0..n).map(|i| format!("node-{i:04}")).collect();
-    let cp = ControlPlane::start(real::Options {
-        tokens: bench_tokens(&names),
-        ..real::Options::default()
-    })
-    .await;
+    let cp = fleet_control_plane(&names, NS).await;
     let admin = cp.admin_client();
-    let ns: Api<Namespace> = Api::all(admin.clone());
-    for name in ["default", NS] {
-        let _ = ns
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap(),
-            )
-            .await;
-    }
     let t = Instant::now();
     create_nodes(&admin, &names, 16).await;
     let observer = Observer::start(&cp, NS);

@@ -12,12 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{
-    real::{self, ControlPlane},
-    real_fleet::{Observer, RealFleet, bench_tokens, create_nodes, raise_nofile},
-};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::{Api, api::PostParams};
+use common::real_fleet::{Observer, RealFleet, create_nodes, fleet_control_plane, raise_nofile};
 
 const NS: &str = "kube-system";
 
@@ -34,21 +29,8 @@ async fn kwok_nodes_roll_within_the_concurrency_on_the_real_kube_apiserver() {
     let concurrency = (n / 50).max(1);
     raise_nofile(20_000);
     let names: Vec<String> = (0..n).map(|i| format!("node-{i:04}")).collect();
-    let cp = ControlPlane::start(real::Options {
-        tokens: bench_tokens(&names),
-        ..real::Options::default()
-    })
-    .await;
+    let cp = fleet_control_plane(&names, NS).await;
     let admin = cp.admin_client();
-    let ns: Api<Namespace> = Api::all(admin.clone());
-    for name in ["default", NS] {
-        let _ = ns
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap(),
-            )
-            .await;
-    }
     create_nodes(&admin, &names, 16).await;
     let observer = Observer::start(&cp, NS);
     common::wait_until(Duration::from_secs(120), "the observer lists every Node", || {

@@ -287,16 +287,7 @@ impl Cycle<'_> {
             &view.recorded.reboot_reason,
             Some(&e.to_string()),
         );
-        let n = agent
-            .patch_node(&node::with_label_changes(
-                node::end_cycle_patch(view, CycleEnd::Failed(e.metric_label()), now),
-                &BTreeMap::new(),
-                agent.cfg.pre_reboot_labels.keys(),
-            ))
-            .await
-            .map_err(node_write_error)?;
-        self.w.set_node(n);
-        release(agent, &self.w).await
+        self.give_back(view, e.metric_label(), now).await
     }
 
     /// Reboots (`Action::Reboot`): after `--reboot-delay` and a last look at the window,
@@ -371,9 +362,22 @@ impl Cycle<'_> {
             &view.recorded.reboot_reason,
             Some(&e.to_string()),
         );
+        self.give_back(view, "reboot_failed", agent.clock.now()).await
+    }
+
+    /// After a failed drain or reboot: ends the cycle on the Node as failed (`reason`, the
+    /// metric's label), which uncordons it if kreboot cordoned it and drops the pre-reboot
+    /// labels, then releases the lock.
+    async fn give_back(
+        &self,
+        view: &node::NodeView,
+        reason: &'static str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StepError> {
+        let agent = self.agent;
         let n = agent
             .patch_node(&node::with_label_changes(
-                node::end_cycle_patch(view, CycleEnd::Failed("reboot_failed"), agent.clock.now()),
+                node::end_cycle_patch(view, CycleEnd::Failed(reason), now),
                 &BTreeMap::new(),
                 agent.cfg.pre_reboot_labels.keys(),
             ))

@@ -80,6 +80,26 @@ pub fn bench_tokens(nodes: &[String]) -> Vec<(String, String, String, String)> {
     tokens
 }
 
+/// A fresh control plane for a fleet of `names`: their agents' tokens (see [`bench_tokens`]),
+/// and the namespaces `default` and `namespace` (the agents' Leases and policy).
+pub async fn fleet_control_plane(names: &[String], namespace: &str) -> ControlPlane {
+    let cp = ControlPlane::start(super::real::Options {
+        tokens: bench_tokens(names),
+        ..super::real::Options::default()
+    })
+    .await;
+    let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cp.admin_client());
+    for name in ["default", namespace] {
+        let _ = ns
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}})).expect("a Namespace"),
+            )
+            .await;
+    }
+    cp
+}
+
 /// Raises this process's open-file limit (soft and hard) to `want`, or as far as allowed; the
 /// control plane's processes started afterwards inherit it. Returns the soft limit in force.
 pub fn raise_nofile(want: u64) -> u64 {
