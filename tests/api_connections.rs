@@ -63,49 +63,52 @@ fn connections_to(port: u16) -> usize {
     count
 }
 
+/// Runs a watch of `api`, saying on `listed` each time it has listed.
+fn watch_until_listed<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    listed: tokio::sync::mpsc::Sender<()>,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    tokio::spawn(async move {
+        let stream = watcher(api, cfg).default_backoff();
+        futures::pin_mut!(stream);
+        while let Some(e) = stream.next().await {
+            if matches!(e, Ok(watcher::Event::InitDone)) {
+                let _ = listed.send(()).await;
+            }
+        }
+    })
+}
+
 /// Opens the agent's four watches with `client` and a GET beside them, and counts the
 /// connections to kube-apiserver once every watch has listed.
 async fn connections_while_watching(client: kube::Client, port: u16) -> usize {
     let (listed_tx, mut listed_rx) = tokio::sync::mpsc::channel::<()>(8);
-    let mut tasks = Vec::new();
-    let watches: Vec<watcher::Config> = vec![
-        watcher::Config::default().fields("metadata.name=n0"),
-        watcher::Config::default().labels("kreboot.io/lock-holder=true"),
+    let tasks = vec![
+        watch_until_listed(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().fields("metadata.name=n0"),
+            listed_tx.clone(),
+        ),
+        watch_until_listed(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().labels("kreboot.io/lock-holder=true"),
+            listed_tx.clone(),
+        ),
+        watch_until_listed(
+            Api::<Lease>::namespaced(client.clone(), "default"),
+            watcher::Config::default(),
+            listed_tx.clone(),
+        ),
+        watch_until_listed(
+            Api::<ConfigMap>::namespaced(client.clone(), "default"),
+            watcher::Config::default(),
+            listed_tx,
+        ),
     ];
-    for cfg in watches {
-        let api: Api<Node> = Api::all(client.clone());
-        let tx = listed_tx.clone();
-        tasks.push(tokio::spawn(async move {
-            let stream = watcher(api, cfg).default_backoff();
-            futures::pin_mut!(stream);
-            while let Some(e) = stream.next().await {
-                if matches!(e, Ok(watcher::Event::InitDone)) {
-                    let _ = tx.send(()).await;
-                }
-            }
-        }));
-    }
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
-    let tx = listed_tx.clone();
-    tasks.push(tokio::spawn(async move {
-        let stream = watcher(leases, watcher::Config::default()).default_backoff();
-        futures::pin_mut!(stream);
-        while let Some(e) = stream.next().await {
-            if matches!(e, Ok(watcher::Event::InitDone)) {
-                let _ = tx.send(()).await;
-            }
-        }
-    }));
-    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    tasks.push(tokio::spawn(async move {
-        let stream = watcher(configmaps, watcher::Config::default()).default_backoff();
-        futures::pin_mut!(stream);
-        while let Some(e) = stream.next().await {
-            if matches!(e, Ok(watcher::Event::InitDone)) {
-                let _ = listed_tx.send(()).await;
-            }
-        }
-    }));
     for _ in 0..4 {
         tokio::time::timeout(Duration::from_secs(30), listed_rx.recv())
             .await

@@ -8,14 +8,7 @@ use super::*;
 /// (while the cap slot is still held, its group slot cannot be taken by a group waiter that
 /// then finds the cap full because of this very node).
 pub(super) async fn release(agent: &Agent, w: &Watches) -> Result<(), StepError> {
-    let mut held: Vec<Lease> = w
-        .leases
-        .borrow()
-        .leases
-        .values()
-        .filter(|l| lock::holder(l) == Some(agent.cfg.node_name.as_str()))
-        .cloned()
-        .collect();
+    let mut held = w.leases.borrow().held_by(&agent.cfg.node_name);
     held.sort_by_key(|l| !lock::is_cap_slot(&agent.cfg.lock_name, &l.name_any()));
     for lease in held {
         pass_on(agent, w, lease).await?;

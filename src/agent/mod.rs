@@ -305,13 +305,7 @@ fn spawn_renewer(agent: Agent, leases: watch::Sender<LeaseState>) -> JoinHandle<
             tokio::time::sleep(period).await;
             // Any of the lock's Leases (the slot set may have changed with the policy), and
             // all of them: a node may hold its group's slot and a cap slot.
-            let held: Vec<Lease> = leases
-                .borrow()
-                .leases
-                .values()
-                .filter(|l| lock::holder(l) == Some(agent.cfg.node_name.as_str()))
-                .cloned()
-                .collect();
+            let held = leases.borrow().held_by(&agent.cfg.node_name);
             for lease in held {
                 match lock.renew(&lease, agent.clock.now()).await {
                     Ok(l) => leases.send_modify(|s| s.put(l, Instant::now())),

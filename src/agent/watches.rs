@@ -42,6 +42,15 @@ pub(super) struct LeaseState {
 }
 
 impl LeaseState {
+    /// Every lock Lease `me` holds (a node may hold its group's slot and a cap slot).
+    pub(super) fn held_by(&self, me: &str) -> Vec<Lease> {
+        self.leases
+            .values()
+            .filter(|l| lock::holder(l) == Some(me))
+            .cloned()
+            .collect()
+    }
+
     /// Stores `l` unless an older version; records when a new version was first seen.
     pub(super) fn put(&mut self, l: Lease, now: Instant) {
         let name = l.name_any();
