@@ -36,6 +36,16 @@ fn multiplexed(cfg: &kube::Config) -> bool {
 const HTTP2_PING_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 const HTTP2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// The longest a request may wait for the start of its answer (the connection, TLS, and the
+/// response's headers; a watch's events afterwards are not bounded by it). The pings find a
+/// dead connection, not a live one on which an answer never comes, or a handshake that
+/// stalls: without a bound, one such request would hold the agent silently (kube-rs' own
+/// client bounds every socket read by its `read_timeout`, 295 s). kube-apiserver answers
+/// 504 to a request it could not serve in its `--request-timeout` (60 s), so a bound a little
+/// above that never cuts off an answer the server was still going to give. A shorter
+/// `read_timeout` in the configuration wins.
+pub const RESPONSE_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
+
 /// A client that offers HTTP/2 (ALPN `h2`, then `http/1.1`), as client-go does: every request
 /// and watch of the agent shares one connection to kube-apiserver instead of one connection
 /// each. kube-rs 5 builds HTTP/1.1 only, where each open watch holds a connection of its own:
@@ -67,6 +77,9 @@ fn http2_client(cfg: kube::Config) -> Result<kube::Client, kube::Error> {
         .http2_keep_alive_timeout(HTTP2_PING_TIMEOUT)
         .http2_keep_alive_while_idle(true)
         .build(connector);
+    let answer_within = cfg
+        .read_timeout
+        .map_or(RESPONSE_START_TIMEOUT, |t| t.min(RESPONSE_START_TIMEOUT));
     let retry = cfg
         .default_retry
         .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
@@ -76,6 +89,7 @@ fn http2_client(cfg: kube::Config) -> Result<kube::Client, kube::Error> {
         .option_layer(cfg.auth_layer()?)
         .layer(cfg.extra_headers_layer()?)
         .map_err(tower::BoxError::from)
+        .layer(tower::timeout::TimeoutLayer::new(answer_within))
         .service(transport);
     Ok(kube::Client::new(service, cfg.default_namespace))
 }
@@ -210,6 +224,31 @@ mod tests {
         chrono::DateTime::parse_from_rfc3339(s)
             .unwrap()
             .with_timezone(&chrono::Utc)
+    }
+
+    /// A server that accepts the connection and then never answers (a stalled relay, a hung
+    /// TLS terminator): the request must fail within the configured bound, not wait forever.
+    #[tokio::test]
+    async fn a_server_that_never_answers_fails_the_request() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let mut cfg = kube::Config::new(format!("https://127.0.0.1:{port}").parse().unwrap());
+        cfg.root_cert = Some(Vec::new());
+        cfg.read_timeout = Some(std::time::Duration::from_millis(500));
+        let client = client(cfg).unwrap();
+        let answer =
+            tokio::time::timeout(std::time::Duration::from_secs(20), client.apiserver_version()).await;
+        held.abort();
+        let error = answer
+            .expect("the request was still waiting after 20 s")
+            .expect_err("a server that never answers gave an answer");
+        assert!(format!("{error:?}").contains("Elapsed"), "{error:?}");
     }
 
     #[test]
