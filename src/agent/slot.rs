@@ -324,7 +324,7 @@ impl Cycle<'_> {
         agent.metrics.set_blocked(Some("lock_held_elsewhere"));
         let look_again = self.w.watch_holders(
             &agent.client,
-            &lock::holders(slots, &t.leases, &t.seen, now, Instant::now()),
+            &lock::holders(slots, &t.leases, &t.seen, now, Instant::now(), me),
         );
         let expiry = lock::next_expiry(slots, &t.leases, &t.seen, now, Instant::now());
         let next_window = t
