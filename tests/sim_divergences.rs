@@ -227,7 +227,7 @@ async fn the_lock_never_sends_an_unversioned_or_zero_duration_lease_write() {
     let mut unversioned = renewed.clone();
     unversioned.metadata.resource_version = None;
     assert!(lock.renew(&unversioned, now).await.is_err());
-    assert!(lock.hand_off(&unversioned, "n2", now).await.is_err());
+    assert!(lock.hand_off(&unversioned, "n2", 0, now).await.is_err());
     assert!(lock.release(&unversioned, now).await.is_err());
     assert!(
         lock.acquire("kreboot-lock", Some(&unversioned), now)

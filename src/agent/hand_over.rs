@@ -97,7 +97,7 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
     match agent.node_api().list(&waiting).await {
         Ok(list) => {
             let slot = lease.name_any();
-            let next = successor(
+            let (next, eligible) = successor(
                 agent,
                 &slot,
                 list.items,
@@ -108,7 +108,9 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
             )
             .await;
             if let Some(next) = next {
-                match lock.hand_off(&lease, &next, now).await {
+                // The others still waiting for this slot: the waiters doze when it is long.
+                let queue = eligible.saturating_sub(1);
+                match lock.hand_off(&lease, &next, queue, now).await {
                     Ok(l) => {
                         info!(node = %agent.cfg.node_name, lease = %l.name_any(), successor = %next, "lock handed over");
                         w.set_lease(l, Instant::now());
@@ -128,7 +130,7 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
 
 /// The waiter `slot` is handed to, from the `waiting` Nodes: the longest waiter among those
 /// that compete for this very slot (`my_labels` and `pool`: this node's labels and the size of
-/// its pool, for a percentage budget).
+/// its pool, for a percentage budget); and how many Nodes wait for it (the chosen one included).
 async fn successor(
     agent: &Agent,
     slot: &String,
@@ -137,7 +139,7 @@ async fn successor(
     my_labels: &crate::policy::Labels,
     pool: Option<usize>,
     holders: &Holders,
-) -> Option<String> {
+) -> (Option<String>, usize) {
     let lock_name = &agent.cfg.lock_name;
     if lock::is_cap_slot(lock_name, slot) {
         // A cap slot: only to a waiter of the same rule that holds its group's slot
@@ -158,14 +160,20 @@ async fn successor(
                     && holders.any.contains(&n.name_any())
             })
             .collect();
-        node::pick_successor(&eligible, &agent.cfg.node_name, &holders.cap)
+        (
+            node::pick_successor(&eligible, &agent.cfg.node_name, &holders.cap),
+            eligible.len(),
+        )
     } else {
         // Only a waiter that competes for this very slot (same lock group or rule).
         let eligible: Vec<Node> = waiting
             .into_iter()
             .filter(|n| agent.slots_for(policy, &n.labels().clone(), pool).contains(slot))
             .collect();
-        node::pick_successor(&eligible, &agent.cfg.node_name, &holders.any)
+        (
+            node::pick_successor(&eligible, &agent.cfg.node_name, &holders.any),
+            eligible.len(),
+        )
     }
 }
 

@@ -304,6 +304,60 @@ impl Cycle<'_> {
         }
     }
 
+    /// Dozes in a long queue (see [`lock::doze_period`]) until a slot is handed to this node,
+    /// `until`, a change of the sentinel or the policy, or shutdown; then looks at the whole
+    /// lock again. Only the node's own Node, the policy and the Leases handed to this node are
+    /// watched meanwhile.
+    async fn doze(&mut self, until: Option<Instant>) -> Stepped {
+        let agent = self.agent;
+        let me = &agent.cfg.node_name;
+        self.w.doze();
+        debug!(node = %me, wakes_in = ?until.map(|u| u.saturating_duration_since(Instant::now())), "dozing in the lock queue until a slot is handed over");
+        let (handed_tx, mut handed) = watch::channel(false);
+        let _handed_watch = AbortOnDrop(tokio::spawn(watch_handed_to(
+            Api::namespaced(agent.client.clone(), &agent.cfg.namespace),
+            format!(
+                "{}={},{}={me}",
+                lock::LOCK_LABEL,
+                agent.cfg.lock_name,
+                lock::LABEL_HANDED_TO
+            ),
+            me.clone(),
+            handed_tx,
+        )));
+        // The ConfigMap's watch republishes the same policy at each renewal: only a change
+        // (a new policy, a pause or a resume) ends the doze.
+        let mut policy = self.w.policy.subscribe();
+        let before = {
+            let p = policy.borrow_and_update();
+            (p.policy.clone(), p.paused.clone())
+        };
+        let run = &mut *self.run;
+        let sleep = async {
+            match until {
+                Some(u) => tokio::time::sleep_until(u).await,
+                None => std::future::pending().await,
+            }
+        };
+        let shutdown = tokio::select! {
+            _ = run.shutdown.cancelled() => true,
+            _ = handed.wait_for(|h| *h) => false,
+            _ = sleep => false,
+            // A closed sentinel channel changes nothing (and must not end every doze at once).
+            _ = async {
+                if run.sentinel.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => false,
+            _ = policy.wait_for(|p| (&p.policy, &p.paused) != (&before.0, &before.1)) => false,
+        };
+        agent.wake(&mut self.w);
+        if shutdown {
+            return Err(Next::Shutdown);
+        }
+        Err(Next::Decide)
+    }
+
     /// No slot free: join the queue (the holder hands its slot to the longest waiter) and wait
     /// for a Lease change, a slot's expiry, the window's next transition, a look at the
     /// holders' Nodes, or a recount of the pool.
@@ -322,11 +376,6 @@ impl Cycle<'_> {
         }
         agent.metrics.set_state("waiting_for_lock");
         agent.metrics.set_blocked(Some("lock_held_elsewhere"));
-        let look_again = self.w.watch_holders(
-            &agent.client,
-            &lock::holders(slots, &t.leases, &t.seen, now, Instant::now(), me),
-        );
-        let expiry = lock::next_expiry(slots, &t.leases, &t.seen, now, Instant::now());
         let next_window = t
             .policy
             .as_ref()
@@ -334,6 +383,25 @@ impl Cycle<'_> {
         // A percentage budget: count the pool again now and then, to see
         // it grow (a new slot) without a Lease change.
         let recount = counted_at.map(|at| at + POOL_MAX_AGE);
+        if view.waiting
+            && t.held.is_none()
+            && t.held_cap.is_none()
+            && lock::fits_label(me)
+            && let Some(period) = lock::doze_period(lock::queue_length(slots, &t.leases), rand::random())
+        {
+            let until = next_window
+                .map(|d| instant_at(now, d))
+                .into_iter()
+                .chain(recount)
+                .chain([Instant::now() + period])
+                .min();
+            return self.doze(until).await;
+        }
+        let look_again = self.w.watch_holders(
+            &agent.client,
+            &lock::holders(slots, &t.leases, &t.seen, now, Instant::now(), me),
+        );
+        let expiry = lock::next_expiry(slots, &t.leases, &t.seen, now, Instant::now());
         let deadline = [expiry, next_window]
             .into_iter()
             .flatten()
@@ -345,5 +413,26 @@ impl Cycle<'_> {
             .min();
         self.wait_for_change(deadline).await?;
         Ok(Ok(()))
+    }
+}
+
+/// Watches the Leases labelled as handed to `me` (`selector`) and says on `handed` when one of
+/// them names `me` as its holder. kube-apiserver sends this watch only those Leases: the other
+/// writes of the lock do not reach a dozing waiter.
+async fn watch_handed_to(api: Api<Lease>, selector: String, me: String, handed: watch::Sender<bool>) {
+    let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
+    futures::pin_mut!(stream);
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::InitApply(l) | watcher::Event::Apply(l))
+                if lock::holder(&l) == Some(me.as_str()) =>
+            {
+                handed.send_replace(true);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "watch of the Leases handed to this node failed; retrying with back-off")
+            }
+        }
     }
 }

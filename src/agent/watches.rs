@@ -128,6 +128,9 @@ pub(super) struct Watches {
     pub(super) unlabelled_since: BTreeMap<String, Instant>,
     pub(super) holder_tasks: BTreeMap<String, JoinHandle<()>>,
     pub(super) tasks: Vec<JoinHandle<()>>,
+    /// The watches of the whole lock (its Leases, its labelled holders), stopped while the
+    /// agent dozes in a long queue.
+    pub(super) lock_tasks: Vec<JoinHandle<()>>,
     /// The pods bound to this node (None until listed), watched only while the health gate
     /// holds (phase `verifying`): the watch starts with the gate, not before.
     pub(super) pods: watch::Sender<Option<Vec<Pod>>>,
@@ -143,6 +146,7 @@ impl Drop for Watches {
         for t in self
             .tasks
             .drain(..)
+            .chain(self.lock_tasks.drain(..))
             .chain(std::mem::take(&mut self.holder_tasks).into_values())
         {
             t.abort();
@@ -151,6 +155,23 @@ impl Drop for Watches {
 }
 
 impl Watches {
+    /// Stops the watches of the whole lock, and of holders by name, while the agent dozes in a
+    /// long queue ([`lock::doze_period`]); [`Agent::wake`] restarts them. The Leases count as not
+    /// listed until then, so no decision is made on what was seen before the doze.
+    pub(super) fn doze(&mut self) {
+        for t in self
+            .lock_tasks
+            .drain(..)
+            .chain(std::mem::take(&mut self.holder_tasks).into_values())
+        {
+            t.abort();
+        }
+        self.leases.send_if_modified(|s| {
+            s.synced = false;
+            false
+        });
+    }
+
     pub(super) fn synced(&self) -> bool {
         self.node.borrow().synced && self.leases.borrow().synced && self.policy.borrow().synced
     }
@@ -277,17 +298,12 @@ impl Agent {
         let (policy_tx, _) = watch::channel(PolicyState::default());
         let (holders_tx, _) = watch::channel(BTreeMap::new());
         let (labelled_tx, _) = watch::channel(BTreeMap::<String, Labelled>::new());
+        let lock_tasks = self.lock_watches(&lease_tx, &labelled_tx);
         let tasks = vec![
-            tokio::spawn(watch_labelled_holders(self.node_api(), labelled_tx.clone())),
             tokio::spawn(follow_own_node(
                 self.node_api(),
                 self.cfg.node_name.clone(),
                 node_tx.clone(),
-            )),
-            tokio::spawn(watch_leases(
-                Api::namespaced(self.client.clone(), &self.cfg.namespace),
-                format!("{}={}", lock::LOCK_LABEL, self.cfg.lock_name),
-                lease_tx.clone(),
             )),
             tokio::spawn(follow_named(
                 Api::<ConfigMap>::namespaced(self.client.clone(), &self.cfg.namespace),
@@ -307,10 +323,36 @@ impl Agent {
             unlabelled_since: BTreeMap::new(),
             holder_tasks: BTreeMap::new(),
             tasks,
+            lock_tasks,
             pods: pods_tx,
             pods_watched: false,
             budgets: budgets_tx,
             budgets_watched: false,
+        }
+    }
+
+    /// Starts the watches of the whole lock: its Leases, and the Nodes labelled as its holders.
+    fn lock_watches(
+        &self,
+        leases: &watch::Sender<LeaseState>,
+        labelled: &watch::Sender<BTreeMap<String, Labelled>>,
+    ) -> Vec<JoinHandle<()>> {
+        vec![
+            tokio::spawn(watch_labelled_holders(self.node_api(), labelled.clone())),
+            tokio::spawn(watch_leases(
+                Api::namespaced(self.client.clone(), &self.cfg.namespace),
+                format!("{}={}", lock::LOCK_LABEL, self.cfg.lock_name),
+                leases.clone(),
+            )),
+        ]
+    }
+
+    /// Restarts the watches of the whole lock after a doze (see [`Watches::doze`]). The Leases
+    /// are listed again before the next decision; what was seen of each Lease's version is kept,
+    /// so a version unchanged since before the doze keeps its age (expiry is judged by it).
+    pub(super) fn wake(&self, w: &mut Watches) {
+        if w.lock_tasks.is_empty() {
+            w.lock_tasks = self.lock_watches(&w.leases, &w.labelled_holders);
         }
     }
 
