@@ -6,7 +6,8 @@ latency from the hand-off write to the next node's cordon, nodes waiting) and
 target/bench/rollout-N-requests.csv (kube-apiserver's requests per second from its audit log:
 all clients, and the agents') and writes a PNG with both over the rollout's time.
 
-Usage: scripts/plot_rollout.py N OUT.png
+Usage: scripts/plot_rollout.py N OUT.png [DIR] [TITLE]
+(DIR: where the CSV files are, target/bench by default; TITLE: added to the plot's title)
 Needs matplotlib (not part of the test command's venv):
   python3 -m venv target/plot-venv && target/plot-venv/bin/pip install matplotlib==3.11.2
   target/plot-venv/bin/python scripts/plot_rollout.py 1000 docs/rollout-1000.png
@@ -28,10 +29,13 @@ def read(path):
 
 
 def main():
-    if len(sys.argv) != 3:
+    if not 3 <= len(sys.argv) <= 5:
         sys.exit(__doc__)
     n, out = sys.argv[1], Path(sys.argv[2])
     bench = Path(__file__).resolve().parent.parent / "target" / "bench"
+    if len(sys.argv) >= 4:
+        bench = Path(sys.argv[3])
+    note = f" ({sys.argv[4]})" if len(sys.argv) == 5 else ""
     hand_overs = read(bench / f"rollout-{n}-handovers.csv")
     requests = read(bench / f"rollout-{n}-requests.csv")
     if not hand_overs or not requests:
@@ -56,7 +60,7 @@ def main():
     )
     waiting.set_ylabel("nodes waiting")
     top.legend(loc="upper right", fontsize=8)
-    top.set_title(f"kreboot rollout of {n} KWOK nodes on a real kube-apiserver")
+    top.set_title(f"kreboot rollout of {n} KWOK nodes on a real kube-apiserver{note}")
 
     seconds = [int(r["second"]) for r in requests]
     bottom.plot(seconds, [int(r["requests_all"]) for r in requests], linewidth=1, label="all clients")

@@ -103,8 +103,8 @@ pub const DOZE_MIN_QUEUE: usize = 50;
 /// waiter, wakes that one waiter. What a hand-over does not announce (a slot freed because the
 /// hand-over could not be made, a holder whose Lease expired or whose Node was deleted, a
 /// resumed rollout) is found by the waiters' periodic looks: each waiter looks every
-/// 100 ms × queue length (1 minute to 30 minutes), so the queue as a whole looks about ten times
-/// a second, however long it is.
+/// 100 ms × queue length (1 minute to 30 minutes), so the queue as a whole looks about once a
+/// second at 50 waiters and ten times a second from 600 to 18,000.
 pub fn doze_period(queue: usize, jitter: f64) -> Option<std::time::Duration> {
     if queue < DOZE_MIN_QUEUE {
         return None;
@@ -1187,7 +1187,7 @@ mod tests {
         assert_eq!(doze_period(1000, 0.5), Some(s(100)));
         assert_eq!(doze_period(1000, 0.0), Some(s(50)));
         assert_eq!(doze_period(1_000_000, 0.5), Some(s(1800)));
-        // The queue as a whole looks about ten times a second, whatever its length.
+        // The queue as a whole looks at least once a second, at most ten times.
         for queue in [100, 1000, 5000] {
             let per_second = queue as f64 / doze_period(queue, 0.5).unwrap().as_secs_f64();
             assert!(

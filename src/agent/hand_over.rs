@@ -161,7 +161,13 @@ async fn successor(
             })
             .collect();
         (
-            node::pick_successor(&eligible, &agent.cfg.node_name, &holders.cap),
+            node::pick_successor(
+                &eligible,
+                &agent.cfg.node_name,
+                &holders.cap,
+                slot,
+                spread(holders.cap.len()),
+            ),
             eligible.len(),
         )
     } else {
@@ -171,10 +177,23 @@ async fn successor(
             .filter(|n| agent.slots_for(policy, &n.labels().clone(), pool).contains(slot))
             .collect();
         (
-            node::pick_successor(&eligible, &agent.cfg.node_name, &holders.any),
+            node::pick_successor(
+                &eligible,
+                &agent.cfg.node_name,
+                &holders.any,
+                slot,
+                spread(holders.any.len()),
+            ),
             eligible.len(),
         )
     }
+}
+
+/// Over how many of the longest waiters a hand-off is spread (see [`node::pick_successor`]),
+/// given how many slots are held: one slot hands to the longest waiter (nothing is handed at
+/// the same moment); several, over four times as many waiters.
+fn spread(slots_held: usize) -> usize {
+    if slots_held <= 1 { 1 } else { 4 * slots_held }
 }
 
 /// Frees `lease` (held by this node) without naming a successor.

@@ -366,11 +366,15 @@ impl Cycle<'_> {
         let me = &agent.cfg.node_name;
         let view = &t.view;
         let now = t.now;
-        if !view.waiting {
+        let mut queued = view.waiting;
+        if !queued {
             // Join the queue: the holder hands its slot to the longest waiter.
             let patch = agent.taint_change(node::waiting_patch(Some(now)), view, &t.node, true);
             match agent.patch_node(&patch).await {
-                Ok(n) => self.w.set_node(n),
+                Ok(n) => {
+                    self.w.set_node(n);
+                    queued = true;
+                }
                 Err(e) => warn!(node = %me, error = %e, "failed to join the lock queue"),
             }
         }
@@ -383,7 +387,7 @@ impl Cycle<'_> {
         // A percentage budget: count the pool again now and then, to see
         // it grow (a new slot) without a Lease change.
         let recount = counted_at.map(|at| at + POOL_MAX_AGE);
-        if view.waiting
+        if queued
             && t.held.is_none()
             && t.held_cap.is_none()
             && lock::fits_label(me)

@@ -326,6 +326,9 @@ impl ControlPlane {
             format!("--audit-policy-file={}", d("audit-policy.yaml")),
             format!("--audit-log-path={}", d("audit.log")),
             "--audit-log-mode=blocking".into(),
+            // Never rotated (its default rotates at 100 MB): the benchmark reads the whole
+            // rollout from it.
+            "--audit-log-maxsize=100000".into(),
             "--v=1".into(),
         ];
         let api_args = [api_args, opts.apiserver_flags.clone()].concat();
