@@ -22,7 +22,7 @@ use kreboot::{
 };
 use kreboot_testkit::{
     kured_like,
-    procfs::{cpu_seconds, status_kib},
+    procfs::{cpu_seconds, open_fds, status_kib},
     sim::{self, SimCluster, SimConfig, fleet::Fleet},
 };
 use kube::{
@@ -283,9 +283,43 @@ async fn baseline_handover(waiters: usize, samples: usize, period: Duration) -> 
     sorted(out)
 }
 
-/// A rolling reboot of `n` nodes with concurrency `k`: total time, configured time per wave,
-/// peak request rate.
-async fn rollout(n: usize, k: u32, reboot: Duration) -> Option<(f64, f64, f64, u64)> {
+/// What a rolling reboot measured.
+struct Rollout {
+    /// Every node rebooted within the limit.
+    completed: bool,
+    /// Nodes rebooted (cycle recorded and ended) when it finished or the limit passed.
+    done: usize,
+    /// Seconds until every node rebooted (or until the limit).
+    total: f64,
+    /// N/k × (drain 0.2 s + reboot), the time the simulated work itself takes.
+    configured: f64,
+    /// Peak request rate (per 250 ms sample).
+    peak: f64,
+    /// API requests served.
+    requests: u64,
+    /// CPU seconds of this process (agents, simulator and harness) during the rollout.
+    cpu: f64,
+    /// Peak open file descriptors of this process during the rollout.
+    fds: usize,
+    /// Watch events the simulator sent (all watches of all agents) during the rollout.
+    watch_events: u64,
+    /// Their bytes.
+    watch_bytes: u64,
+}
+
+/// Whether a Node's last cycle is recorded and over, read in the store (no typed copy: at
+/// thousands of nodes four times a second, the harness's own reading would count).
+fn rebooted(sim: &SimCluster, node: &str) -> bool {
+    sim.store()
+        .get(sim::store::Kind::Node, "", node)
+        .is_some_and(|n| {
+            let a = n.pointer("/metadata/annotations");
+            a.and_then(|a| a.get(ANN_LAST_REBOOT)).is_some() && a.and_then(|a| a.get(ANN_PHASE)).is_none()
+        })
+}
+
+/// A rolling reboot of `n` nodes with concurrency `k`, stopped after `limit`.
+async fn rollout(n: usize, k: u32, reboot: Duration, limit: Duration) -> Option<Rollout> {
     let sim = SimCluster::start(SimConfig {
         reboot_duration: reboot,
         history_size: 1_000_000,
@@ -296,45 +330,63 @@ async fn rollout(n: usize, k: u32, reboot: Duration) -> Option<(f64, f64, f64, u
     let configs = fleet_configs(&sim, n, k, 2, "r");
     let names: Vec<String> = configs.iter().map(|c| c.node_name.clone()).collect();
     let fleet = Fleet::new(&sim, configs);
+    let me = std::process::id();
+    let cpu0 = cpu_seconds(me).unwrap_or(0.0);
+    let (ev0, bytes0) = sim.watch_events_sent();
     fleet.start_all();
     let t = Instant::now();
     for name in &names {
         fleet.require_reboot(name);
     }
-    let limit = Duration::from_secs(300);
     let mut peak = 0f64;
+    let mut fds = 0usize;
     let mut last = (Instant::now(), 0u64);
-    loop {
+    let completed = loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let total = sim.request_counts().total();
         let now = Instant::now();
         peak = peak.max((total - last.1) as f64 / (now - last.0).as_secs_f64());
         last = (now, total);
-        let done = names
-            .iter()
-            .filter(|n| {
-                sim.node(n).is_some_and(|node| {
-                    let a = node.annotations();
-                    a.contains_key(ANN_LAST_REBOOT) && !a.contains_key(ANN_PHASE)
-                })
-            })
-            .count();
+        fds = fds.max(open_fds(me).unwrap_or(0));
+        let done = names.iter().filter(|n| rebooted(&sim, n)).count();
         if done == n {
-            break;
+            break true;
         }
         if t.elapsed() > limit {
-            eprintln!("rollout of {n} nodes: only {done} done after {limit:?}");
-            drop(fleet);
-            return None;
+            break false;
         }
-    }
+    };
     let total = t.elapsed().as_secs_f64();
-    let requests = sim.request_counts().total();
+    let done = names.iter().filter(|n| rebooted(&sim, n)).count();
+    let counts = sim.request_counts();
+    let requests = counts.total();
+    let cpu = cpu_seconds(me).unwrap_or(0.0) - cpu0;
+    if n >= 200 {
+        let mut by: Vec<_> = counts.by_verb_resource.iter().collect();
+        by.sort_by_key(|(_, c)| std::cmp::Reverse(**c));
+        eprintln!("rollout of {n} nodes, requests by kind: {by:?}");
+        eprintln!("refusals: {:?}", counts.refusals);
+    }
+    let (ev1, bytes1) = sim.watch_events_sent();
+    if !completed {
+        eprintln!("rollout of {n} nodes: only {done} done after {limit:?}");
+    }
     drop(fleet);
     sim.shutdown().await;
     // Per wave: drain (the pods' 0.2 s shutdown) + the simulated reboot; Ready comes with it.
     let configured = (n as f64 / k as f64) * (0.2 + reboot.as_secs_f64());
-    Some((total, configured, peak, requests))
+    Some(Rollout {
+        completed,
+        done,
+        total,
+        configured,
+        peak,
+        requests,
+        cpu,
+        fds,
+        watch_events: ev1 - ev0,
+        watch_bytes: bytes1 - bytes0,
+    })
 }
 
 /// Node Ready again after its reboot (the agent starts at that moment, as the DaemonSet would
@@ -603,12 +655,69 @@ async fn agent_process_report() -> String {
     out
 }
 
-/// `doc` with the section that starts as `section` does (its `## ` heading, up to the next
-/// `## `) replaced by `section`; appended when there is none. Earlier names of the agent
-/// section count as the same section.
-fn replace_section(doc: &str, section: &str) -> String {
-    const AGENT_HEADINGS: [&str; 2] = ["## One agent process", "## Agent process"];
-    let start = AGENT_HEADINGS.iter().find_map(|h| doc.find(&format!("\n{h}")));
+/// The cluster sizes of the largest-cluster part, in order; it stops at the first that does not
+/// complete.
+const LARGEST_SIZES: &[usize] = &[200, 500, 1000, 2000, 5000];
+
+/// The headings of the agent process section (earlier names count as the same section).
+const AGENT_HEADINGS: &[&str] = &["## One agent process", "## Agent process"];
+
+/// The heading of the largest-cluster section.
+const LARGEST_HEADINGS: &[&str] = &["## Largest simulated cluster rolled on this machine"];
+
+/// Rolls clusters of growing `sizes` (one agent per node in this process, concurrency =
+/// nodes/20, reboot 0.5 s, 2 pods per node, 5 minutes each), up to the first that does not
+/// complete: the section of BENCHMARKS.md.
+async fn largest_cluster(sizes: &[usize]) -> String {
+    let limit = Duration::from_secs(300);
+    let mut md = String::new();
+    let mut line = |l: String| {
+        println!("{l}");
+        md.push_str(&l);
+        md.push('\n');
+    };
+    line(format!("{}\n", LARGEST_HEADINGS[0]));
+    line(format!(
+        "One agent per node in this one process (each with its own kube-rs client, calling the simulator's HTTP handler in memory), concurrency = nodes/20, reboot 0.5 s, 2 pods per node; a size counts as completed when every node rebooted within {} minutes; larger sizes are not tried after one that did not complete. CPU is this process's (agents, simulator and harness together) during the rollout; peak RSS is the process's high-water mark so far; watch events are those the simulator sent to all watches, per node rolled (each node takes the lock once).\n",
+        limit.as_secs() / 60
+    ));
+    line(
+        "| nodes | completed | total | rebooted in the limit | requests | CPU | peak RSS | open fds | watch events / node | watch MB |\n|---|---|---|---|---|---|---|---|---|---|"
+            .into(),
+    );
+    let me = std::process::id();
+    for &nn in sizes {
+        let Some(r) = rollout(nn, (nn / 20).max(1) as u32, Duration::from_millis(500), limit).await else {
+            line(format!("| {nn} | simulator did not start | | | | | | | | |"));
+            break;
+        };
+        let rss = status_kib(me, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
+        line(format!(
+            "| {nn} | {} | {:.1} s | {} | {} | {:.0} s | {rss:.0} MiB | {} | {:.0} | {:.0} |",
+            if r.completed { "yes" } else { "no" },
+            r.total,
+            r.done,
+            r.requests,
+            r.cpu,
+            r.fds,
+            r.watch_events as f64 / r.done.max(1) as f64,
+            r.watch_bytes as f64 / 1e6
+        ));
+        if !r.completed {
+            break;
+        }
+    }
+    line(
+        "\nThe CPU, watch events and requests per node are the costs to read when a size does not complete: the agents, the simulator and the harness share this process's two cores. BENCHMARKS.md's real kube-apiserver sections show where those costs come from."
+            .into(),
+    );
+    md
+}
+
+/// `doc` with the section that starts with one of `headings` (up to the next `## `) replaced by
+/// `section`; appended when there is none.
+fn replace_section(doc: &str, headings: &[&str], section: &str) -> String {
+    let start = headings.iter().find_map(|h| doc.find(&format!("\n{h}")));
     let Some(start) = start.map(|s| s + 1) else {
         return format!("{}\n{section}", doc.trim_end());
     };
@@ -621,6 +730,40 @@ fn replace_section(doc: &str, section: &str) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    if std::env::args().any(|a| a == "--help" || a == "-h") {
+        println!(
+            "kreboot-bench: measures kreboot on the simulated cluster and writes BENCHMARKS.md\n\n\
+             kreboot-bench              every part; BENCHMARKS.md rewritten\n\
+             kreboot-bench --quick      every part, smaller\n\
+             kreboot-bench --agent-only only the agent process section (replaced in BENCHMARKS.md)\n\
+             kreboot-bench --largest-only [--sizes 200,500,...]\n\
+             \x20                          only the largest simulated cluster section (replaced in\n\
+             \x20                          BENCHMARKS.md when the sizes are the default ones)"
+        );
+        return;
+    }
+    if std::env::args().any(|a| a == "--largest-only") {
+        let args: Vec<String> = std::env::args().collect();
+        let custom: Option<Vec<usize>> = args
+            .iter()
+            .position(|a| a == "--sizes")
+            .and_then(|i| args.get(i + 1))
+            .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect());
+        let sizes = custom.as_deref().unwrap_or(LARGEST_SIZES);
+        let section = format!(
+            "{}\nMeasured by `cargo build --release -p kreboot-testkit --bin kreboot-bench && ./target/release/kreboot-bench --largest-only`, {}.\n",
+            largest_cluster(sizes).await,
+            Utc::now().format("%Y-%m-%d %H:%M UTC")
+        );
+        if custom.is_none() {
+            let old = std::fs::read_to_string("BENCHMARKS.md").unwrap_or_default();
+            if let Err(e) = std::fs::write("BENCHMARKS.md", replace_section(&old, LARGEST_HEADINGS, &section))
+            {
+                eprintln!("cannot write BENCHMARKS.md: {e}");
+            }
+        }
+        return;
+    }
     if std::env::args().any(|a| a == "--agent-only") {
         // Only the agent process section: printed, and put in place of its section of
         // BENCHMARKS.md (the rest of the file is left as it is).
@@ -631,7 +774,7 @@ async fn main() {
         );
         println!("{section}");
         let old = std::fs::read_to_string("BENCHMARKS.md").unwrap_or_default();
-        if let Err(e) = std::fs::write("BENCHMARKS.md", replace_section(&old, &section)) {
+        if let Err(e) = std::fs::write("BENCHMARKS.md", replace_section(&old, AGENT_HEADINGS, &section)) {
             eprintln!("cannot write BENCHMARKS.md: {e}");
         }
         return;
@@ -723,10 +866,16 @@ async fn main() {
         "| nodes | concurrency | total | configured | overhead per node | peak requests/s | requests |\n|---|---|---|---|---|---|---|"
     );
     for (nn, k) in [(20usize, 1u32), (20, 4)] {
-        if let Some((total, configured, peak, req)) = rollout(nn, k, Duration::from_millis(500)).await {
+        if let Some(r) = rollout(nn, k, Duration::from_millis(500), Duration::from_secs(300)).await
+            && r.completed
+        {
             say!(
-                "| {nn} | {k} | {total:.1} s | {configured:.1} s | {} | {peak:.0} | {req} |",
-                ms((total - configured) / nn as f64)
+                "| {nn} | {k} | {:.1} s | {:.1} s | {} | {:.0} | {} |",
+                r.total,
+                r.configured,
+                ms((r.total - r.configured) / nn as f64),
+                r.peak,
+                r.requests
             );
         }
     }
@@ -748,23 +897,9 @@ async fn main() {
 
     say!("{}", agent_process_report().await);
 
-    say!("## Largest simulated cluster rolled on this machine\n");
     say!(
-        "One agent per node in this one process, concurrency = nodes/20, reboot 0.5 s, 2 pods per node; a size counts as completed when every node rebooted within 5 minutes.\n"
-    );
-    say!("| nodes | completed | total | requests |\n|---|---|---|---|");
-    let cluster_sizes: &[usize] = if quick { &[200] } else { &[200, 500, 1000] };
-    for &nn in cluster_sizes {
-        match rollout(nn, (nn / 20).max(1) as u32, Duration::from_millis(500)).await {
-            Some((total, _, _, req)) => say!("| {nn} | yes | {total:.1} s | {req} |"),
-            None => {
-                say!("| {nn} | no | | |");
-                break;
-            }
-        }
-    }
-    say!(
-        "\nWhat limits the size here: every waiting agent watches the lock Leases, so each Lease write is delivered to every waiting agent, and agents and simulator share this process's two cores (the cost grows with nodes × concurrency). And every agent keeps four to five streaming HTTP connections, both ends in this one process, against a limit of 20,000 file descriptors: 5,000 in-process agents cannot run here at all."
+        "{}",
+        largest_cluster(if quick { &[200] } else { LARGEST_SIZES }).await
     );
     for (k, v) in &r {
         eprintln!("{k}: {v}");

@@ -1,7 +1,9 @@
 //! A fleet of real kreboot agents, one per simulated node, supervised like a DaemonSet.
 //!
-//! Each agent is the production [`agent::run`] with its own kube-rs client talking HTTP to the
-//! simulated cluster. What the harness supplies is only what a real host would: the sentinel
+//! Each agent is the production [`agent::run`] with its own kube-rs client calling the simulated
+//! cluster's HTTP application in memory ([`SimCluster::in_memory_client`]: the same handler,
+//! faults and request counting as over TCP, without a socket, so the fleet's size is not bound
+//! by the process's file descriptors). What the harness supplies is only what a real host would: the sentinel
 //! (a channel standing in for the inotify watch, so thousands of agents fit in one process —
 //! the inotify path itself is tested on its own), and the reboot: the agent's rebooter asks the
 //! simulator to reboot the node; when the simulator reports that the node went down, the
@@ -301,15 +303,8 @@ fn start_member(sim: &SimCluster, m: &mut Member) {
     if let Some((t, _)) = m.task.take() {
         t.abort();
     }
-    let mut kube_cfg = sim.client_config();
-    kube_cfg.default_retry = false;
-    let client = match kube::Client::try_from(kube_cfg) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(node = %m.cfg.node_name, error = %e, "cannot build a client");
-            return;
-        }
-    };
+    // In memory: the same handler as over HTTP (faults included), no socket per connection.
+    let client = sim.in_memory_client();
     // Disabled unless a test configures notification targets.
     let notifier = Notifier::start(&m.cfg.notify, &m.cfg.node_name, m.metrics.clone()).unwrap_or_else(|e| {
         warn!(node = %m.cfg.node_name, error = %e, "notifications disabled");

@@ -178,6 +178,9 @@ pub(crate) struct Shared {
     rebooting: Mutex<std::collections::BTreeSet<String>>,
     /// Faults injected so far (errors, conflicts, dropped watches).
     faults_injected: std::sync::atomic::AtomicU64,
+    /// Watch events sent to clients so far (BOOKMARKs included), and their bytes.
+    watch_events: std::sync::atomic::AtomicU64,
+    watch_bytes: std::sync::atomic::AtomicU64,
     /// Serialises evictions: the PDB check and the delete are one step, as the API server's
     /// update of the PDB status (with its resourceVersion) makes them. Without it two
     /// concurrent evictions could both see one allowed disruption.
@@ -198,6 +201,12 @@ impl Shared {
         *c.by_verb_resource
             .entry(format!("{verb} {resource}"))
             .or_default() += 1;
+    }
+
+    fn count_watch_event(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.watch_events.fetch_add(1, Relaxed);
+        self.watch_bytes.fetch_add(bytes as u64, Relaxed);
     }
 
     fn count_refusal(&self, verb: &str, resource: &str, code: u16) {
@@ -522,6 +531,9 @@ pub struct SimCluster {
     shared: Arc<Shared>,
     addr: SocketAddr,
     server: Arc<JoinHandle<()>>,
+    /// The HTTP application the TCP server serves, also called in memory by
+    /// [`SimCluster::in_memory_client`].
+    app: axum::Router,
 }
 
 impl SimCluster {
@@ -541,6 +553,8 @@ impl SimCluster {
             events,
             rebooting: Mutex::new(Default::default()),
             faults_injected: Default::default(),
+            watch_events: Default::default(),
+            watch_bytes: Default::default(),
             evictions: Mutex::default(),
         });
         for ns in ["default", "kube-system"] {
@@ -553,8 +567,9 @@ impl SimCluster {
         let app = axum::Router::new()
             .fallback(server::handle)
             .with_state(shared.clone());
+        let served = app.clone();
         let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            if let Err(e) = axum::serve(listener, served).await {
                 tracing::error!(error = %e, "simulated API server failed");
             }
         });
@@ -562,6 +577,7 @@ impl SimCluster {
             shared,
             addr,
             server: Arc::new(server),
+            app,
         })
     }
 
@@ -584,6 +600,18 @@ impl SimCluster {
     pub async fn client(&self) -> kube::Client {
         kube::Client::try_from(self.client_config())
             .unwrap_or_else(|e| panic!("client for the simulator: {e}"))
+    }
+
+    /// A kube-rs client that calls the simulator's HTTP application in memory, without a
+    /// socket: the request goes through the same handler as over TCP (routing, request counting,
+    /// access recording, injected faults and latency, dropped watches), and watch responses
+    /// stream as they do over HTTP. No client-side retries (as [`SimCluster::client_config`]).
+    /// The fleet's agents use it, so thousands of them need no file descriptors.
+    pub fn in_memory_client(&self) -> kube::Client {
+        // The Router is a tower Service for any request body kube-rs sends (axum wraps it in
+        // its own `Body`); its response bodies (watch streams included) are passed on as they
+        // are produced.
+        kube::Client::new(self.app.clone(), "default")
     }
 
     /// Writes a kubeconfig for this server (usable by kubectl and `KUBECONFIG`).
@@ -818,6 +846,16 @@ impl SimCluster {
         self.shared
             .faults_injected
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Watch events sent to clients so far (BOOKMARKs included) and their bytes: what the
+    /// watches of all clients together cost the server.
+    pub fn watch_events_sent(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.shared.watch_events.load(Relaxed),
+            self.shared.watch_bytes.load(Relaxed),
+        )
     }
 
     /// The store, for direct inspection.

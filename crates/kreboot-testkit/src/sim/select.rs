@@ -86,6 +86,7 @@ impl LabelSelector {
     }
 
     /// Whether `labels` satisfy the selector.
+    #[cfg(test)]
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.0.iter().all(|r| match r {
             Req::Eq(k, v) => labels.get(k) == Some(v),
@@ -97,12 +98,22 @@ impl LabelSelector {
         })
     }
 
-    /// Whether an object's `metadata.labels` satisfy the selector.
+    /// Whether an object's `metadata.labels` satisfy the selector (read in place: every watch
+    /// checks every change of its kind).
     pub fn matches_object(&self, obj: &Value) -> bool {
         if self.0.is_empty() {
             return true;
         }
-        self.matches(&labels_of(obj))
+        let labels = obj.pointer("/metadata/labels").and_then(Value::as_object);
+        let get = |k: &String| labels.and_then(|m| m.get(k)).and_then(Value::as_str);
+        self.0.iter().all(|r| match r {
+            Req::Eq(k, v) => get(k) == Some(v.as_str()),
+            Req::Ne(k, v) => get(k) != Some(v.as_str()),
+            Req::In(k, vs) => get(k).is_some_and(|l| vs.iter().any(|v| v == l)),
+            Req::NotIn(k, vs) => get(k).is_none_or(|l| !vs.iter().any(|v| v == l)),
+            Req::Exists(k) => get(k).is_some(),
+            Req::NotExists(k) => get(k).is_none(),
+        })
     }
 }
 
@@ -118,9 +129,9 @@ pub fn labels_of(obj: &Value) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// A parsed field selector: `path=value` and `path!=value` terms.
+/// A parsed field selector: `path=value` and `path!=value` terms (with the path's JSON pointer).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FieldSelector(Vec<(String, bool, String)>);
+pub struct FieldSelector(Vec<(String, bool, String, String)>);
 
 impl FieldSelector {
     /// Parses `metadata.name=x,spec.nodeName!=y`.
@@ -139,18 +150,31 @@ impl FieldSelector {
             } else {
                 return Err(format!("invalid field selector: {part:?}"));
             };
-            terms.push((k.trim().to_owned(), eq, v.trim().to_owned()));
+            let k = k.trim();
+            terms.push((
+                k.to_owned(),
+                eq,
+                v.trim().to_owned(),
+                format!("/{}", k.replace('.', "/")),
+            ));
         }
         Ok(FieldSelector(terms))
     }
 
     /// Whether `obj` satisfies every term (a missing field reads as "").
     pub fn matches(&self, obj: &Value) -> bool {
-        self.0.iter().all(|(path, eq, want)| {
-            let pointer = format!("/{}", path.replace('.', "/"));
-            let got = obj.pointer(&pointer).and_then(Value::as_str).unwrap_or("");
+        self.0.iter().all(|(_, eq, want, pointer)| {
+            let got = obj.pointer(pointer).and_then(Value::as_str).unwrap_or("");
             (got == want) == *eq
         })
+    }
+
+    /// The `path = value` terms (the fields the selector pins to one value).
+    pub fn equalities(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0
+            .iter()
+            .filter(|(_, eq, ..)| *eq)
+            .map(|(path, _, want, _)| (path.as_str(), want.as_str()))
     }
 }
 

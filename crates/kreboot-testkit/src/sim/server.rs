@@ -16,7 +16,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{
     Shared,
     select::{FieldSelector, LabelSelector},
-    store::{Change, Kind, StoreError, merge_patch, status_body},
+    store::{Change, Kind, Scope, StoreError, event_line, merge_patch, status_body},
 };
 
 /// Where a request goes.
@@ -466,12 +466,28 @@ fn selectors(q: &HashMap<String, String>) -> Result<(LabelSelector, FieldSelecto
     Ok((labels, fields))
 }
 
+/// The objects a list or watch of `kind` (in `ns`) with `fields` may match, with the store's
+/// resourceVersion: the one named object when the field selector names it and its namespace is
+/// known (no scan of the kind), else every object of the kind (in `ns`).
+fn candidates(sim: &Shared, kind: Kind, ns: Option<&str>, fields: &FieldSelector) -> (Vec<Arc<Value>>, u64) {
+    let named = fields
+        .equalities()
+        .find(|(f, _)| *f == "metadata.name")
+        .map(|(_, n)| n);
+    let namespaced = kind.info().4;
+    match (named, ns) {
+        (Some(name), Some(ns)) if namespaced => sim.store.list_named(kind, ns, name),
+        (Some(name), _) if !namespaced => sim.store.list_named(kind, "", name),
+        _ => sim.store.list(kind, ns),
+    }
+}
+
 fn list(sim: &Shared, kind: Kind, ns: Option<&str>, q: &HashMap<String, String>) -> Response {
     let (labels, fields) = match selectors(q) {
         Ok(x) => x,
         Err(e) => return bad(e),
     };
-    let (items, rv) = sim.store.list(kind, ns);
+    let (items, rv) = candidates(sim, kind, ns, &fields);
     let matching: Vec<&Arc<Value>> = items
         .iter()
         .filter(|o| labels.matches_object(o) && fields.matches(o))
@@ -493,15 +509,25 @@ fn list(sim: &Shared, kind: Kind, ns: Option<&str>, q: &HashMap<String, String>)
     if next < matching.len() {
         meta["continue"] = json!(next.to_string());
     }
-    respond(
-        200,
-        &json!({
-            "kind": format!("{}List", kind.info().3),
-            "apiVersion": kind.api_version(),
-            "metadata": meta,
-            "items": page,
-        }),
-    )
+    // Serialized from the stored objects as they are (a `json!` body would copy every item).
+    #[derive(serde::Serialize)]
+    struct ListBody<'a> {
+        kind: String,
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        metadata: Value,
+        items: Vec<&'a Value>,
+    }
+    let body = ListBody {
+        kind: format!("{}List", kind.info().3),
+        api_version: kind.api_version(),
+        metadata: meta,
+        items: page,
+    };
+    match serde_json::to_vec(&body) {
+        Ok(b) => (StatusCode::OK, [("content-type", "application/json")], b).into_response(),
+        Err(e) => err(&StoreError::new(500, "InternalError", e.to_string())),
+    }
 }
 
 fn watch(sim: Arc<Shared>, kind: Kind, ns: Option<String>, q: &HashMap<String, String>) -> Response {
@@ -515,6 +541,8 @@ fn watch(sim: Arc<Shared>, kind: Kind, ns: Option<String>, q: &HashMap<String, S
         .and_then(|t| t.parse::<u64>().ok())
         .map(Duration::from_secs);
     let from: u64 = q.get("resourceVersion").and_then(|r| r.parse().ok()).unwrap_or(0);
+    let scope = Scope::for_watch(kind, fields.equalities());
+    let listed = (from == 0).then(|| candidates(&sim, kind, ns.as_deref(), &fields));
     let matches = move |o: &Value| {
         (ns.is_none() || o.pointer("/metadata/namespace").and_then(Value::as_str) == ns.as_deref())
             && labels.matches_object(o)
@@ -522,13 +550,11 @@ fn watch(sim: Arc<Shared>, kind: Kind, ns: Option<String>, q: &HashMap<String, S
     };
 
     // Synthetic ADDED events for what exists, when no version is given.
-    let (initial, start) = if from == 0 {
-        let (items, rv) = sim.store.list(kind, None);
-        (items.into_iter().filter(|o| matches(o)).collect::<Vec<_>>(), rv)
-    } else {
-        (Vec::new(), from)
+    let (initial, start) = match listed {
+        Some((items, rv)) => (items.into_iter().filter(|o| matches(o)).collect::<Vec<_>>(), rv),
+        None => (Vec::new(), from),
     };
-    let (replay, mut rx) = match sim.store.watch_from(start) {
+    let (replay, mut rx) = match sim.store.watch_scope(start, &scope) {
         Ok(x) => x,
         Err(e) => {
             // The real server answers a too-old version inside a 200 watch stream. Counted as a
@@ -543,18 +569,20 @@ fn watch(sim: Arc<Shared>, kind: Kind, ns: Option<String>, q: &HashMap<String, S
     let bookmark_every = sim.config.bookmark_interval;
     tokio::spawn(async move {
         use futures::SinkExt;
-        let line = |type_: &str, object: &Value| {
-            Ok(Bytes::from(
-                json!({"type": type_, "object": object}).to_string() + "\n",
-            ))
+        let counted = |b: Bytes| {
+            sim.count_watch_event(b.len());
+            Ok(b)
         };
         for o in &initial {
-            if tx.send(line("ADDED", o)).await.is_err() {
+            if tx.send(counted(event_line("ADDED", o))).await.is_err() {
                 return;
             }
         }
         let mut last = start;
-        let deliver = |c: &Change, last: &mut u64| -> Option<(&'static str, Arc<Value>)> {
+        // The line to send for a change, if this watch is to see it: the change's own line
+        // (serialized once for all watches) unless the change moves the object into or out of
+        // the selectors.
+        let deliver = |c: &Change, last: &mut u64| -> Option<Bytes> {
             if c.kind != kind || c.rv <= *last {
                 return None;
             }
@@ -566,15 +594,17 @@ fn watch(sim: Arc<Shared>, kind: Kind, ns: Option<String>, q: &HashMap<String, S
                 // carrying its *previous* state (the one that still matched, labels and all)
                 // with the change's resourceVersion, as kube-apiserver's watch cache does
                 // (`convertToWatchEvent`): a client cannot tell it from a real deletion.
-                ("MODIFIED", Some(true), Some(old), false) => Some(("DELETED", left_watch(old, c.rv))),
-                ("MODIFIED", Some(false), _, true) => Some(("ADDED", c.object.clone())),
-                (_, _, _, true) => Some((c.type_, c.object.clone())),
+                ("MODIFIED", Some(true), Some(old), false) => {
+                    Some(event_line("DELETED", &left_watch(old, c.rv)))
+                }
+                ("MODIFIED", Some(false), _, true) => Some(event_line("ADDED", &c.object)),
+                (_, _, _, true) => Some(c.line()),
                 _ => None,
             }
         };
         for c in &replay {
-            if let Some((t, o)) = deliver(c, &mut last)
-                && tx.send(line(t, &o)).await.is_err()
+            if let Some(b) = deliver(c, &mut last)
+                && tx.send(counted(b)).await.is_err()
             {
                 return;
             }
@@ -601,14 +631,14 @@ fn watch(sim: Arc<Shared>, kind: Kind, ns: Option<String>, q: &HashMap<String, S
                 _ = tick.tick(), if bookmarks => {
                     let rv = sim.store.rv().max(last);
                     let bm = json!({"kind": kind.info().3, "apiVersion": kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
-                    if tx.send(line("BOOKMARK", &bm)).await.is_err() {
+                    if tx.send(counted(event_line("BOOKMARK", &bm))).await.is_err() {
                         return;
                     }
                 }
                 c = rx.recv() => match c {
                     Ok(c) => {
-                        if let Some((t, o)) = deliver(&c, &mut last)
-                            && tx.send(line(t, &o)).await.is_err()
+                        if let Some(b) = deliver(&c, &mut last)
+                            && tx.send(counted(b)).await.is_err()
                         {
                             return;
                         }

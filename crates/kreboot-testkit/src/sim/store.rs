@@ -9,8 +9,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
 };
+
+use axum::body::Bytes;
 
 use chrono::{SecondsFormat, Utc};
 use serde_json::{Value, json};
@@ -109,6 +111,96 @@ pub struct Change {
     pub old: Option<Arc<Value>>,
     /// The resourceVersion of the change.
     pub rv: u64,
+    /// The watch event line `{"type":…,"object":…}` of this change as it is, serialized by the
+    /// first watch that sends it and shared by all others (and by replays from the history).
+    line: Arc<OnceLock<Bytes>>,
+}
+
+impl Change {
+    fn new(kind: Kind, type_: &'static str, object: Arc<Value>, old: Option<Arc<Value>>, rv: u64) -> Change {
+        Change {
+            kind,
+            type_,
+            object,
+            old,
+            rv,
+            line: Arc::default(),
+        }
+    }
+
+    /// The watch event line of this change (its type, its object), serialized once.
+    pub fn line(&self) -> Bytes {
+        self.line
+            .get_or_init(|| event_line(self.type_, &self.object))
+            .clone()
+    }
+}
+
+/// A watch event line: `{"type":"…","object":…}` and a newline.
+pub fn event_line(type_: &str, object: &Value) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"{\"type\":");
+    // A type is a plain word; serde_json escapes it anyway.
+    let _ = serde_json::to_writer(&mut out, type_);
+    out.extend_from_slice(b",\"object\":");
+    let _ = serde_json::to_writer(&mut out, object);
+    out.extend_from_slice(b"}\n");
+    Bytes::from(out)
+}
+
+/// Which changes a watch is sent: every change of its kind, or only those of objects with one
+/// name or (pods) bound to one node. A watch whose field selector pins `metadata.name` (or a
+/// pod's `spec.nodeName`) can match nothing else, so the narrower subscription loses nothing and
+/// spares the other watches' receivers a wake-up per change.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Every change of every kind (for harnesses following the whole store).
+    All,
+    /// Every change of the kind.
+    Kind(Kind),
+    /// Changes of objects of the kind with this name (any namespace).
+    Name(Kind, String),
+    /// Changes of pods bound to this node before or after the change.
+    NodeName(String),
+}
+
+impl Scope {
+    /// The narrowest scope for a watch of `kind` whose field selector requires `field = value`
+    /// for each `(field, value)` of `equalities`.
+    pub fn for_watch<'a>(kind: Kind, equalities: impl IntoIterator<Item = (&'a str, &'a str)>) -> Scope {
+        let mut scope = Scope::Kind(kind);
+        for (field, value) in equalities {
+            match field {
+                "metadata.name" => return Scope::Name(kind, value.to_owned()),
+                "spec.nodeName" if kind == Kind::Pod => scope = Scope::NodeName(value.to_owned()),
+                _ => {}
+            }
+        }
+        scope
+    }
+
+    /// The keyed scopes (not [`Scope::Kind`]) a change is sent to.
+    fn keys(c: &Change) -> impl Iterator<Item = Scope> {
+        let name = meta_str(&c.object, "name").map(|n| Scope::Name(c.kind, n.to_owned()));
+        let node_of = |o: &Value| {
+            o.pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+        };
+        let (now, before) = if c.kind == Kind::Pod {
+            let now = node_of(&c.object);
+            let before = c
+                .old
+                .as_deref()
+                .and_then(node_of)
+                .filter(|b| Some(b) != now.as_ref());
+            (now.map(Scope::NodeName), before.map(Scope::NodeName))
+        } else {
+            (None, None)
+        };
+        name.into_iter().chain(now).chain(before)
+    }
 }
 
 /// A write refused by the store, as a Kubernetes Status.
@@ -156,10 +248,19 @@ struct Inner {
     uid: u64,
 }
 
+/// Live watches of one keyed scope: created by the first, dropped when the last is gone.
+const KEYED_CAPACITY: usize = 1024;
+
 /// The store.
 pub struct Store {
     inner: Mutex<Inner>,
-    tx: broadcast::Sender<Change>,
+    /// Every change, to harnesses following the whole store.
+    all: broadcast::Sender<Change>,
+    /// Changes by kind, to the watches of a whole kind.
+    by_kind: HashMap<Kind, broadcast::Sender<Change>>,
+    /// Changes by name or node, to the watches narrowed to one ([`Scope`]). Locked inside
+    /// `inner` (a change is sent in the order of its resourceVersion).
+    keyed: Mutex<HashMap<Scope, broadcast::Sender<Change>>>,
     history_size: usize,
 }
 
@@ -175,10 +276,14 @@ fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
 impl Store {
     /// A store keeping `history_size` changes for watch resumption.
     pub fn new(history_size: usize) -> Store {
-        let (tx, _) = broadcast::channel(65536);
         Store {
             inner: Mutex::new(Inner::default()),
-            tx,
+            all: broadcast::channel(65536).0,
+            by_kind: Kind::ALL
+                .into_iter()
+                .map(|k| (k, broadcast::channel(65536).0))
+                .collect(),
+            keyed: Mutex::default(),
             history_size,
         }
     }
@@ -201,6 +306,18 @@ impl Store {
             .cloned()
     }
 
+    /// The object of `kind` named `name` in `ns`, as a list of at most one, with the list's
+    /// resourceVersion (a list narrowed to one name, without a scan).
+    pub fn list_named(&self, kind: Kind, ns: &str, name: &str) -> (Vec<Arc<Value>>, u64) {
+        let inner = self.lock();
+        let item = inner
+            .objects
+            .get(&kind)
+            .and_then(|m| m.get(&(ns.to_owned(), name.to_owned())))
+            .cloned();
+        (item.into_iter().collect(), inner.rv)
+    }
+
     /// Every object of `kind` (in `ns`, if given), with the list's resourceVersion.
     pub fn list(&self, kind: Kind, ns: Option<&str>) -> (Vec<Arc<Value>>, u64) {
         let inner = self.lock();
@@ -217,13 +334,25 @@ impl Store {
         (items, inner.rv)
     }
 
-    /// Subscribes to changes after `from`: the history since then, and a live receiver.
+    /// Subscribes to every change after `from`: the history since then, and a live receiver.
     ///
     /// # Errors
     /// 410 Gone when `from` is older than the history kept.
     pub fn watch_from(&self, from: u64) -> Result<(Vec<Change>, broadcast::Receiver<Change>), StoreError> {
+        self.watch_scope(from, &Scope::All)
+    }
+
+    /// Subscribes to the changes of `scope` after `from`: those of the history since then (of
+    /// the scope's kind; the caller filters further), and a live receiver.
+    ///
+    /// # Errors
+    /// 410 Gone when `from` is older than the history kept.
+    pub fn watch_scope(
+        &self,
+        from: u64,
+        scope: &Scope,
+    ) -> Result<(Vec<Change>, broadcast::Receiver<Change>), StoreError> {
         let inner = self.lock();
-        let rx = self.tx.subscribe();
         let oldest = inner.history.front().map_or(inner.rv, |c| c.rv.saturating_sub(1));
         if from < oldest {
             return Err(StoreError::new(
@@ -232,7 +361,30 @@ impl Store {
                 format!("too old resource version: {from} ({oldest})"),
             ));
         }
-        let replay = inner.history.iter().filter(|c| c.rv > from).cloned().collect();
+        let kind = match scope {
+            Scope::All => None,
+            Scope::Kind(k) | Scope::Name(k, _) => Some(*k),
+            Scope::NodeName(_) => Some(Kind::Pod),
+        };
+        let rx = match scope {
+            Scope::All => self.all.subscribe(),
+            Scope::Kind(k) => self.by_kind[k].subscribe(),
+            keyed => self
+                .keyed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(keyed.clone())
+                .or_insert_with(|| broadcast::channel(KEYED_CAPACITY).0)
+                .subscribe(),
+        };
+        // The history is in resourceVersion order: start after `from` without a scan.
+        let first = inner.history.partition_point(|c| c.rv <= from);
+        let replay = inner
+            .history
+            .range(first..)
+            .filter(|c| kind.is_none_or(|k| c.kind == k))
+            .cloned()
+            .collect();
         Ok((replay, rx))
     }
 
@@ -241,8 +393,24 @@ impl Store {
         while inner.history.len() > self.history_size {
             inner.history.pop_front();
         }
+        {
+            let mut keyed = self.keyed.lock().unwrap_or_else(|e| e.into_inner());
+            if !keyed.is_empty() {
+                for key in Scope::keys(&change) {
+                    if let Some(tx) = keyed.get(&key)
+                        && tx.send(change.clone()).is_err()
+                    {
+                        // Nobody watches this name any more.
+                        keyed.remove(&key);
+                    }
+                }
+            }
+        }
+        if self.all.receiver_count() > 0 {
+            let _ = self.all.send(change.clone());
+        }
         // No receiver is fine: nobody watches.
-        let _ = self.tx.send(change);
+        let _ = self.by_kind[&change.kind].send(change);
     }
 
     /// Creates `obj` of `kind` in `ns`.
@@ -298,16 +466,7 @@ impl Store {
         meta["creationTimestamp"] = json!(now_rfc3339());
         let obj = Arc::new(obj);
         inner.objects.entry(kind).or_default().insert(key, obj.clone());
-        self.record(
-            &mut inner,
-            Change {
-                kind,
-                type_: "ADDED",
-                object: obj.clone(),
-                old: None,
-                rv,
-            },
-        );
+        self.record(&mut inner, Change::new(kind, "ADDED", obj.clone(), None, rv));
         Ok(obj)
     }
 
@@ -374,13 +533,7 @@ impl Store {
         inner.objects.entry(kind).or_default().insert(key, new.clone());
         self.record(
             &mut inner,
-            Change {
-                kind,
-                type_: "MODIFIED",
-                object: new.clone(),
-                old: Some(old),
-                rv,
-            },
+            Change::new(kind, "MODIFIED", new.clone(), Some(old), rv),
         );
         Ok(new)
     }
@@ -405,16 +558,7 @@ impl Store {
         let mut gone = (*old).clone();
         gone["metadata"]["resourceVersion"] = json!(rv.to_string());
         let gone = Arc::new(gone);
-        self.record(
-            &mut inner,
-            Change {
-                kind,
-                type_: "DELETED",
-                object: gone.clone(),
-                old: None,
-                rv,
-            },
-        );
+        self.record(&mut inner, Change::new(kind, "DELETED", gone.clone(), None, rv));
         Ok(gone)
     }
 }
@@ -481,13 +625,65 @@ mod tests {
             })
             .unwrap();
         }
-        assert_eq!(s.watch_from(0).unwrap_err().code, 410);
-        let (replay, _) = s.watch_from(4).unwrap();
+        let all = Scope::Kind(Kind::ConfigMap);
+        assert_eq!(s.watch_scope(0, &all).unwrap_err().code, 410);
+        let (replay, _) = s.watch_scope(4, &all).unwrap();
+        assert_eq!(s.watch_from(4).unwrap().0.len(), 2);
         assert_eq!(replay.len(), 2);
         assert_eq!(
             s.delete(Kind::ConfigMap, "ns", "a").unwrap()["metadata"]["resourceVersion"],
             "7"
         );
         assert_eq!(s.delete(Kind::ConfigMap, "ns", "a").unwrap_err().code, 404);
+    }
+
+    #[test]
+    fn keyed_watches_get_their_changes_only() {
+        let s = Store::new(100);
+        let (_, mut named) = s.watch_scope(0, &Scope::Name(Kind::Node, "a".into())).unwrap();
+        let (_, mut on_n1) = s.watch_scope(0, &Scope::NodeName("n1".into())).unwrap();
+        let (_, mut nodes) = s.watch_scope(0, &Scope::Kind(Kind::Node)).unwrap();
+        s.create(Kind::Node, "", json!({"metadata": {"name": "b"}}))
+            .unwrap();
+        s.create(Kind::Node, "", json!({"metadata": {"name": "a"}}))
+            .unwrap();
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"nodeName": "n1"}});
+        s.create(Kind::Pod, "ns", pod).unwrap();
+        // Moved to another node: the watch of n1 sees it leave.
+        s.update(Kind::Pod, "ns", "p", |o| {
+            let mut o = o.clone();
+            o["spec"]["nodeName"] = json!("n2");
+            Ok(o)
+        })
+        .unwrap();
+        assert_eq!(named.try_recv().unwrap().object["metadata"]["name"], "a");
+        assert!(named.try_recv().is_err());
+        assert_eq!(on_n1.try_recv().unwrap().type_, "ADDED");
+        assert_eq!(on_n1.try_recv().unwrap().type_, "MODIFIED");
+        assert!(on_n1.try_recv().is_err());
+        assert_eq!(nodes.try_recv().unwrap().object["metadata"]["name"], "b");
+        assert_eq!(nodes.try_recv().unwrap().object["metadata"]["name"], "a");
+        assert!(nodes.try_recv().is_err());
+        // The line of a change is its type and object.
+        let (replay, _) = s.watch_scope(0, &Scope::Kind(Kind::Pod)).unwrap();
+        let line: Value = serde_json::from_slice(&replay[0].line()).unwrap();
+        assert_eq!(line, json!({"type": "ADDED", "object": *replay[0].object}));
+    }
+
+    #[test]
+    fn scope_of_a_watch() {
+        assert_eq!(
+            Scope::for_watch(Kind::Node, [("metadata.name", "a")]),
+            Scope::Name(Kind::Node, "a".into())
+        );
+        assert_eq!(
+            Scope::for_watch(Kind::Pod, [("spec.nodeName", "n")]),
+            Scope::NodeName("n".into())
+        );
+        assert_eq!(
+            Scope::for_watch(Kind::Node, [("spec.nodeName", "n")]),
+            Scope::Kind(Kind::Node)
+        );
+        assert_eq!(Scope::for_watch(Kind::Lease, []), Scope::Kind(Kind::Lease));
     }
 }
