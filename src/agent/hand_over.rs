@@ -1,6 +1,7 @@
-//! Releasing a lock slot and handing it over: the slots this node holds go to the node that
-//! has waited longest for that very slot (one write, no race), or are freed when nobody waits,
-//! the cluster is paused, or the slot no longer exists for the pool as it is now.
+//! Releasing a lock slot and handing it over: the slots this node holds go to one of the nodes
+//! that have waited longest for that very slot (one write, no race; see
+//! [`node::pick_successor`]), or are freed when nobody waits, the cluster is paused, or the
+//! slot no longer exists for the pool as it is now.
 
 use super::*;
 
@@ -63,7 +64,8 @@ impl Holders {
     }
 }
 
-/// Hands `lease` (held by this node) to the longest waiter, or releases it if nobody waits.
+/// Hands `lease` (held by this node) to one of the longest waiters, or releases it if nobody
+/// waits.
 async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepError> {
     let lock = agent.lease_lock();
     let holders = Holders::of(w, &agent.cfg.lock_name);
@@ -128,8 +130,8 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
     release_only(agent, w, &lock, lease, now).await
 }
 
-/// The waiter `slot` is handed to, from the `waiting` Nodes: the longest waiter among those
-/// that compete for this very slot (`my_labels` and `pool`: this node's labels and the size of
+/// The waiter `slot` is handed to, from the `waiting` Nodes: one of the longest waiters among
+/// those that compete for this very slot (`my_labels` and `pool`: this node's labels and the size of
 /// its pool, for a percentage budget); and how many Nodes wait for it (the chosen one included).
 async fn successor(
     agent: &Agent,

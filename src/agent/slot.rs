@@ -358,9 +358,10 @@ impl Cycle<'_> {
         Err(Next::Decide)
     }
 
-    /// No slot free: join the queue (the holder hands its slot to the longest waiter) and wait
-    /// for a Lease change, a slot's expiry, the window's next transition, a look at the
-    /// holders' Nodes, or a recount of the pool.
+    /// No slot free: join the queue (a holder hands its slot to one of the longest waiters)
+    /// and wait: in a long queue by dozing (see [`Cycle::doze`]); else for a Lease change, a
+    /// slot's expiry, the window's next transition, a look at the holders' Nodes, or a recount
+    /// of the pool.
     async fn queue_for_slot(&mut self, t: &Turn, slots: &[String], counted_at: Option<Instant>) -> Stepped {
         let agent = self.agent;
         let me = &agent.cfg.node_name;
@@ -368,7 +369,7 @@ impl Cycle<'_> {
         let now = t.now;
         let mut queued = view.waiting;
         if !queued {
-            // Join the queue: the holder hands its slot to the longest waiter.
+            // Join the queue: a holder hands its slot to one of the longest waiters.
             let patch = agent.taint_change(node::waiting_patch(Some(now)), view, &t.node, true);
             match agent.patch_node(&patch).await {
                 Ok(n) => {
