@@ -390,15 +390,19 @@ pub fn held_slot(slots: &[String], leases: &BTreeMap<String, Lease>, me: &str) -
 /// contend for each slot, once. Only the order of equally good slots changes (see
 /// [`pick_slot`]), so nodes of different versions disagreeing on it is harmless.
 pub fn preference_order(slots: &[String], me: &str) -> Vec<String> {
-    let rendezvous = |slot: &str| {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::hash::DefaultHasher::new();
-        (me, slot).hash(&mut h);
-        h.finish()
-    };
-    let mut ranked: Vec<(u64, &String)> = slots.iter().map(|s| (rendezvous(s), s)).collect();
+    let mut ranked: Vec<(u64, &String)> = slots.iter().map(|s| (rendezvous(me, s), s)).collect();
     ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
     ranked.into_iter().map(|(_, s)| s.clone()).collect()
+}
+
+/// How highly `node` and `slot` rank each other (rendezvous hashing): the same for every node
+/// of this version, different for each pair. Used to spread nodes over slots
+/// ([`preference_order`]) and slots over waiters (`node::pick_successor`).
+pub fn rendezvous(node: &str, slot: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (node, slot).hash(&mut h);
+    h.finish()
 }
 
 /// The slot to try to take, given which holders' Nodes are known to be gone.

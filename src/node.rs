@@ -985,16 +985,10 @@ pub fn pick_successor(
         .collect();
     longest.sort();
     longest.truncate(spread.max(1));
-    let rank = |name: &str| {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::hash::DefaultHasher::new();
-        (name, slot).hash(&mut h);
-        h.finish()
-    };
     longest
         .into_iter()
         .map(|(_, _, name)| name)
-        .max_by_key(|name| rank(name))
+        .max_by_key(|name| crate::lock::rendezvous(name, slot))
 }
 
 /// How a cycle ends, for [`end_cycle_patch`].
