@@ -208,6 +208,37 @@ struct Booted {
     _cp: ControlPlane,
 }
 
+/// The guest's watcher of the agent (see `boot`): straight to the console, not through
+/// journald, so it speaks even when journald does not. Per thread of the agent: state, kernel
+/// wait channel and the top of its kernel stack; then the agent's TCP sockets to port 6443
+/// (0x192B) with their send and receive queues, and journald's own state.
+const DIAG_UNIT: &str = "[Unit]
+Description=VM test: what the agent waits on, every 20 s
+After=kreboot-agent.service
+
+[Service]
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/console
+ExecStart=/bin/sh /usr/local/sbin/vmtest-diag.sh
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// The script of [`DIAG_UNIT`].
+const DIAG_SCRIPT: &str = r#"while sleep 20; do
+  p=$(systemctl show -p MainPID --value kreboot-agent.service)
+  j=$(systemctl show -p MainPID --value systemd-journald.service)
+  [ "$p" -gt 0 ] 2>/dev/null || continue
+  for t in /proc/$p/task/*; do
+    echo "VMDIAG agent $p thread ${t##*/} state=$(cut -d' ' -f3 $t/stat) wchan=$(cat $t/wchan) stack: $(head -5 $t/stack | cut -d' ' -f2 | tr '\n' ' ')"
+  done
+  grep -i ':192B ' /proc/net/tcp | while read -r sl l r st q rest; do echo "VMDIAG tcp $l -> $r st=$st tx:rx=$q"; done
+  echo "VMDIAG journald $j state=$(cut -d' ' -f3 /proc/$j/stat) wchan=$(cat /proc/$j/wchan)"
+done
+"#;
+
 /// The Node's boot id before this machine's kubelet first reported (a stale one).
 const FAKE_BOOT_ID: &str = "00000000-0000-4000-8000-000000000000";
 
@@ -312,11 +343,32 @@ async fn boot(
         kreboot.with_file_name("kreboot-kubelet-sim").display(),
         kubeconfig.display()
     );
+    // The agent logs its own steps at debug level (on the console through journald), and a
+    // watcher that does not go through journald prints, every 20 s, what each of the agent's
+    // threads waits on in the kernel and what sits unread in its API connections: a guest
+    // whose agent falls silent says whether it is frozen (blocked in a write, its sockets
+    // filling) or waiting for an answer that never comes.
+    let diag_dropin = dir.join("diag.conf");
+    std::fs::write(
+        &diag_dropin,
+        "[Service]\nEnvironment=RUST_LOG=info,kreboot=debug\n",
+    )
+    .unwrap();
+    let diag_unit = dir.join("vmtest-diag.service");
+    std::fs::write(&diag_unit, DIAG_UNIT).unwrap();
+    let diag_script = dir.join("vmtest-diag.sh");
+    std::fs::write(&diag_script, DIAG_SCRIPT).unwrap();
+    cmds_text.push_str(&format!(
+        "mkdir /etc/systemd/system/kreboot-agent.service.d\ncd /etc/systemd/system/kreboot-agent.service.d\nwrite {} diag.conf\ncd /etc/systemd/system\nwrite {} vmtest-diag.service\ncd /usr/local/sbin\nwrite {} vmtest-diag.sh\ncd /etc/systemd/system/multi-user.target.wants\nsymlink vmtest-diag.service /etc/systemd/system/vmtest-diag.service\n",
+        diag_dropin.display(),
+        diag_unit.display(),
+        diag_script.display()
+    ));
     if confinement == Confinement::RuntimeDefault {
         let dropin = dir.join("apparmor.conf");
         std::fs::write(&dropin, "[Service]\nAppArmorProfile=cri-containerd.apparmor.d\n").unwrap();
         cmds_text.push_str(&format!(
-            "mkdir /etc/systemd/system/kreboot-agent.service.d\ncd /etc/systemd/system/kreboot-agent.service.d\nwrite {} apparmor.conf\n",
+            "cd /etc/systemd/system/kreboot-agent.service.d\nwrite {} apparmor.conf\n",
             dropin.display()
         ));
     }
