@@ -6,15 +6,15 @@
 //! its own mount namespace whose root holds nothing but the binary (systemd `RootDirectory=`),
 //! the kubeconfig and the host's /var/run read-only, with PID 1 visible. `systemctl` cannot be
 //! reached from there: the reboot only works through `setns` into PID 1's namespaces (method
-//! `command`), or SIGRTMIN+5 to PID 1 (method `signal`). `kreboot-kubelet-sim` (test machinery) plays the
-//! kubelet in the guest: it reports the guest's real boot id and Ready on every boot.
+//! `command`), or SIGRTMIN+5 to PID 1 (method `signal`). The test plays the kubelet from outside
+//! the guest: on every boot it reports the boot id the guest printed on its console, and Ready.
 //!
 //! The API server is the real control plane (tests/common/real.rs: kube-apiserver, etcd,
 //! kube-controller-manager, KWOK for the pods) on 127.0.0.1, serving TLS with a certificate that
 //! also names 10.0.2.100. qemu's user network runs with `restrict=on`: the guest reaches nothing
 //! but one `guestfwd` rule, 10.0.2.100:6443, whose connections qemu hands to a relay (bash's
-//! /dev/tcp) to kube-apiserver's port. Everything is real except the kubelet: `kubelet-sim`
-//! reports the guest's real boot id, KWOK runs the (fake) application pods.
+//! /dev/tcp) to kube-apiserver's port. Everything is real except the kubelet: the test reports
+//! the guest's real boot id, KWOK runs the (fake) application pods.
 //!
 //! The guest runs AppArmor (Debian's kernel and `apparmor` package) with a profile that confines
 //! as the container runtimes' default does. A first run confines the agent with it, as a pod
@@ -34,7 +34,7 @@ use std::{
 mod common;
 
 use common::{
-    artifact::{run, static_kreboot, static_kubelet_sim},
+    artifact::{run, static_kreboot},
     cannot_run, found,
     real::{self, ControlPlane},
 };
@@ -46,7 +46,7 @@ use k8s_openapi::api::{
 use kreboot::node::{ANN_LAST_REBOOT, ANN_PHASE, PREFIX};
 use kube::{
     Api,
-    api::{ListParams, PostParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 
@@ -200,6 +200,38 @@ async fn wait_for(
     start.elapsed()
 }
 
+/// Plays the kubelet's part, from outside the guest (which has no kubelet): once the guest has
+/// printed the boot id of its `nth` boot (0: the first) on its console, reports it in the
+/// Node's status with Ready=True, as a kubelet reports its machine's boot id after a boot.
+/// Returns the boot id and how long the boot took to print it.
+async fn report_boot(vm: &Vm, client: &kube::Client, nth: usize) -> (String, Duration) {
+    let t = wait_for(
+        vm,
+        client,
+        &format!("boot {}: its boot id on the console", nth + 1),
+        Duration::from_secs(300),
+        |_| console_boot_ids(&vm.console()).len() > nth,
+    )
+    .await;
+    let boot_id = console_boot_ids(&vm.console())[nth].clone();
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let status = json!({
+        "status": {
+            "nodeInfo": { "bootID": boot_id },
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "reported by the VM test for the guest", "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+            }],
+        }
+    });
+    Api::<Node>::all(client.clone())
+        .patch_status(NODE, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("report the guest's boot id in its Node's status");
+    (boot_id, t)
+}
+
 /// A guest booting from a fresh copy of the image, and the control plane it reports to.
 struct Booted {
     // Dropped first: qemu stops before its API server does.
@@ -328,9 +360,8 @@ async fn boot(
             .expect("create a pod on the VM's node");
     }
 
-    // The binary goes into the agent's empty root (the kubelet stand-in beside it), and the
-    // kubeconfig (kube-apiserver at the guestfwd address, its CA, a token) replaces the
-    // image's.
+    // The binary goes into the agent's empty root, and the kubeconfig (kube-apiserver at the
+    // guestfwd address, its CA, a token) replaces the image's.
     let kubeconfig = dir.join("kubeconfig");
     let written = cp.write_kubeconfig("vm", real::ADMIN_TOKEN);
     let text = std::fs::read_to_string(&written)
@@ -338,9 +369,8 @@ async fn boot(
         .replace(&cp.url, "https://10.0.2.100:6443");
     std::fs::write(&kubeconfig, text).unwrap();
     let mut cmds_text = format!(
-        "cd /opt/kreboot-root\nwrite {} kreboot\nsif kreboot mode 0100755\nwrite {} kreboot-kubelet-sim\nsif kreboot-kubelet-sim mode 0100755\ncd /etc/kreboot\nrm kubeconfig\nwrite {} kubeconfig\n",
+        "cd /opt/kreboot-root\nwrite {} kreboot\nsif kreboot mode 0100755\ncd /etc/kreboot\nrm kubeconfig\nwrite {} kubeconfig\n",
         kreboot.display(),
-        kreboot.with_file_name("kreboot-kubelet-sim").display(),
         kubeconfig.display()
     );
     // The agent logs its own steps at debug level (on the console through journald), and a
@@ -448,16 +478,9 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
     let Booted { vm, client, _cp: cp } = boot(image, kreboot, method, method, Confinement::Chart).await;
     let fake_boot_id = FAKE_BOOT_ID;
 
-    // First boot: kubelet-sim reports the guest's real boot id.
-    let t = wait_for(
-        &vm,
-        &client,
-        "first boot: kubelet-sim reports the boot id",
-        Duration::from_secs(300),
-        |s| s.boot_id != fake_boot_id && console_boot_ids(&vm.console()).first() == Some(&s.boot_id),
-    )
-    .await;
-    let boot1 = look(&client).await.boot_id;
+    // First boot: its real boot id reported.
+    let (boot1, t) = report_boot(&vm, &client, 0).await;
+    assert_ne!(boot1, fake_boot_id);
     eprintln!("[vm:{method}] phase first boot: {t:.1?} (boot id {boot1})");
 
     // The cycle: lease, cordon, evictions, then the recorded reboot.
@@ -506,16 +529,8 @@ async fn cycle(image: &Path, kreboot: &Path, method: &str) {
     .await;
     eprintln!("[vm:{method}] phase reboot (requested -> kernel restart): {t:.1?}");
 
-    // Second boot: a new boot id, reported by kubelet-sim.
-    let t = wait_for(
-        &vm,
-        &client,
-        "second boot: a new boot id reported",
-        Duration::from_secs(300),
-        |s| s.boot_id != boot1 && console_boot_ids(&vm.console()).get(1) == Some(&s.boot_id),
-    )
-    .await;
-    let boot2 = look(&client).await.boot_id;
+    // Second boot: a new boot id, reported.
+    let (boot2, t) = report_boot(&vm, &client, 1).await;
     eprintln!("[vm:{method}] phase second boot: {t:.1?} (boot id {boot2})");
 
     // kreboot, started again by systemd, sees the new boot id: uncordon, clear, release.
@@ -591,14 +606,7 @@ async fn refused_under_the_runtime_default_profile(image: &Path, kreboot: &Path)
     let run_name = "apparmor-default";
     let b = boot(image, kreboot, run_name, "command", Confinement::RuntimeDefault).await;
     let (vm, client) = (&b.vm, &b.client);
-    let t = wait_for(
-        vm,
-        client,
-        "first boot: kubelet-sim reports the boot id",
-        Duration::from_secs(300),
-        |s| s.boot_id != FAKE_BOOT_ID && console_boot_ids(&vm.console()).first() == Some(&s.boot_id),
-    )
-    .await;
+    let (_, t) = report_boot(vm, client, 0).await;
     eprintln!("[vm:{run_name}] phase first boot: {t:.1?}");
     let console = vm.console();
     assert!(
@@ -687,8 +695,6 @@ async fn a_real_vm_is_rebooted_through_systemd_and_comes_back() {
     let (kreboot, image) = std::thread::scope(|s| {
         let image = s.spawn(image);
         let kreboot = static_kreboot();
-        // boot() takes it from beside kreboot.
-        static_kubelet_sim();
         let image = image.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
         (kreboot, image)
     });

@@ -65,12 +65,6 @@ pub fn static_kreboot() -> PathBuf {
     static_binary("kreboot", "kreboot")
 }
 
-/// The static kubelet stand-in of the VM test (from the test machinery crate: the shipped
-/// kreboot does not carry it), next to the static kreboot.
-pub fn static_kubelet_sim() -> PathBuf {
-    static_binary("kreboot-testkit", "kreboot-kubelet-sim")
-}
-
 /// Binary `bin` of workspace package `package`, built static for x86_64 musl with the release
 /// profile.
 fn static_binary(package: &str, bin: &str) -> PathBuf {

@@ -121,24 +121,6 @@ ExecStart=/bin/sh -c 'echo "VMTEST: boot_id=$(cat /proc/sys/kernel/random/boot_i
 WantedBy=multi-user.target
 UNIT
 
-cat >"$u/kreboot-kubelet-sim.service" <<'UNIT'
-[Unit]
-Description=kreboot kubelet-sim: report this boot's boot id and Ready to the API server
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-Environment=KUBECONFIG=/etc/kreboot/kubeconfig
-ExecStart=/opt/kreboot-root/kreboot-kubelet-sim --node-name kreboot-vm
-StandardOutput=journal+console
-StandardError=journal+console
-
-[Install]
-WantedBy=multi-user.target
-UNIT
-
 # As the DaemonSet runs it: its own mount namespace whose root holds only the binary, the
 # kubeconfig and the host's /var/run read-only at /host/var/run; the host's PID namespace (PID 1
 # visible); the DaemonSet's three capabilities. The reboot must go through setns into PID 1's
@@ -147,8 +129,8 @@ UNIT
 cat >"$u/kreboot-agent.service" <<'UNIT'
 [Unit]
 Description=kreboot agent (as the DaemonSet runs it)
-Wants=network-online.target kreboot-kubelet-sim.service
-After=network-online.target kreboot-kubelet-sim.service vmtest-sentinel.service
+Wants=network-online.target
+After=network-online.target vmtest-sentinel.service
 
 [Service]
 RootDirectory=/opt/kreboot-root
@@ -169,7 +151,7 @@ WantedBy=multi-user.target
 UNIT
 
 chroot "$root" systemctl enable systemd-networkd.service systemd-networkd-wait-online.service \
-  apparmor.service vmtest-sentinel.service kreboot-kubelet-sim.service kreboot-agent.service >/dev/null 2>&1
+  apparmor.service vmtest-sentinel.service kreboot-agent.service >/dev/null 2>&1
 # Nothing the test does not need: no login prompts, no timers, no drivers for hardware the VM
 # lacks (every boot is emulated instruction by instruction).
 chroot "$root" systemctl mask serial-getty@ttyS0.service getty@tty1.service getty-static.service \
