@@ -135,6 +135,12 @@ pub fn queue_length(slots: &[String], leases: &BTreeMap<String, Lease>) -> usize
         .unwrap_or(0)
 }
 
+/// At least how many nodes other than `me` wait, from one page of the waiting Nodes' `names`
+/// (`more`: the API server said more are left; counted as one more).
+pub fn waiters_at_least<'a>(names: impl Iterator<Item = &'a str>, more: bool, me: &str) -> usize {
+    names.filter(|n| *n != me).count() + usize::from(more)
+}
+
 /// Whether `name` can be a label value ([`LABEL_HANDED_TO`]): at most 63 characters,
 /// alphanumerics, `-`, `_`, `.`, starting and ending alphanumeric. A node whose name cannot be
 /// is never named by the label, and never dozes.
@@ -1199,6 +1205,15 @@ mod tests {
                 "{queue}: {per_second} looks/s"
             );
         }
+    }
+
+    #[test]
+    fn a_page_of_waiters_counts_the_others_and_one_more_if_more_are_left() {
+        let page = ["a", "me", "b"];
+        assert_eq!(waiters_at_least(page.into_iter(), false, "me"), 2);
+        assert_eq!(waiters_at_least(page.into_iter(), true, "me"), 3);
+        assert_eq!(waiters_at_least(page.into_iter(), false, "z"), 3);
+        assert_eq!(waiters_at_least(std::iter::empty(), false, "me"), 0);
     }
 
     #[test]

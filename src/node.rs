@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use serde_json::{Value, json};
 
 /// Prefix of every annotation kreboot writes.
@@ -960,7 +960,7 @@ pub fn waiting_patch(since: Option<DateTime<Utc>>) -> Value {
 /// longest waiters, simultaneous hand-offs of different slots go to different nodes; a node is
 /// overtaken by at most `spread - 1` later ones.
 pub fn pick_successor(
-    waiters: &[Node],
+    waiters: &[ObjectMeta],
     me: &str,
     holders: &[String],
     slot: &str,
@@ -969,12 +969,11 @@ pub fn pick_successor(
     let mut longest: Vec<(bool, Option<DateTime<Utc>>, String)> = waiters
         .iter()
         .filter_map(|n| {
-            let name = n.metadata.name.as_deref()?;
+            let name = n.name.as_deref()?;
             // Not ourselves, and not a node that already holds a slot (a slot handed to it
             // would sit idle).
             (name != me && !holders.iter().any(|h| h == name)).then_some(())?;
             let since = n
-                .metadata
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(ANN_WAITING_SINCE))
@@ -1575,13 +1574,10 @@ mod tests {
 
     #[test]
     fn successor_is_the_longest_waiter() {
-        let waiter = |name: &str, since: Option<&str>| Node {
-            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                name: Some(name.into()),
-                annotations: since.map(|s| BTreeMap::from([(ANN_WAITING_SINCE.to_string(), s.to_string())])),
-                ..Default::default()
-            },
-            ..Node::default()
+        let waiter = |name: &str, since: Option<&str>| ObjectMeta {
+            name: Some(name.into()),
+            annotations: since.map(|s| BTreeMap::from([(ANN_WAITING_SINCE.to_string(), s.to_string())])),
+            ..Default::default()
         };
         let ws = vec![
             waiter("c", Some("2026-11-24T10:00:00.000002Z")),
@@ -1603,7 +1599,7 @@ mod tests {
         }
         // Twenty slots handed at once over the 80 longest of 1,000 waiters: they go to many
         // different nodes (all to one before the spread).
-        let many: Vec<Node> = (0..1000)
+        let many: Vec<ObjectMeta> = (0..1000)
             .map(|i| {
                 waiter(
                     &format!("n{i:04}"),

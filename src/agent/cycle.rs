@@ -57,6 +57,8 @@ pub(super) struct Cycle<'r> {
     pub(super) pool_count: Option<PoolCount>,
     /// The same for the rule's nodes over all its groups (a percentage `maxConcurrent`).
     pub(super) rule_pool_count: Option<PoolCount>,
+    /// The last count of the lock queue's waiters (up to a long queue's length), and when.
+    pub(super) queue_count: Option<(usize, Instant)>,
 }
 
 impl<'r> Cycle<'r> {
@@ -78,6 +80,7 @@ impl<'r> Cycle<'r> {
             gate_query_pending: false,
             pool_count: None,
             rule_pool_count: None,
+            queue_count: None,
         }
     }
 

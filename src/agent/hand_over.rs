@@ -3,6 +3,8 @@
 //! [`node::pick_successor`]), or are freed when nobody waits, the cluster is paused, or the
 //! slot no longer exists for the pool as it is now.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use super::*;
 
 /// Hands on (or releases) every slot this node holds: its cap slot first, then its group's
@@ -94,15 +96,17 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
         // and so on). Free it; after the resume the waiters take it as a free slot.
         return release_only(agent, w, &lock, lease, now).await;
     }
-    // Hand the slot to the node that has waited longest, if any: one write, no race.
+    // Hand the slot to the node that has waited longest, if any: one write, no race. Their
+    // metadata only (names, labels, since when they wait): every hand-over lists every waiter,
+    // and a whole Node is several times its metadata.
     let waiting = ListParams::default().labels(&format!("{}=true", node::LABEL_WAITING));
-    match agent.node_api().list(&waiting).await {
+    match agent.node_api().list_metadata(&waiting).await {
         Ok(list) => {
             let slot = lease.name_any();
             let (next, eligible) = successor(
                 agent,
                 &slot,
-                list.items,
+                list.items.into_iter().map(|n| n.metadata).collect(),
                 policy.as_ref(),
                 &my_labels,
                 pool,
@@ -136,7 +140,7 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
 async fn successor(
     agent: &Agent,
     slot: &String,
-    waiting: Vec<Node>,
+    waiting: Vec<ObjectMeta>,
     policy: Option<&Policy>,
     my_labels: &crate::policy::Labels,
     pool: Option<usize>,
@@ -154,12 +158,12 @@ async fn successor(
             }
             _ => None,
         };
-        let eligible: Vec<Node> = waiting
+        let eligible: Vec<ObjectMeta> = waiting
             .into_iter()
             .filter(|n| {
-                let rule = policy.map(|p| p.rule_for(n.labels()));
+                let rule = policy.map(|p| p.rule_for(labels_of(n)));
                 lock::cap_slot_set(lock_name, rule.as_ref(), rule_pool).is_some_and(|c| c.contains(slot))
-                    && holders.any.contains(&n.name_any())
+                    && n.name.as_ref().is_some_and(|name| holders.any.contains(name))
             })
             .collect();
         (
@@ -174,9 +178,9 @@ async fn successor(
         )
     } else {
         // Only a waiter that competes for this very slot (same lock group or rule).
-        let eligible: Vec<Node> = waiting
+        let eligible: Vec<ObjectMeta> = waiting
             .into_iter()
-            .filter(|n| agent.slots_for(policy, &n.labels().clone(), pool).contains(slot))
+            .filter(|n| agent.slots_for(policy, labels_of(n), pool).contains(slot))
             .collect();
         (
             node::pick_successor(
@@ -189,6 +193,12 @@ async fn successor(
             eligible.len(),
         )
     }
+}
+
+/// The labels of a waiter's metadata (none: an empty set).
+fn labels_of(n: &ObjectMeta) -> &crate::policy::Labels {
+    static NONE: crate::policy::Labels = BTreeMap::new();
+    n.labels.as_ref().unwrap_or(&NONE)
 }
 
 /// Over how many of the longest waiters a hand-off is spread (see [`node::pick_successor`]),

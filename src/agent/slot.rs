@@ -14,6 +14,10 @@ const POOL_MAX_AGE: Duration = Duration::from_secs(60);
 /// hand out a slot it no longer has, so the count is redone unless it is this fresh.
 const POOL_FRESH: Duration = Duration::from_secs(2);
 
+/// How long a count of the lock queue ([`Cycle::queue_at_least`]) stands while the node
+/// waits.
+const QUEUE_COUNT_MAX_AGE: Duration = Duration::from_secs(60);
+
 /// Upper bound of the random delay before trying a free lock slot (see
 /// [`Cycle::take_free_slot`]).
 const FREE_SLOT_JITTER_MS: u64 = 200;
@@ -388,12 +392,12 @@ impl Cycle<'_> {
         // A percentage budget: count the pool again now and then, to see
         // it grow (a new slot) without a Lease change.
         let recount = counted_at.map(|at| at + POOL_MAX_AGE);
-        if queued
-            && t.held.is_none()
-            && t.held_cap.is_none()
-            && lock::fits_label(me)
-            && let Some(period) = lock::doze_period(lock::queue_length(slots, &t.leases), rand::random())
-        {
+        let may_doze = queued && t.held.is_none() && t.held_cap.is_none() && lock::fits_label(me);
+        let mut queue = lock::queue_length(slots, &t.leases);
+        if may_doze && queue < lock::DOZE_MIN_QUEUE {
+            queue = queue.max(self.queue_at_least().await);
+        }
+        if may_doze && let Some(period) = lock::doze_period(queue, rand::random()) {
             let until = next_window
                 .map(|d| instant_at(now, d))
                 .into_iter()
@@ -418,6 +422,43 @@ impl Cycle<'_> {
             .min();
         self.wait_for_change(deadline).await?;
         Ok(Ok(()))
+    }
+}
+
+impl Cycle<'_> {
+    /// At least how many other nodes wait in the lock queue, counted up to a long queue's
+    /// length ([`lock::DOZE_MIN_QUEUE`]); 0 when the count fails (no doze). The queue's length
+    /// is recorded by its hand-offs, and there are none yet at the start of a rollout, when
+    /// every node needs its reboot in the same minute: without a count each of them would
+    /// watch the whole lock until the first hand-offs, so that every write of the first
+    /// holders' cycles went to every node (the burst that kept 5,000 nodes from rolling). One
+    /// metadata list of the waiting Nodes, cut after that many (kube-apiserver answers one
+    /// page and says whether more are left), at most once a [`QUEUE_COUNT_MAX_AGE`]. It counts
+    /// the waiters of every lock group and rule, more than compete for this node's slots:
+    /// dozing where the queue is in fact shorter delays only the noticing of a slot freed
+    /// without a hand-off.
+    async fn queue_at_least(&mut self) -> usize {
+        if let Some((n, at)) = self.queue_count
+            && at.elapsed() <= QUEUE_COUNT_MAX_AGE
+        {
+            return n;
+        }
+        let params = ListParams::default()
+            .labels(&format!("{}=true", node::LABEL_WAITING))
+            .limit(u32::try_from(lock::DOZE_MIN_QUEUE + 1).unwrap_or(u32::MAX));
+        let n = match self.agent.node_api().list_metadata(&params).await {
+            Ok(list) => lock::waiters_at_least(
+                list.items.iter().filter_map(|n| n.metadata.name.as_deref()),
+                list.metadata.continue_.as_deref().is_some_and(|c| !c.is_empty()),
+                &self.agent.cfg.node_name,
+            ),
+            Err(e) => {
+                debug!(error = %e, "cannot count the lock queue; not dozing");
+                0
+            }
+        };
+        self.queue_count = Some((n, Instant::now()));
+        n
     }
 }
 
