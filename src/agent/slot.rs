@@ -466,7 +466,11 @@ impl Cycle<'_> {
 /// them names `me` as its holder. kube-apiserver sends this watch only those Leases: the other
 /// writes of the lock do not reach a dozing waiter.
 async fn watch_handed_to(api: Api<Lease>, selector: String, me: String, handed: watch::Sender<bool>) {
-    let stream = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
+    let stream = watcher(
+        api,
+        watches::from_cache(watcher::Config::default().labels(&selector)),
+    )
+    .default_backoff();
     futures::pin_mut!(stream);
     while let Some(ev) = stream.next().await {
         match ev {
