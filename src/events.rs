@@ -23,48 +23,67 @@ use std::{
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-/// Stable Event reasons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// The sentinel appeared.
-    RebootRequired,
-    /// A reboot is needed but held back.
-    RebootBlocked,
-    /// A lock slot was taken.
-    LockAcquired,
-    /// kreboot cordoned the node.
-    Cordoned,
-    /// Eviction of the node's pods started.
-    Draining,
-    /// The drain failed or timed out.
-    DrainFailed,
-    /// The reboot is being requested.
-    Rebooting,
-    /// The reboot request failed.
-    RebootFailed,
-    /// The node came back and was made schedulable again.
-    Uncordoned,
-    /// The cycle finished after the reboot.
-    RebootCompleted,
-    /// The cycle was abandoned (window closed, sentinel gone, lock lost).
-    CycleAborted,
-    /// The policy ConfigMap was rejected.
-    ConfigInvalid,
-    /// The sentinel cannot be watched with inotify and is polled instead.
-    SentinelPolling,
-    /// The preflight failed: the agent cannot reach the host to reboot it (its namespaces or
-    /// PID 1's signal refused), so it does not take the node out of service.
-    HostAccessDenied,
-    /// A reboot is needed but an operator paused reboots cluster-wide (`kreboot pause`).
-    RebootsPaused,
-    /// A rebooted node did not become healthy (Ready, DaemonSet pods Ready) within its rule's
-    /// health gate timeout; it keeps its lock slot, so the rollout stops.
-    HealthGateFailed,
-    /// A `kreboot.io/` annotation on the Node could not be understood (hand-edited?); the
-    /// message says how the agent reads it instead.
-    BadAnnotation,
-    /// This host's clock differs from the API server's by more than the threshold.
-    ClockSkew,
+/// Declares [`Reason`] and [`Reason::ALL`] from one list of variants, so that no reason can be
+/// added without being in `ALL`: the README check (tests/events.rs) walks `ALL`, and a reason it
+/// missed would go undocumented unnoticed.
+macro_rules! reasons {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$variant_meta:meta])* $variant:ident,)* }) => {
+        $(#[$meta])*
+        $vis enum $name {
+            $($(#[$variant_meta])* $variant,)*
+        }
+
+        impl $name {
+            /// Every reason, in the order declared.
+            pub const ALL: &[$name] = &[$($name::$variant,)*];
+        }
+    };
+}
+
+reasons! {
+    /// Stable Event reasons.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Reason {
+        /// The sentinel appeared.
+        RebootRequired,
+        /// A reboot is needed but held back.
+        RebootBlocked,
+        /// A lock slot was taken.
+        LockAcquired,
+        /// kreboot cordoned the node.
+        Cordoned,
+        /// Eviction of the node's pods started.
+        Draining,
+        /// The drain failed or timed out.
+        DrainFailed,
+        /// The reboot is being requested.
+        Rebooting,
+        /// The reboot request failed.
+        RebootFailed,
+        /// The node came back and was made schedulable again.
+        Uncordoned,
+        /// The cycle finished after the reboot.
+        RebootCompleted,
+        /// The cycle was abandoned (window closed, sentinel gone, lock lost).
+        CycleAborted,
+        /// The policy ConfigMap was rejected.
+        ConfigInvalid,
+        /// The sentinel cannot be watched with inotify and is polled instead.
+        SentinelPolling,
+        /// The preflight failed: the agent cannot reach the host to reboot it (its namespaces or
+        /// PID 1's signal refused), so it does not take the node out of service.
+        HostAccessDenied,
+        /// A reboot is needed but an operator paused reboots cluster-wide (`kreboot pause`).
+        RebootsPaused,
+        /// A rebooted node did not become healthy (Ready, DaemonSet pods Ready) within its rule's
+        /// health gate timeout; it keeps its lock slot, so the rollout stops.
+        HealthGateFailed,
+        /// A `kreboot.io/` annotation on the Node could not be understood (hand-edited?); the
+        /// message says how the agent reads it instead.
+        BadAnnotation,
+        /// This host's clock differs from the API server's by more than the threshold.
+        ClockSkew,
+    }
 }
 
 impl Reason {
@@ -214,6 +233,14 @@ pub fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every reason has a string of its own: a copied `as_str` arm would make two reasons one
+    /// in `kubectl describe node` and in the README check.
+    #[test]
+    fn every_reason_has_its_own_string() {
+        let strings: std::collections::BTreeSet<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(strings.len(), Reason::ALL.len(), "two reasons share a string");
+    }
 
     #[test]
     fn truncate_respects_char_boundaries() {

@@ -4,48 +4,28 @@
 //! The test plays the machine: when the simulated node goes down it kills the agent and removes
 //! the sentinel (a tmpfs), and starts the agent again when the node is Ready.
 
+mod common;
+
 use std::{
-    collections::BTreeMap,
-    net::TcpListener,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
+use common::{Killed, SimHost, free_port};
 use kreboot::node::{ANN_LAST_REBOOT, ANN_PHASE};
-use kreboot_testkit::sim::{self, SimCluster, SimConfig, SimEvent};
+use kreboot_testkit::sim::{self, SimConfig, SimEvent};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn_agent(kubeconfig: &Path, sentinel: &Path, reboot_url: &str, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_kreboot"))
-        .args([
-            "agent",
-            "--node-name",
-            "n1",
-            "--namespace",
-            "kube-system",
-            "--host-namespaces=false",
-        ])
-        .arg("--sentinel-file")
-        .arg(sentinel)
-        .arg("--reboot-command")
-        .arg(format!("curl -sf -X POST {reboot_url}"))
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["--log-format", "json"])
-        .env("KUBECONFIG", kubeconfig)
-        .env_remove("NODE_NAME")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kreboot starts")
+/// The agent as the DaemonSet runs it for n1, its reboot command a POST to `reboot_url`.
+fn spawn_agent(host: &SimHost, sentinel: &Path, reboot_url: &str, port: u16) -> Killed {
+    Killed::spawn(
+        host.agent(sentinel)
+            .arg("--reboot-command")
+            .arg(format!("curl -sf -X POST {reboot_url}"))
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--log-format", "json"]),
+    )
 }
 
 async fn scrape(port: u16) -> Option<String> {
@@ -64,27 +44,23 @@ async fn binary_full_cycle_with_real_sentinel_and_reboot_command() {
     if Command::new("curl").arg("--version").output().is_err() {
         panic!("curl is required (scripts/test installs it)");
     }
-    let sim = SimCluster::start(SimConfig {
+    let host = SimHost::start(SimConfig {
         reboot_duration: Duration::from_millis(500),
         ..SimConfig::default()
     })
-    .await
-    .unwrap();
-    sim.add_node("n1", BTreeMap::new());
+    .await;
+    let sim = &host.sim;
     sim.add_pod(
         sim::pod("apps", "web", "n1")
             .grace(1)
             .shutdown_seconds(0.1)
             .build(),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    sim.write_kubeconfig(&kubeconfig).unwrap();
-    let sentinel = dir.path().join("run/reboot-required");
+    let sentinel = host.path("run/reboot-required");
     let reboot_url = format!("{}/sim/v1/nodes/n1/reboot", sim.url());
     let port = free_port();
     let mut events = sim.subscribe();
-    let mut agent = spawn_agent(&kubeconfig, &sentinel, &reboot_url, port);
+    let mut agent = spawn_agent(&host, &sentinel, &reboot_url, port);
 
     // The sentinel's directory does not exist yet; the agent copes and reports 0.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -127,8 +103,8 @@ async fn binary_full_cycle_with_real_sentinel_and_reboot_command() {
         }
     }
     // The machine went down: the agent dies with it, /var/run is a fresh tmpfs afterwards.
-    agent.kill().unwrap();
-    agent.wait().unwrap();
+    agent.0.kill().unwrap();
+    agent.0.wait().unwrap();
     std::fs::remove_file(&sentinel).unwrap();
     assert_eq!(
         sim.node("n1")
@@ -147,7 +123,7 @@ async fn binary_full_cycle_with_real_sentinel_and_reboot_command() {
             Err(_) => panic!("the node never came back"),
         }
     }
-    let mut agent = spawn_agent(&kubeconfig, &sentinel, &reboot_url, port);
+    let mut agent = spawn_agent(&host, &sentinel, &reboot_url, port);
     let back = Instant::now();
     loop {
         let n = sim.node("n1").unwrap();
@@ -178,10 +154,10 @@ async fn binary_full_cycle_with_real_sentinel_and_reboot_command() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::unistd::Pid::from_raw(agent.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = agent.wait().unwrap();
+    let status = agent.0.wait().unwrap();
     assert!(status.success(), "graceful exit on SIGTERM: {status:?}");
 }

@@ -1,22 +1,18 @@
 //! The `kreboot` binary's command line, run as a black box: bad input gets a clear message and
 //! exit code 2; an unreachable API server is retried with back-off, never a panic.
 
+mod common;
+
 use std::{
     io::Read,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-fn kreboot() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kreboot"));
-    for var in ["NODE_NAME", "KREBOOT_NODE_NAME", "KUBECONFIG", "POD_NAMESPACE"] {
-        c.env_remove(var);
-    }
-    c
-}
+use common::kreboot_alone;
 
 fn run(args: &[&str]) -> (i32, String) {
-    let out = kreboot().args(args).output().expect("kreboot runs");
+    let out = kreboot_alone().args(args).output().expect("kreboot runs");
     let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     (out.status.code().unwrap_or(-1), text)
 }
@@ -38,7 +34,7 @@ fn bad_duration_is_a_usage_error() {
 
 #[test]
 fn bad_duration_from_the_environment_is_a_usage_error() {
-    let out = kreboot()
+    let out = kreboot_alone()
         .args(["agent", "--node-name", "n1"])
         .env("KREBOOT_LOCK_TTL", "a while")
         .output()
@@ -88,15 +84,9 @@ fn help_explains_every_flag() {
 #[test]
 fn unreachable_api_server_is_retried_with_backoff() {
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
     // Port 1 on loopback: nothing listens there, connections are refused at once.
-    std::fs::write(
-        &kubeconfig,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\n\
-         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n",
-    )
-    .unwrap();
-    let mut child = kreboot()
+    let kubeconfig = common::unreachable_kubeconfig(dir.path());
+    let mut child = kreboot_alone()
         .args([
             "agent",
             "--node-name",

@@ -12,6 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
+use common::{SimHost, db_pod, guard_db_pods};
 use kreboot::{
     drain_cli::{ANN_DRAINED_AT, ANN_DRAINED_BY},
     node::{ANN_CORDONED_BY_KREBOOT, ANN_PHASE},
@@ -63,7 +66,7 @@ fn is_app(v: &Value) -> bool {
 /// Three nodes labelled pool=old and one pool=new, two `app=web` pods on each (slow to shut
 /// down) and a DaemonSet pod on each; one PDB over all eight web pods allowing one disruption
 /// at a time.
-async fn pool_cluster(dir: &Path) -> (SimCluster, std::path::PathBuf) {
+async fn pool_cluster() -> SimHost {
     let sim = SimCluster::start(SimConfig::default()).await.unwrap();
     for (name, pool) in [
         ("old-0", "old"),
@@ -94,9 +97,7 @@ async fn pool_cluster(dir: &Path) -> (SimCluster, std::path::PathBuf) {
         None,
         Some(1),
     );
-    let kubeconfig = dir.join("kubeconfig");
-    sim.write_kubeconfig(&kubeconfig).unwrap();
-    (sim, kubeconfig)
+    SimHost::new(sim)
 }
 
 /// Follows every change of the store and records the largest number of web pods disrupted
@@ -128,8 +129,11 @@ fn watch_disruptions(sim: &SimCluster) -> (Arc<AtomicUsize>, tokio::task::JoinHa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_a_pool_by_selector_respects_the_pdb_across_nodes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (sim, kubeconfig) = pool_cluster(dir.path()).await;
+    let SimHost {
+        sim,
+        kubeconfig,
+        dir: _dir,
+    } = pool_cluster().await;
     let (max_disrupted, monitor) = watch_disruptions(&sim);
     let new_pods = pod_names(&sim, "new-0");
     let started = Instant::now();
@@ -239,8 +243,11 @@ async fn drain_a_pool_by_selector_respects_the_pdb_across_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_lists_the_plan_and_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let (sim, kubeconfig) = pool_cluster(dir.path()).await;
+    let SimHost {
+        sim,
+        kubeconfig,
+        dir: _dir,
+    } = pool_cluster().await;
     sim.reset_request_counts();
     let out = kreboot(&kubeconfig, &["drain", "-l", "pool in (old)", "--dry-run"]).await;
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
@@ -288,12 +295,7 @@ async fn a_drain_the_pdb_blocks_times_out_and_names_the_pod() {
     let sim = SimCluster::start(SimConfig::default()).await.unwrap();
     sim.add_node("n0", BTreeMap::new());
     sim.add_node("n1", BTreeMap::new());
-    sim.add_pod(
-        sim::pod("apps", "db-0", "n0")
-            .labels([("app", "db")])
-            .grace(1)
-            .build(),
-    );
+    sim.add_pod(db_pod("db-0", "n0").grace(1).build());
     sim.add_pod(
         sim::pod("apps", "cache-0", "n0")
             .grace(1)
@@ -306,16 +308,12 @@ async fn a_drain_the_pdb_blocks_times_out_and_names_the_pod() {
             .shutdown_seconds(0.1)
             .build(),
     );
-    sim.add_pdb(
-        "apps",
-        "db",
-        BTreeMap::from([("app".to_string(), "db".to_string())]),
-        Some(1),
-        None,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    sim.write_kubeconfig(&kubeconfig).unwrap();
+    guard_db_pods(&sim);
+    let SimHost {
+        sim,
+        kubeconfig,
+        dir: _dir,
+    } = SimHost::new(sim);
     let started = Instant::now();
     let out = kreboot(
         &kubeconfig,
@@ -368,9 +366,11 @@ async fn uncordon_undoes_a_drain_and_refuses_a_node_mid_cycle() {
             .shutdown_seconds(0.1)
             .build(),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    sim.write_kubeconfig(&kubeconfig).unwrap();
+    let SimHost {
+        sim,
+        kubeconfig,
+        dir: _dir,
+    } = SimHost::new(sim);
 
     let out = kreboot(&kubeconfig, &["drain", "n0"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -439,13 +439,7 @@ async fn uncordon_undoes_a_drain_and_refuses_a_node_mid_cycle() {
 #[tokio::test]
 async fn an_unreachable_api_server_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\n\
-         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n",
-    )
-    .unwrap();
+    let kubeconfig = common::unreachable_kubeconfig(dir.path());
     for args in [&["drain", "n1"][..], &["uncordon", "-l", "pool=old"]] {
         let out = kreboot(&kubeconfig, args).await;
         let stderr = text(&out.stderr);

@@ -14,7 +14,7 @@ use kreboot::{
     lock::LOCK_LABEL,
     node::{ANN_CORDONED_BY_KREBOOT, ANN_LAST_FAILURE, ANN_LAST_FAILURE_REASON, ANN_PHASE},
 };
-use kreboot_testkit::sim::{self, SimEvent};
+use kreboot_testkit::sim::SimEvent;
 use kube::{Api, api::PostParams};
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -231,20 +231,8 @@ async fn pdb_cluster(
         c.force_reboot = force;
     })
     .await;
-    sim.add_pod(
-        sim::pod("apps", "db-0", "n0")
-            .labels([("app", "db")])
-            .grace(1)
-            .shutdown_seconds(0.1)
-            .build(),
-    );
-    sim.add_pdb(
-        "apps",
-        "db",
-        BTreeMap::from([("app".to_string(), "db".to_string())]),
-        Some(1),
-        None,
-    );
+    sim.add_pod(db_pod("db-0", "n0").grace(1).shutdown_seconds(0.1).build());
+    guard_db_pods(&sim);
     (sim, fleet)
 }
 
@@ -479,12 +467,7 @@ async fn killed_after_recording_the_reboot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_mid_drain_resumes() {
     let (sim, fleet) = cluster(1, |_| {}).await;
-    sim.add_pod(
-        sim::pod("apps", "slow", "n0")
-            .grace(2)
-            .shutdown_seconds(1.5)
-            .build(),
-    );
+    sim.add_pod(slow_pod("n0", 2, 1.5));
     fleet.start_all();
     fleet.require_reboot("n0");
     wait_for(LIMIT, "draining", || {

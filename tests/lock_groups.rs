@@ -15,7 +15,6 @@ use std::{
 use common::*;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use kreboot::node::{ANN_CORDONED_BY_KREBOOT, ANN_PHASE};
 use kreboot_testkit::sim::{self, SimCluster, SimConfig, fleet::Fleet};
 use kube::{
     Api,
@@ -24,19 +23,6 @@ use kube::{
 
 const LIMIT: Duration = Duration::from_secs(90);
 const POLICY: &str = "rules:\n  - name: pools\n    nodeSelector:\n      matchExpressions: [{key: pool, operator: Exists}]\n    concurrency: 1\n    lockGroup: {byLabel: pool}\n";
-
-fn out(n: &Node) -> bool {
-    let ann = n.metadata.annotations.clone().unwrap_or_default();
-    let ready = n
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True");
-    let cordoned = n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
-        && ann.get(ANN_CORDONED_BY_KREBOOT).map(String::as_str) == Some("true");
-    ann.contains_key(ANN_PHASE) || !ready || cordoned
-}
 
 /// Rolls `nodes` (name, pool) under `policy` and returns the largest number of nodes out at once
 /// per pool and overall, and the names of the lock's Leases.
@@ -90,7 +76,7 @@ async fn roll(policy: &str, nodes: &[(String, &str)]) -> (BTreeMap<String, usize
                 .and_then(|l| l.get("pool"))
                 .cloned()
                 .unwrap_or_default();
-            state.insert(n.metadata.name.clone().unwrap_or_default(), (pool, out(&n)));
+            state.insert(n.metadata.name.clone().unwrap_or_default(), (pool, is_out(&n)));
             let mut per: BTreeMap<String, usize> = BTreeMap::new();
             for (p, o) in state.values() {
                 *per.entry(p.clone()).or_default() += usize::from(*o);

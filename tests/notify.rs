@@ -15,7 +15,7 @@ use axum::{
     body::Bytes,
     http::{HeaderMap, Method, StatusCode, Uri},
 };
-use common::{cluster, completed, wait_for};
+use common::{cluster, completed, kreboot_alone, wait_for};
 use kreboot::{
     metrics::Metrics,
     notify::{Notifier, NotifyConfig, NotifyEvent, QUEUE, Template, parse_target},
@@ -331,17 +331,9 @@ async fn disabled_notifier_sends_nothing() {
     assert!(!off.enabled(), "no targets: disabled");
 }
 
-fn kreboot() -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kreboot"));
-    for var in ["NODE_NAME", "KREBOOT_NODE_NAME", "KUBECONFIG", "POD_NAMESPACE"] {
-        c.env_remove(var);
-    }
-    c
-}
-
 #[test]
 fn bad_urls_and_templates_are_rejected_at_start() {
-    let out = kreboot()
+    let out = kreboot_alone()
         .args([
             "agent",
             "--node-name",
@@ -398,7 +390,7 @@ async fn agent_notifies_a_full_cycle() {
 
 #[test]
 fn help_does_not_show_the_webhook_secret_from_the_environment() {
-    let out = kreboot()
+    let out = kreboot_alone()
         .args(["agent", "--help"])
         .env(
             "KREBOOT_NOTIFY_URL",

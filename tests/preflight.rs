@@ -16,13 +16,13 @@ use std::{
     collections::BTreeMap,
     os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 mod common;
 
-use common::{Killed as Agent, free_port, sample, scrape_metrics as scrape};
+use common::{Killed as Agent, SimHost, agent_command, free_port, sample, scrape_metrics as scrape};
 use kreboot::node::{ANN_BLOCKED_BY, ANN_LAST_FAILURE_REASON, ANN_PHASE};
 use kreboot_testkit::sim::{SimCluster, SimConfig, SimEvent};
 
@@ -82,64 +82,41 @@ fn lease_holder(sim: &SimCluster) -> Option<String> {
 /// A simulated cluster with node n1, and a directory (readable by uid 65534) holding its
 /// kubeconfig and the sentinel, already present.
 struct Setup {
-    sim: SimCluster,
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
+    host: SimHost,
     sentinel: PathBuf,
 }
 
 async fn setup() -> Setup {
-    let sim = SimCluster::start(SimConfig {
+    let host = SimHost::start(SimConfig {
         reboot_duration: Duration::from_millis(500),
         ..SimConfig::default()
     })
-    .await
-    .expect("simulator starts");
-    sim.add_node("n1", BTreeMap::new());
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let kubeconfig = dir.path().join("kubeconfig");
-    sim.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    std::fs::set_permissions(&kubeconfig, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let run = dir.path().join("run");
-    std::fs::create_dir(&run).expect("run dir");
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let sentinel = run.join("reboot-required");
+    .await;
+    let sentinel = host.open_to_other_uids();
     std::fs::write(&sentinel, "*** System restart required ***\n").expect("sentinel");
     std::fs::set_permissions(&sentinel, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    Setup {
-        sim,
-        dir,
-        kubeconfig,
-        sentinel,
-    }
+    Setup { host, sentinel }
 }
 
-/// Starts `kreboot agent` for n1 with `flags`, as `uid` (None: as this process), logging to
-/// `agent.log` in the setup's directory.
+/// Starts `kreboot agent` for n1 with `flags` (they choose `--host-namespaces`), as `uid` (None:
+/// as this process), logging to `agent.log` in the setup's directory.
 fn spawn(s: &Setup, flags: &[&str], port: u16, uid: Option<u32>) -> Agent {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kreboot"));
-    cmd.args(["agent", "--node-name", "n1", "--namespace", "kube-system"])
-        .args(flags)
-        .arg("--sentinel-file")
-        .arg(&s.sentinel)
+    let mut cmd = agent_command(&s.host.kubeconfig, &s.sentinel);
+    cmd.args(flags)
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{port}"))
-        .env("KUBECONFIG", &s.kubeconfig)
         .env("RUST_LOG", "info")
-        .env_remove("NODE_NAME")
-        .current_dir(s.dir.path())
-        .stdout(Stdio::null())
+        .current_dir(s.host.dir.path())
         .stderr(std::fs::File::create(log_path(s)).expect("log file"));
     if let Some(uid) = uid {
         // std drops the supplementary groups (setgroups) before setgid/setuid when root.
         cmd.uid(uid).gid(uid);
     }
-    Agent(cmd.spawn().expect("kreboot starts"))
+    Agent::spawn(&mut cmd)
 }
 
 fn log_path(s: &Setup) -> PathBuf {
-    s.dir.path().join("agent.log")
+    s.host.agent_log()
 }
 
 fn log_text(path: &Path) -> String {
@@ -170,11 +147,16 @@ async fn refused(flags: &[&str], expect_in_note: &[&str]) {
     })
     .await;
     wait_for(&s, "the HostAccessDenied Event", async || {
-        events(&s.sim, "n1").iter().any(|(r, _)| r == "HostAccessDenied")
+        events(&s.host.sim, "n1")
+            .iter()
+            .any(|(r, _)| r == "HostAccessDenied")
     })
     .await;
     wait_for(&s, "blocked-by host_access on the Node", async || {
-        annotations(&s.sim, "n1").get(ANN_BLOCKED_BY).map(String::as_str) == Some("host_access")
+        annotations(&s.host.sim, "n1")
+            .get(ANN_BLOCKED_BY)
+            .map(String::as_str)
+            == Some("host_access")
     })
     .await;
     // The sentinel is there, the window open, the lock free: the only thing holding it back is
@@ -184,7 +166,7 @@ async fn refused(flags: &[&str], expect_in_note: &[&str]) {
         agent.0.try_wait().expect("try_wait").is_none(),
         "the agent keeps running"
     );
-    let evs = events(&s.sim, "n1");
+    let evs = events(&s.host.sim, "n1");
     let reasons: Vec<&str> = evs.iter().map(|(r, _)| r.as_str()).collect();
     for never in ["LockAcquired", "Cordoned", "Draining", "Rebooting"] {
         assert!(
@@ -197,14 +179,14 @@ async fn refused(flags: &[&str], expect_in_note: &[&str]) {
         1,
         "reported once: {reasons:?}"
     );
-    assert!(!unschedulable(&s.sim, "n1"), "never cordoned");
-    assert_eq!(lease_holder(&s.sim), None, "never took the lock");
+    assert!(!unschedulable(&s.host.sim, "n1"), "never cordoned");
+    assert_eq!(lease_holder(&s.host.sim), None, "never took the lock");
     assert!(
-        !labels(&s.sim, "n1").contains_key("kreboot.io/waiting"),
+        !labels(&s.host.sim, "n1").contains_key("kreboot.io/waiting"),
         "never joined the lock queue"
     );
     assert!(
-        !annotations(&s.sim, "n1").contains_key(ANN_PHASE),
+        !annotations(&s.host.sim, "n1").contains_key(ANN_PHASE),
         "no cycle started"
     );
     let note = &evs
@@ -235,7 +217,7 @@ async fn refused(flags: &[&str], expect_in_note: &[&str]) {
     // `kreboot status` shows what holds the node back.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kreboot"))
         .args(["status", "--namespace", "kube-system"])
-        .env("KUBECONFIG", &s.kubeconfig)
+        .env("KUBECONFIG", &s.host.kubeconfig)
         .env_remove("POD_NAMESPACE")
         .output()
         .await
@@ -305,11 +287,11 @@ async fn permitted_host_access_reboots() {
         panic!("curl is required (scripts/test installs it)");
     }
     let s = setup().await;
-    let mut sim_events = s.sim.subscribe();
+    let mut sim_events = s.host.sim.subscribe();
     let port = free_port();
     let reboot = format!(
         "--reboot-command=curl -sf -X POST {}/sim/v1/nodes/n1/reboot",
-        s.sim.url()
+        s.host.sim.url()
     );
     let host = Agent(Command::new("sleep").arg("120").spawn().expect("sleep starts"));
     let host_pid = format!("--host-pid={}", host.0.id());
@@ -331,7 +313,7 @@ async fn permitted_host_access_reboots() {
         Some(1.0),
         "{m}"
     );
-    let reasons: Vec<String> = events(&s.sim, "n1").into_iter().map(|(r, _)| r).collect();
+    let reasons: Vec<String> = events(&s.host.sim, "n1").into_iter().map(|(r, _)| r).collect();
     assert!(!reasons.iter().any(|r| r == "HostAccessDenied"), "{reasons:?}");
     for want in ["LockAcquired", "Cordoned", "Rebooting"] {
         assert!(reasons.iter().any(|r| r == want), "{want}: {reasons:?}");
@@ -356,31 +338,33 @@ async fn a_failing_reboot_uncordons_and_releases() {
         None,
     );
     wait_for(&s, "RebootFailed", async || {
-        events(&s.sim, "n1").iter().any(|(r, _)| r == "RebootFailed")
+        events(&s.host.sim, "n1").iter().any(|(r, _)| r == "RebootFailed")
     })
     .await;
     wait_for(&s, "uncordoned, cycle ended, lock released", async || {
-        !unschedulable(&s.sim, "n1")
-            && !annotations(&s.sim, "n1").contains_key(ANN_PHASE)
-            && lease_holder(&s.sim).is_none()
+        !unschedulable(&s.host.sim, "n1")
+            && !annotations(&s.host.sim, "n1").contains_key(ANN_PHASE)
+            && lease_holder(&s.host.sim).is_none()
     })
     .await;
     assert_eq!(
-        annotations(&s.sim, "n1")
+        annotations(&s.host.sim, "n1")
             .get(ANN_LAST_FAILURE_REASON)
             .map(String::as_str),
         Some("reboot_failed")
     );
     // The failure back-off holds: no second attempt, no lock, no cordon meanwhile.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let evs = events(&s.sim, "n1");
+    let evs = events(&s.host.sim, "n1");
     let count = |reason: &str| evs.iter().filter(|(r, _)| r == reason).count();
     assert_eq!(count("LockAcquired"), 1, "{evs:?}");
     assert_eq!(count("Rebooting"), 1, "{evs:?}");
     assert_eq!(count("RebootFailed"), 1, "{evs:?}");
-    assert!(!unschedulable(&s.sim, "n1") && lease_holder(&s.sim).is_none());
+    assert!(!unschedulable(&s.host.sim, "n1") && lease_holder(&s.host.sim).is_none());
     assert_eq!(
-        annotations(&s.sim, "n1").get(ANN_BLOCKED_BY).map(String::as_str),
+        annotations(&s.host.sim, "n1")
+            .get(ANN_BLOCKED_BY)
+            .map(String::as_str),
         Some("failure_backoff")
     );
     let note = &evs.iter().find(|(r, _)| r == "RebootFailed").expect("event").1;

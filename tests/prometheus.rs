@@ -5,7 +5,6 @@
 //! `promtool check metrics`.
 
 use std::{
-    collections::BTreeMap,
     io::Write,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -14,8 +13,8 @@ use std::{
 
 mod common;
 
-use common::{Killed, free_port, which};
-use kreboot_testkit::sim::{SimCluster, SimConfig};
+use common::{BLACKOUT_EVERY_DAY, Killed, SimHost, free_port, put_policy, which};
+use kreboot_testkit::sim::SimConfig;
 
 fn short_rules() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chart-check/kreboot-rules-short.yaml");
@@ -42,48 +41,19 @@ async fn prometheus_fires_reboot_pending_too_long_from_a_real_scrape() {
     let promtool = which("promtool");
     let rules = short_rules();
 
-    let sim = SimCluster::start(SimConfig::default())
-        .await
-        .expect("simulator starts");
-    sim.add_node("n1", BTreeMap::new());
+    let host = SimHost::start(SimConfig::default()).await;
     // A blackout covering every day: the reboot stays pending.
-    sim.configmap_put(
-        "kube-system",
-        "kreboot-config",
-        BTreeMap::from([(
-            "config.yaml".to_string(),
-            "blackouts:\n  - from: \"2000-01-01\"\n    to: \"2099-12-31\"\n".to_string(),
-        )]),
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    sim.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let sentinel = dir.path().join("reboot-required");
+    put_policy(&host.sim, BLACKOUT_EVERY_DAY);
+    let sentinel = host.path("reboot-required");
     std::fs::File::create(&sentinel).expect("sentinel");
     let metrics_port = free_port();
-    let _agent = Killed(
-        Command::new(env!("CARGO_BIN_EXE_kreboot"))
-            .args([
-                "agent",
-                "--node-name",
-                "n1",
-                "--namespace",
-                "kube-system",
-                "--host-namespaces=false",
-            ])
-            .arg("--sentinel-file")
-            .arg(&sentinel)
+    let _agent = Killed::spawn(
+        host.agent(&sentinel)
             .args(["--reboot-command", "false"])
-            .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))
-            .env("KUBECONFIG", &kubeconfig)
-            .env_remove("NODE_NAME")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("kreboot starts"),
+            .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}")),
     );
 
-    let config = dir.path().join("prometheus.yml");
+    let config = host.path("prometheus.yml");
     let mut f = std::fs::File::create(&config).expect("config");
     write!(
         f,
@@ -91,7 +61,7 @@ async fn prometheus_fires_reboot_pending_too_long_from_a_real_scrape() {
         rules.display()
     )
     .expect("write config");
-    let (_prom, prom_port) = common::start_prometheus(&config, dir.path());
+    let (_prom, prom_port) = common::start_prometheus(&config, host.dir.path());
 
     // The scrape itself is well-formed.
     let start = Instant::now();

@@ -18,19 +18,21 @@
 //! `cargo test --test sentinel_fallback -- --nocapture` prints the measured latencies.
 
 use std::{
-    collections::BTreeMap,
     ffi::CString,
     os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 mod common;
 
-use common::{event_reasons, free_port, sample, scrape_metrics as scrape};
+use common::{
+    BLACKOUT_EVERY_DAY, Killed, SimHost, event_reasons, free_port, put_policy, sample,
+    scrape_metrics as scrape,
+};
 use kreboot::sentinel::{SentinelWatch, WatchMode, WatchOptions};
-use kreboot_testkit::sim::{SimCluster, SimConfig};
+use kreboot_testkit::sim::SimConfig;
 
 /// The unprivileged uid (and gid) of the agent and of the helper.
 const UID: u32 = 65534;
@@ -211,20 +213,10 @@ impl Drop for Hog {
     }
 }
 
-/// Kills the agent if the test fails half-way.
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Scrapes every 10 ms until `series` has `value`; the time it took, or the last scrape.
 /// Panics with the agent's log if the agent exits meanwhile.
 async fn until(
-    agent: &mut Agent,
+    agent: &mut Killed,
     log: &Path,
     port: u16,
     series: &str,
@@ -270,31 +262,14 @@ async fn agent_falls_back_to_polling_and_returns_to_inotify(what: Exhaust) {
         return;
     }
     let _budget = UID_BUDGET.lock().await;
-    let sim = SimCluster::start(SimConfig::default())
-        .await
-        .expect("simulator starts");
-    sim.add_node("n1", BTreeMap::new());
+    let host = SimHost::start(SimConfig::default()).await;
+    let sim = &host.sim;
     // A blackout covering every day: the reboot stays pending, nothing else happens.
-    sim.configmap_put(
-        "kube-system",
-        "kreboot-config",
-        BTreeMap::from([(
-            "config.yaml".to_string(),
-            "blackouts:\n  - from: \"2000-01-01\"\n    to: \"2099-12-31\"\n".to_string(),
-        )]),
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let kubeconfig = dir.path().join("kubeconfig");
-    sim.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    std::fs::set_permissions(&kubeconfig, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let run = dir.path().join("run");
-    std::fs::create_dir(&run).expect("run dir");
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let sentinel = run.join("reboot-required");
-    let log = dir.path().join("agent.log");
+    put_policy(sim, BLACKOUT_EVERY_DAY);
+    let sentinel = host.open_to_other_uids();
+    let log = host.agent_log();
 
-    let mut hog = Hog::start(what, &dir.path().join("files"));
+    let mut hog = Hog::start(what, &host.path("files"));
     eprintln!(
         "helper (uid {UID}) holds {} inotify {} (max_user_instances = {}, max_user_watches = {}), then: {}",
         hog.held,
@@ -320,20 +295,9 @@ async fn agent_falls_back_to_polling_and_returns_to_inotify(what: Exhaust) {
     let port = free_port();
     // The poll interval and the retry period through the environment, so that a build without
     // them (which exits at start-up) fails on the fault and not on an unknown flag.
-    let mut agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_kreboot"))
-            .args([
-                "agent",
-                "--node-name",
-                "n1",
-                "--namespace",
-                "kube-system",
-                "--host-namespaces=false",
-                "--reboot-command",
-                "false",
-            ])
-            .arg("--sentinel-file")
-            .arg(&sentinel)
+    let mut agent = Killed::spawn(
+        host.agent(&sentinel)
+            .args(["--reboot-command", "false"])
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{port}"))
             .env(
@@ -344,16 +308,11 @@ async fn agent_falls_back_to_polling_and_returns_to_inotify(what: Exhaust) {
                 "KREBOOT_SENTINEL_INOTIFY_RETRY",
                 humantime::format_duration(RETRY).to_string(),
             )
-            .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info")
-            .env_remove("NODE_NAME")
-            .current_dir(dir.path())
+            .current_dir(host.dir.path())
             .uid(UID)
             .gid(UID)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("kreboot starts"),
+            .stderr(std::fs::File::create(&log).expect("log file")),
     );
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
 
@@ -385,11 +344,11 @@ async fn agent_falls_back_to_polling_and_returns_to_inotify(what: Exhaust) {
     );
     eprintln!("WARN line: {}", warnings[0]);
     let t = Instant::now();
-    while !event_reasons(&sim, "n1").iter().any(|r| r == "SentinelPolling") {
+    while !event_reasons(sim, "n1").iter().any(|r| r == "SentinelPolling") {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "no SentinelPolling Event: {:?}",
-            event_reasons(&sim, "n1")
+            event_reasons(sim, "n1")
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -613,47 +572,19 @@ fn flag_event_metric_and_alert_are_documented() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_metrics_port_only_degrades() {
     let _serial = SERIAL.lock().await;
-    let sim = SimCluster::start(SimConfig::default())
-        .await
-        .expect("simulator starts");
-    sim.add_node("n1", BTreeMap::new());
-    sim.configmap_put(
-        "kube-system",
-        "kreboot-config",
-        BTreeMap::from([(
-            "config.yaml".to_string(),
-            "blackouts:\n  - from: \"2000-01-01\"\n    to: \"2099-12-31\"\n".to_string(),
-        )]),
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    sim.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let sentinel = dir.path().join("reboot-required");
-    let log = dir.path().join("agent.log");
+    let host = SimHost::start(SimConfig::default()).await;
+    let sim = &host.sim;
+    put_policy(sim, BLACKOUT_EVERY_DAY);
+    let sentinel = host.path("reboot-required");
+    let log = host.agent_log();
     let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = busy.local_addr().expect("addr").port();
-    let mut agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_kreboot"))
-            .args([
-                "agent",
-                "--node-name",
-                "n1",
-                "--namespace",
-                "kube-system",
-                "--host-namespaces=false",
-                "--reboot-command",
-                "false",
-            ])
-            .arg("--sentinel-file")
-            .arg(&sentinel)
+    let mut agent = Killed::spawn(
+        host.agent(&sentinel)
+            .args(["--reboot-command", "false"])
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{port}"))
-            .env("KUBECONFIG", &kubeconfig)
-            .env_remove("NODE_NAME")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("kreboot starts"),
+            .stderr(std::fs::File::create(&log).expect("log file")),
     );
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     let t = Instant::now();
@@ -678,7 +609,7 @@ async fn a_busy_metrics_port_only_degrades() {
     );
     std::fs::write(&sentinel, "").expect("sentinel");
     let t = Instant::now();
-    while !event_reasons(&sim, "n1").iter().any(|r| r == "RebootRequired") {
+    while !event_reasons(sim, "n1").iter().any(|r| r == "RebootRequired") {
         assert!(
             agent.0.try_wait().expect("try_wait").is_none(),
             "the agent exited:\n{}",
@@ -687,7 +618,7 @@ async fn a_busy_metrics_port_only_degrades() {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "the sentinel was not acted on: {:?}\n{}",
-            event_reasons(&sim, "n1"),
+            event_reasons(sim, "n1"),
             log_text()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -1,8 +1,11 @@
 //! The simulated cluster against real clients: kube-rs for every verb and semantic kreboot
 //! relies on, and Debian's kubectl as a second, independent client.
 
+mod common;
+
 use std::{collections::BTreeMap, time::Duration};
 
+use common::{db_pod, guard_db_pods};
 use futures::StreamExt;
 use k8s_openapi::api::{
     coordination::v1::Lease,
@@ -261,26 +264,9 @@ async fn eviction_honours_grace_periods_and_disruption_budgets() {
             .shutdown_seconds(0.3)
             .build(),
     );
-    sim.add_pod(
-        sim::pod("apps", "db", "n1")
-            .labels([("app", "db")])
-            .grace(1)
-            .build(),
-    );
-    sim.add_pod(
-        sim::pod("apps", "db-2", "n1")
-            .labels([("app", "db")])
-            .grace(1)
-            .shutdown_seconds(0.1)
-            .build(),
-    );
-    sim.add_pdb(
-        "apps",
-        "db",
-        BTreeMap::from([("app".to_string(), "db".to_string())]),
-        Some(1),
-        None,
-    );
+    sim.add_pod(db_pod("db", "n1").grace(1).build());
+    sim.add_pod(db_pod("db-2", "n1").grace(1).shutdown_seconds(0.1).build());
+    guard_db_pods(&sim);
     let client = sim.client().await;
     let pods: Api<Pod> = Api::namespaced(client, "apps");
     let evict = |name: &str| {

@@ -406,19 +406,8 @@ async fn the_drain_waits_for_the_evicted_pod_not_a_replacement_with_its_name() {
     // A StatefulSet's pod: gone at once when evicted, then recreated with the same name.
     sim.add_pod(sim::pod("apps", "web-0", "n1").grace(0).build());
     // A pod whose eviction a budget holds back until the replacement exists.
-    sim.add_pod(
-        sim::pod("apps", "db-0", "n1")
-            .labels([("app", "db")])
-            .grace(0)
-            .build(),
-    );
-    sim.add_pdb(
-        "apps",
-        "db",
-        BTreeMap::from([("app".to_string(), "db".to_string())]),
-        Some(1),
-        None,
-    );
+    sim.add_pod(db_pod("db-0", "n1").grace(0).build());
+    guard_db_pods(&sim);
     let uid = |sim: &SimCluster| {
         sim.pods_on("n1")
             .into_iter()
@@ -507,12 +496,7 @@ async fn a_holder_ending_its_cycle_draws_no_competing_lease_writes() {
 async fn a_deleted_labelled_holder_frees_its_slot_quickly() {
     let (sim, fleet) = cluster(2, |_| {}).await;
     // A slow pod keeps n0 draining (not yet rebooting) when its machine vanishes.
-    sim.add_pod(
-        sim::pod("apps", "slow", "n0")
-            .grace(30)
-            .shutdown_seconds(20.0)
-            .build(),
-    );
+    sim.add_pod(slow_pod("n0", 30, 20.0));
     fleet.start_all();
     fleet.require_reboot("n0");
     let in_cycle = |n: &str| {

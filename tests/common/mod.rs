@@ -1,5 +1,6 @@
 //! Shared set-up for the integration tests: a simulated cluster with nodes and pods, a fleet of
-//! real agents, and helpers that wait for conditions with a bound.
+//! real agents, the real `kreboot` binary as one node's agent (`sim_host`), and helpers that wait
+//! for conditions with a bound.
 
 #![allow(dead_code)]
 
@@ -7,6 +8,15 @@ pub mod artifact;
 pub mod backend;
 pub mod real;
 pub mod real_fleet;
+pub mod sim_host;
+
+#[allow(
+    unused_imports,
+    reason = "each test crate compiles all of `common` and uses a part of it"
+)]
+pub use sim_host::{
+    BLACKOUT_EVERY_DAY, NODE, SimHost, agent_command, agent_process, kreboot_alone, put_policy,
+};
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +33,7 @@ use kreboot::{
     cli::AgentConfig,
     node::{ANN_CORDONED_BY_KREBOOT, ANN_LAST_REBOOT, ANN_PHASE},
 };
-use kreboot_testkit::sim::{self, SimCluster, SimConfig, fleet::Fleet};
+use kreboot_testkit::sim::{self, PodBuilder, SimCluster, SimConfig, fleet::Fleet};
 use kube::{
     Api,
     runtime::{WatchStreamExt, watcher},
@@ -69,6 +79,33 @@ pub async fn cluster(count: usize, tweak: impl Fn(&mut AgentConfig)) -> (SimClus
     }
     let fleet = Fleet::new(&sim, configs);
     (sim, fleet)
+}
+
+/// The pod `apps/slow` on `node`: evicted with `grace` seconds, it takes `shutdown_seconds` to
+/// stop, and keeps the node's drain going for that long.
+pub fn slow_pod(node: &str, grace: i64, shutdown_seconds: f64) -> k8s_openapi::api::core::v1::Pod {
+    sim::pod("apps", "slow", node)
+        .grace(grace)
+        .shutdown_seconds(shutdown_seconds)
+        .build()
+}
+
+/// A pod `apps/{name}` on `node` labelled `app=db`: one of the pods [`guard_db_pods`] keeps
+/// available.
+pub fn db_pod(name: &str, node: &str) -> PodBuilder {
+    sim::pod("apps", name, node).labels([("app", "db")])
+}
+
+/// The PodDisruptionBudget `apps/db`: one `app=db` pod stays available (minAvailable 1), so the
+/// eviction of a lone db pod is refused (429) for as long as it is alone.
+pub fn guard_db_pods(sim: &SimCluster) {
+    sim.add_pdb(
+        "apps",
+        "db",
+        BTreeMap::from([("app".to_string(), "db".to_string())]),
+        Some(1),
+        None,
+    );
 }
 
 /// Polls `cond` every 20 ms until it holds, or panics after `limit` with `what`.
@@ -148,7 +185,8 @@ pub fn lease_holder(sim: &SimCluster, name: &str) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-fn is_out(n: &Node) -> bool {
+/// The node is out of service: in a kreboot phase, cordoned by kreboot, or not Ready.
+pub fn is_out(n: &Node) -> bool {
     let ann = n.metadata.annotations.clone().unwrap_or_default();
     let ready = n
         .status
@@ -275,6 +313,19 @@ pub fn found(program: &str) -> bool {
     })
 }
 
+/// A kubeconfig in `dir` whose API server is port 1 on loopback: nothing listens there, so
+/// every connection is refused at once.
+pub fn unreachable_kubeconfig(dir: &std::path::Path) -> std::path::PathBuf {
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\n\
+         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n",
+    )
+    .expect("kubeconfig");
+    kubeconfig
+}
+
 /// A free port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -286,6 +337,13 @@ pub fn free_port() -> u16 {
 
 /// A child process killed when the test ends, pass or fail.
 pub struct Killed(pub std::process::Child);
+
+impl Killed {
+    /// Starts `cmd` (an agent, see [`agent_process`]); panics if it cannot.
+    pub fn spawn(cmd: &mut std::process::Command) -> Killed {
+        Killed(cmd.spawn().expect("kreboot starts"))
+    }
+}
 
 impl Drop for Killed {
     fn drop(&mut self) {

@@ -20,12 +20,13 @@
 #![allow(dead_code)]
 
 use std::{
-    net::TcpListener,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use super::free_port;
 
 /// The admin's bearer token (user `kreboot-test-admin`, group `system:masters`).
 pub const ADMIN_TOKEN: &str = "kreboot-test-admin-token";
@@ -71,14 +72,6 @@ pub fn tool(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .expect("local address")
-        .port()
 }
 
 /// Options of a control plane.
