@@ -431,7 +431,7 @@ impl Cycle<'_> {
     /// is recorded by its hand-offs, and there are none yet at the start of a rollout, when
     /// every node needs its reboot in the same minute: without a count each of them would
     /// watch the whole lock until the first hand-offs, so that every write of the first
-    /// holders' cycles went to every node (the burst that kept 5,000 nodes from rolling). One
+    /// holders' cycles went to every node (BENCHMARKS.md: the burst, at 1,000 and 5,000). One
     /// metadata list of the waiting Nodes, cut after that many (kube-apiserver answers one
     /// page and says whether more are left), at most once a [`QUEUE_COUNT_MAX_AGE`]. It counts
     /// the waiters of every lock group and rule, more than compete for this node's slots:
