@@ -44,6 +44,12 @@ pub const ANN_REBOOT_REASON: &str = "kreboot.io/reboot-reason";
 /// Label set (`"true"`) while the node waits for a lock slot: the releasing node lists the
 /// waiters by this label and hands its slot to the one waiting longest.
 pub const LABEL_WAITING: &str = "kreboot.io/waiting";
+
+/// The label selector of the Nodes queued for a lock slot ([`LABEL_WAITING`]).
+pub fn waiting_selector() -> String {
+    format!("{LABEL_WAITING}=true")
+}
+
 /// Label set (`"true"`) while the node holds a lock slot and is in a cycle: waiting nodes watch
 /// the labelled Nodes (one watch for all holders) to notice a holder that disappears.
 pub const LABEL_HOLDER: &str = "kreboot.io/lock-holder";

@@ -99,7 +99,7 @@ async fn pass_on(agent: &Agent, w: &Watches, lease: Lease) -> Result<(), StepErr
     // Hand the slot to the node that has waited longest, if any: one write, no race. Their
     // metadata only (names, labels, since when they wait): every hand-over lists every waiter,
     // and a whole Node is several times its metadata.
-    let waiting = ListParams::default().labels(&format!("{}=true", node::LABEL_WAITING));
+    let waiting = ListParams::default().labels(&node::waiting_selector());
     match agent.node_api().list_metadata(&waiting).await {
         Ok(list) => {
             let slot = lease.name_any();

@@ -423,9 +423,7 @@ impl Cycle<'_> {
         self.wait_for_change(deadline).await?;
         Ok(Ok(()))
     }
-}
 
-impl Cycle<'_> {
     /// At least how many other nodes wait in the lock queue, counted up to a long queue's
     /// length ([`lock::DOZE_MIN_QUEUE`]); 0 when the count fails (no doze). The queue's length
     /// is recorded by its hand-offs, and there are none yet at the start of a rollout, when
@@ -444,7 +442,7 @@ impl Cycle<'_> {
             return n;
         }
         let params = ListParams::default()
-            .labels(&format!("{}=true", node::LABEL_WAITING))
+            .labels(&node::waiting_selector())
             .limit(u32::try_from(lock::DOZE_MIN_QUEUE + 1).unwrap_or(u32::MAX));
         let n = match self.agent.node_api().list_metadata(&params).await {
             Ok(list) => lock::waiters_at_least(
